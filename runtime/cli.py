@@ -1,0 +1,78 @@
+"""The `dpstack` command. Subcommands live in their own packages and are
+imported only when needed, so a robot computer without torch or mujoco can
+still run `dpstack serve` and `dpstack bridge`.
+
+Each subcommand module provides `add_arguments(parser)` and `run(args) -> int`;
+it imports heavy dependencies inside `run`, never at module level.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str
+    help: str
+    extra: str  # the pip extra that brings its dependencies
+
+
+COMMANDS: dict[str, Command] = {
+    "collect": Command("sim.collect_cli", "collect demonstrations with a scripted expert in simulation", "sim"),
+    "data": Command("data.cli", "inspect, convert and render demonstration datasets", "data"),
+    "train": Command("policy.train_cli", "train a diffusion policy on a dataset", "train"),
+    "export": Command("policy.export_cli", "export a checkpoint to an ONNX policy package", "train"),
+    "serve": Command("runtime.serve_cli", "serve a policy package over ZeroMQ", "runtime"),
+    "sim": Command("sim.arm_cli", "run a simulated arm against a policy server", "sim"),
+    "eval": Command("sim.eval_cli", "closed-loop evaluation of a policy package", "sim"),
+    "bench": Command("runtime.bench_cli", "benchmarks: latency, training throughput", "runtime"),
+    "bridge": Command("deploy.bridge_cli", "run the real-robot bridge", "deploy"),
+    "keys": Command("deploy.keys_cli", "generate CurveZMQ keys for authenticated links", "deploy"),
+    "demo": Command("sim.demo_cli", "end-to-end demo: collect, train, export, serve, evaluate", "all"),
+}
+
+
+def _load(name: str):
+    try:
+        return importlib.import_module(COMMANDS[name].module)
+    except ModuleNotFoundError as e:
+        if e.name and COMMANDS[name].module.startswith(e.name):
+            return None  # not built yet
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpstack", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        module = _load(name)
+        if module is None:
+            continue
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        module.add_arguments(p)
+        p.set_defaults(_module=module, _extra=cmd.extra)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._module.run(args) or 0)
+    except ModuleNotFoundError as e:
+        print(f"dpstack {args.command}: missing dependency {e.name!r}; "
+              f"install it with: pip install 'dpstack[{args._extra}]'", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(f"dpstack {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
