@@ -45,7 +45,10 @@ def _load(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpstack", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="dpstack",
+        description="dpstack: datasets, training, ONNX runtime, simulation and deployment for robot diffusion policies.",
+        epilog="Run `dpstack COMMAND --help` for the options of one command.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, cmd in COMMANDS.items():
         module = _load(name)

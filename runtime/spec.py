@@ -54,7 +54,7 @@ class ArraySpec:
         return cls(key=d["key"], shape=tuple(d["shape"]), dtype=d.get("dtype", "float32"), names=tuple(d.get("names", ())))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ActionSpec(ArraySpec):
     key: str = "action"
     # Indices of binary gripper channels (executed as their sign).
