@@ -89,3 +89,322 @@ def sample_full(denoise: Denoise, cond: np.ndarray, schedule: NoiseSchedule, lev
         raise ValueError(f"levels must be a non-empty strictly descending list of levels >= 0, got {levels}")
     x = rng.standard_normal(shape).astype(np.float32)
     return denoise_along(denoise, x, cond, schedule, levels, rng, method)
+
+
+# -- per-control-step samplers ---------------------------------------------------------
+
+@dataclass
+class SamplerStep:
+    """What one sampler call produced (normalised action space, batch of one)."""
+
+    trajectory: np.ndarray   # (Tp, A): the whole buffer after the call (streaming: later positions still noisy)
+    indices: np.ndarray      # (n,) horizon positions executed from this call, in order
+    actions: np.ndarray      # (n, A): the actions to execute (trajectory[indices], gripper post-processed)
+    nfe: int                 # denoiser evaluations spent in this call
+
+
+@dataclass
+class ChunkGeometry:
+    """Horizon Tp, observation steps To, action dim A; position To-1 is 'now'."""
+
+    horizon: int
+    n_obs_steps: int
+    action_dim: int
+
+    @property
+    def now(self) -> int:
+        return self.n_obs_steps - 1
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (1, self.horizon, self.action_dim)
+
+
+class Sampler:
+    """Base: a seeded sampler over one robot's action chunk.
+
+    `actions_per_call` is how many control steps one call covers; the caller
+    executes them all before calling again (PolicyRunner queues them, so there
+    are no network calls between calls).
+    """
+
+    name = "sampler"
+
+    def __init__(self, denoise: Denoise, schedule: NoiseSchedule, geometry: ChunkGeometry, seed: int = 0) -> None:
+        self.denoise = denoise
+        self.schedule = schedule
+        self.geometry = geometry
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self.actions_per_call = 1
+
+    def reset(self, seed: int | None = None) -> None:
+        """Start a new episode: forget warm starts/buffers; optionally re-seed."""
+        if seed is not None:
+            self.seed = seed
+        self.rng = np.random.default_rng(self.seed)
+
+    def step(self, cond: np.ndarray) -> SamplerStep:
+        raise NotImplementedError
+
+    def _executed(self, traj: np.ndarray, n: int, nfe: int) -> SamplerStep:
+        idx = np.arange(self.geometry.now, self.geometry.now + n)
+        return SamplerStep(trajectory=traj.copy(), indices=idx, actions=traj[idx].copy(), nfe=nfe)
+
+
+class FullSampler(Sampler):
+    """Diffusion Policy's scheme: full denoise of a Tp chunk, execute Ta actions from To-1, replan."""
+
+    def __init__(self, denoise: Denoise, schedule: NoiseSchedule, geometry: ChunkGeometry, n_action_steps: int,
+                 num_steps: int, method: str = "ddpm", seed: int = 0) -> None:
+        super().__init__(denoise, schedule, geometry, seed)
+        if not 1 <= n_action_steps <= geometry.horizon - geometry.now:
+            raise ValueError(f"n_action_steps {n_action_steps} does not fit horizon {geometry.horizon} after To-1={geometry.now}")
+        self.levels = schedule.inference_levels(num_steps)
+        self.method = method
+        self.name = f"{method}-{num_steps}"
+        self.actions_per_call = n_action_steps
+
+    def step(self, cond: np.ndarray) -> SamplerStep:
+        traj = sample_full(self.denoise, cond, self.schedule, self.levels, self.geometry.shape, self.rng, self.method)[0]
+        return self._executed(traj, self.actions_per_call, len(self.levels))
+
+
+def DDPMSampler(denoise: Denoise, schedule: NoiseSchedule, geometry: ChunkGeometry, n_action_steps: int,
+                num_steps: int = 100, seed: int = 0) -> FullSampler:
+    return FullSampler(denoise, schedule, geometry, n_action_steps, num_steps, "ddpm", seed)
+
+
+def DDIMSampler(denoise: Denoise, schedule: NoiseSchedule, geometry: ChunkGeometry, n_action_steps: int,
+                num_steps: int = 10, seed: int = 0) -> FullSampler:
+    return FullSampler(denoise, schedule, geometry, n_action_steps, num_steps, "ddim", seed)
+
+
+def shift_chunk(chunk: np.ndarray, n: int) -> np.ndarray:
+    """Drop the first n positions of a (Tp, A) chunk and repeat its last action n times."""
+    if n <= 0:
+        return chunk.copy()
+    n = min(n, chunk.shape[0])
+    return np.concatenate([chunk[n:], np.repeat(chunk[-1:], n, axis=0)], axis=0)
+
+
+def binarize_grippers(actions: np.ndarray, gripper_dims: Sequence[int]) -> np.ndarray:
+    """Executed gripper command = the sign (normalised +-1, i.e. the recorded open/close extremes)."""
+    out = actions.copy()
+    if len(gripper_dims):
+        g = list(gripper_dims)
+        out[..., g] = np.where(out[..., g] >= 0, 1.0, -1.0)
+    return out
+
+
+class RTISampler(Sampler):
+    """RTI-DP warm start: full DDPM once, then shift the last clean chunk and refine it with a few DDPM steps.
+
+    The shifted guess is treated as a sample at refine_levels[0] and taken down
+    through the list to clean (one evaluation per entry); the guess is not
+    re-noised (as in RTI-DP). Gripper treatment:
+      "clip":  clip the kept chunk's gripper entries to +-1/factor (any checkpoint),
+      "scale": the model was trained with gripper/factor; nothing is clipped.
+    In both, the executed gripper command is the sign.
+    """
+
+    def __init__(self, denoise: Denoise, schedule: NoiseSchedule, geometry: ChunkGeometry, refine_levels: Sequence[int] = (3, 1, 0),
+                 full_steps: int = 100, n_action_steps: int = 1, gripper_dims: Sequence[int] = (),
+                 gripper_mode: str = "clip", gripper_factor: float = 1.0, seed: int = 0) -> None:
+        super().__init__(denoise, schedule, geometry, seed)
+        refine = [int(k) for k in refine_levels]
+        if not refine or any(a <= b for a, b in zip(refine, refine[1:])) or refine[-1] < 0 or refine[0] >= schedule.num_train_steps:
+            raise ValueError(f"refine_levels must be strictly descending levels in [0, {schedule.num_train_steps}), got {refine}")
+        if gripper_mode not in ("clip", "scale"):
+            raise ValueError(f"gripper_mode must be 'clip' or 'scale', got {gripper_mode!r}")
+        if gripper_factor < 1:
+            raise ValueError(f"gripper_factor must be >= 1, got {gripper_factor}")
+        self.refine_levels = refine
+        self.full_levels = schedule.inference_levels(full_steps)
+        self.gripper_dims = tuple(gripper_dims)
+        self.gripper_mode = gripper_mode
+        self.gripper_factor = float(gripper_factor)
+        self.actions_per_call = n_action_steps
+        self.name = "rti-" + ",".join(map(str, refine))
+        self.guess: np.ndarray | None = None
+
+    def reset(self, seed: int | None = None) -> None:
+        super().reset(seed)
+        self.guess = None
+
+    def step(self, cond: np.ndarray) -> SamplerStep:
+        if self.guess is None:
+            traj = sample_full(self.denoise, cond, self.schedule, self.full_levels, self.geometry.shape, self.rng, "ddpm")[0]
+            nfe = len(self.full_levels)
+        else:
+            x = shift_chunk(self.guess, self.actions_per_call)[None]
+            traj = denoise_along(self.denoise, x, cond, self.schedule, self.refine_levels, self.rng, "ddpm")[0]
+            nfe = len(self.refine_levels)
+        if self.gripper_mode == "clip" and self.gripper_dims:
+            g = list(self.gripper_dims)
+            traj[:, g] = np.clip(traj[:, g], -1.0 / self.gripper_factor, 1.0 / self.gripper_factor)
+        self.guess = traj
+        out = self._executed(traj, self.actions_per_call, nfe)
+        out.actions = binarize_grippers(out.actions, self.gripper_dims)
+        return out
+
+
+class StreamingSampler(Sampler):
+    """Streaming Diffusion Policy: a buffer whose noise level rises along the horizon (runtime/ladder.py).
+
+    Buffer invariant between calls: position i is at level ladder[i] (ladder_levels
+    with shift 0). A call runs `evals_per_step` denoiser evaluations; evaluation e
+    takes every position from the ladder shifted by j_e = e * gap // m to the next
+    shift, and the last one to the rung below (the bottom rung and the history to
+    clean). The first `chunk_len` positions after the history are then clean and
+    executed. Shift by chunk_len, append fresh noise at the top level, and bring
+    every position whose level is now below its ladder level back up with
+    q(x_to | x_from): the executed history (clean) is re-noised to the bottom rung.
+    Start-up (first call of an episode): a full denoise, then add_noise from that
+    clean chunk to the ladder levels.
+    """
+
+    def __init__(self, denoise: Denoise, schedule: NoiseSchedule, geometry: ChunkGeometry, n_rungs: int,
+                 evals_per_step: int = 1, chunk_len: int | None = None, startup_steps: int = 100,
+                 startup_method: str = "ddpm", seed: int = 0) -> None:
+        from runtime.ladder import ladder_chunk_len, ladder_chunks, ladder_levels, rung_gap
+
+        super().__init__(denoise, schedule, geometry, seed)
+        n_levels = schedule.num_train_steps
+        tp, to = geometry.horizon, geometry.n_obs_steps
+        self.n_rungs = int(n_rungs)
+        self.chunk_len = ladder_chunk_len(tp, to, self.n_rungs, chunk_len)
+        gap = rung_gap(n_levels, self.n_rungs)
+        if not 1 <= evals_per_step <= gap:
+            raise ValueError(f"evals_per_step must be in [1, {gap}] for {self.n_rungs} rungs over {n_levels} levels, got {evals_per_step}")
+        self.evals_per_step = int(evals_per_step)
+        self.ladder = ladder_levels(tp, to, self.n_rungs, n_levels, 0, self.chunk_len)
+        chunks = ladder_chunks(tp, to, self.n_rungs, self.chunk_len)
+        rung_level = np.array([self.ladder[chunks == c][0] for c in range(self.n_rungs)], dtype=np.int64)
+        below = np.where(chunks == 0, CLEAN, rung_level[np.maximum(chunks - 1, 0)])
+        shifts = [e * gap // self.evals_per_step for e in range(self.evals_per_step)]
+        # eval e goes from eval_levels[e] to eval_levels[e + 1]
+        self.eval_levels = [ladder_levels(tp, to, self.n_rungs, n_levels, j, self.chunk_len) for j in shifts] + [below]
+        self.startup_levels = schedule.inference_levels(startup_steps)
+        self.startup_method = startup_method
+        self.actions_per_call = self.chunk_len
+        self.name = f"streaming-{self.n_rungs}r-{self.evals_per_step}e"
+        self.buffer: np.ndarray | None = None          # (Tp, A), at self.ladder levels
+        self.buffer_levels: np.ndarray | None = None   # the level each position is at now (for checks)
+
+    def reset(self, seed: int | None = None) -> None:
+        super().reset(seed)
+        self.buffer = None
+        self.buffer_levels = None
+
+    def start(self, cond: np.ndarray) -> int:
+        """Fill the buffer for a new episode; returns the evaluations spent."""
+        clean = sample_full(self.denoise, cond, self.schedule, self.startup_levels, self.geometry.shape, self.rng,
+                            self.startup_method)[0]
+        noise = self.rng.standard_normal(clean.shape).astype(np.float32)
+        self.buffer = self.schedule.add_noise(clean, noise, self.ladder)
+        self.buffer_levels = self.ladder.copy()
+        return len(self.startup_levels)
+
+    def step(self, cond: np.ndarray) -> SamplerStep:
+        nfe = self.start(cond) if self.buffer is None else 0
+        x = self.buffer[None]
+        cond = _as_cond(cond)
+        for e in range(self.evals_per_step):
+            x = denoise_step(self.denoise, x, cond, self.schedule, self.eval_levels[e], self.eval_levels[e + 1], self.rng, "ddpm")
+        nfe += self.evals_per_step
+        traj = x[0]
+        out = self._executed(traj, self.chunk_len, nfe)
+        fresh = self.rng.standard_normal((self.chunk_len, traj.shape[1])).astype(np.float32)
+        renoise = self.rng.standard_normal(traj.shape).astype(np.float32)
+        self.buffer, self.buffer_levels = advance_ladder(self.schedule, traj, self.eval_levels[-1], self.ladder,
+                                                         self.chunk_len, fresh, renoise)
+        return out
+
+
+def advance_ladder(schedule: NoiseSchedule, x: np.ndarray, levels: np.ndarray, ladder: np.ndarray, n: int,
+                   fresh: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Shift a (Tp, A) buffer whose positions are at `levels` by n, append `fresh` noise at the top
+    level, and re-noise every position below its `ladder` level up to it (using `noise`).
+
+    Returns the new buffer and its levels (== ladder).
+    """
+    top = schedule.num_train_steps - 1
+    shifted = np.concatenate([x[n:], fresh], axis=0)
+    cur = np.concatenate([levels[n:], np.full(n, top, dtype=np.int64)])
+    if np.any(cur > ladder):
+        raise ValueError(f"buffer levels {cur.tolist()} above the ladder {ladder.tolist()} after the shift")
+    return schedule.renoise(shifted, noise, cur, ladder), ladder.copy()
+
+
+# -- configuration ----------------------------------------------------------------
+
+@dataclass
+class SamplerConfig:
+    """Which sampler and its knobs; `parse` reads the short names used on command lines.
+
+    ddpm-100, ddim-10           full denoise with that many steps, Ta actions per chunk
+    rti-3,1,0                   RTI warm start with that refinement list
+    streaming-1 / streaming-2   streaming ladder with that many evaluations per control step
+    """
+
+    kind: str = "ddim"
+    steps: int = 10                   # ddpm/ddim steps; full steps of RTI's and streaming's start-up
+    refine: tuple[int, ...] = (3, 1, 0)
+    evals_per_step: int = 1
+    n_rungs: int = 0                  # streaming: 0 = what the model was trained with (else one per position)
+    chunk_len: int = 0                # streaming: 0 = the ladder's default
+    n_action_steps: int = 0           # ddpm/ddim: 0 = the model's Ta; rti: 0 = 1
+    gripper_mode: str = "auto"        # rti: auto = "scale" if trained with a gripper scale, else "clip"
+    gripper_factor: float = 0.0       # rti clip factor; 0 = the trained gripper scale (or 1)
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, text: str, **over) -> "SamplerConfig":
+        kind, _, arg = text.strip().partition("-")
+        try:
+            if kind in ("ddpm", "ddim"):
+                cfg = cls(kind=kind, steps=int(arg) if arg else (100 if kind == "ddpm" else 10))
+            elif kind == "rti":
+                cfg = cls(kind=kind, steps=100, refine=tuple(int(k) for k in arg.split(",")) if arg else (3, 1, 0))
+            elif kind == "streaming":
+                cfg = cls(kind=kind, steps=100, evals_per_step=int(arg) if arg else 1)
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"cannot parse sampler {text!r}; use ddpm-N, ddim-N, rti-K1,K2,.. or streaming-E") from None
+        for k, v in over.items():
+            setattr(cfg, k, v)
+        return cfg
+
+
+@dataclass
+class TrainedRegimes:
+    """What the model saw in training (from the manifest), which some samplers need."""
+
+    horizon: int
+    n_obs_steps: int
+    n_action_steps: int
+    ladder_rungs: int = 0        # rungs of the training ladder; 0 = not trained with a ladder
+    ladder_chunk_len: int = 0    # 0 = ladder default
+    gripper_scale: float = 1.0
+    gripper_dims: tuple[int, ...] = field(default_factory=tuple)
+
+
+def build_sampler(cfg: SamplerConfig, denoise: Denoise, schedule: NoiseSchedule, action_dim: int,
+                  trained: TrainedRegimes) -> Sampler:
+    geometry = ChunkGeometry(trained.horizon, trained.n_obs_steps, action_dim)
+    if cfg.kind in ("ddpm", "ddim"):
+        return FullSampler(denoise, schedule, geometry, cfg.n_action_steps or trained.n_action_steps, cfg.steps, cfg.kind, cfg.seed)
+    if cfg.kind == "rti":
+        mode = cfg.gripper_mode if cfg.gripper_mode != "auto" else ("scale" if trained.gripper_scale != 1 else "clip")
+        factor = cfg.gripper_factor or trained.gripper_scale or 1.0
+        return RTISampler(denoise, schedule, geometry, cfg.refine, cfg.steps, cfg.n_action_steps or 1,
+                          trained.gripper_dims, mode, max(factor, 1.0), cfg.seed)
+    if cfg.kind == "streaming":
+        from runtime.ladder import ladder_span
+
+        rungs = cfg.n_rungs or trained.ladder_rungs or ladder_span(trained.horizon, trained.n_obs_steps)
+        chunk = cfg.chunk_len or (trained.ladder_chunk_len if rungs == trained.ladder_rungs else 0) or None
+        return StreamingSampler(denoise, schedule, geometry, rungs, cfg.evals_per_step, chunk, cfg.steps, "ddpm", cfg.seed)
+    raise ValueError(f"unknown sampler kind {cfg.kind!r}; use ddpm, ddim, rti or streaming")

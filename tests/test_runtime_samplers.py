@@ -81,3 +81,144 @@ def test_same_seed_same_sample_and_bad_levels_refused():
     assert not np.allclose(a, c)
     with pytest.raises(ValueError, match="descending"):
         sample_full(denoise, np.zeros(2, np.float32), schedule, [0, 5], (1, 5, 2), np.random.default_rng(0))
+
+
+# -- streaming ladder ---------------------------------------------------------------------
+
+from runtime.ladder import ladder_levels, rung_gap  # noqa: E402
+from runtime.samplers import (ChunkGeometry, RTISampler, SamplerConfig, StreamingSampler, TrainedRegimes,  # noqa: E402
+                              advance_ladder, build_sampler, shift_chunk)
+
+
+def point_mass_denoiser(schedule: NoiseSchedule, mu: np.ndarray, calls: list | None = None):
+    """Exact eps when every clean action equals mu; records (x, t) of each call."""
+    def denoise(x, t, cond):
+        if calls is not None:
+            calls.append((x.copy(), t.copy()))
+        ab = schedule.alpha_bar(t)[..., None]
+        return ((x - np.sqrt(ab) * mu) / np.sqrt(1.0 - ab)).astype(np.float32)
+    return denoise
+
+
+@pytest.mark.parametrize("evals", [1, 2, 6])
+def test_streaming_levels_seen_by_the_network_and_kept_between_steps(evals):
+    schedule = NoiseSchedule()
+    tp, to, rungs = 16, 2, 15
+    calls = []
+    mu = np.full((1, tp, 3), 0.2, np.float32)
+    s = StreamingSampler(point_mass_denoiser(schedule, mu, calls), schedule, ChunkGeometry(tp, to, 3), rungs,
+                         evals_per_step=evals, startup_steps=10, seed=0)
+    ladder = ladder_levels(tp, to, rungs, 100)
+    gap = rung_gap(100, rungs)
+    first = s.step(np.zeros(4, np.float32))
+    assert first.nfe == 10 + evals
+    for _ in range(5):
+        calls.clear()
+        out = s.step(np.zeros(4, np.float32))
+        assert out.nfe == evals == len(calls)
+        for e, (_, t) in enumerate(calls):  # evaluation e sees the ladder shifted by e * gap // evals
+            assert t.shape == (1, tp)
+            np.testing.assert_array_equal(t[0], ladder - e * gap // evals)
+        np.testing.assert_array_equal(s.buffer_levels, ladder)  # the invariant between calls
+        assert out.indices.tolist() == [to - 1] and out.actions.shape == (1, 3)
+        np.testing.assert_allclose(out.actions, 0.2, atol=1e-5)  # executed positions are clean
+
+
+def test_streaming_with_exact_denoiser_keeps_every_position_at_its_level():
+    """If any position's level were wrong (e.g. executed history not re-noised), its
+    standardised residual (x - sqrt(ab) mu) / sqrt(1 - ab) would not be N(0, 1)."""
+    schedule = NoiseSchedule()
+    tp, to = 16, 3
+    mu = np.tile(np.array([0.6, -0.4], np.float32), (1, tp, 1))  # constant along the horizon: contents move with the shift
+    s = StreamingSampler(point_mass_denoiser(schedule, mu), schedule, ChunkGeometry(tp, to, 2), n_rungs=14,
+                         evals_per_step=1, startup_steps=10, seed=1)
+    res = []
+    for _ in range(400):
+        s.step(np.zeros(1, np.float32))
+        ab = schedule.alpha_bar(s.buffer_levels)[:, None]
+        res.append((s.buffer - np.sqrt(ab) * mu[0]) / np.sqrt(1 - ab))
+    res = np.stack(res)  # (steps, Tp, A)
+    np.testing.assert_allclose(res.mean(axis=(0, 2)), 0.0, atol=0.12)
+    np.testing.assert_allclose(res.std(axis=(0, 2)), 1.0, atol=0.1)
+
+
+def test_advance_ladder_shift_semantics():
+    schedule = NoiseSchedule()
+    tp, to, a = 8, 2, 2
+    ladder = ladder_levels(tp, to, 7, 100)
+    below = np.concatenate([[-1, -1], ladder[1:-1]])  # after a step: history + bottom rung clean, others one rung down
+    x = np.arange(tp * a, dtype=np.float32).reshape(tp, a) / 20.0
+    fresh = np.full((1, a), 7.0, np.float32)
+    noise = np.full((tp, a), -0.5, np.float32)
+    buf, lv = advance_ladder(schedule, x, below, ladder, 1, fresh, noise)
+    np.testing.assert_array_equal(lv, ladder)
+    ab0 = schedule.alpha_bar(ladder[0])
+    # the executed action (old position To-1) becomes history, re-noised from clean to the bottom rung
+    np.testing.assert_allclose(buf[0], np.sqrt(ab0) * x[1] + np.sqrt(1 - ab0) * -0.5, rtol=1e-6)
+    # positions that dropped one rung already sit at their new ladder level: moved, untouched
+    np.testing.assert_array_equal(buf[1:-1], x[2:])
+    # the new last position is the fresh noise at the top level
+    assert ladder[-1] == 99
+    np.testing.assert_array_equal(buf[-1], fresh[0])
+    with pytest.raises(ValueError, match="above the ladder"):
+        advance_ladder(schedule, x, ladder, ladder, 1, fresh, noise)  # nothing denoised: levels too high after a shift
+
+
+def test_streaming_refuses_more_evaluations_than_levels_between_rungs():
+    schedule = NoiseSchedule()
+    with pytest.raises(ValueError, match="evals_per_step"):
+        StreamingSampler(lambda x, t, c: x, schedule, ChunkGeometry(16, 2, 2), 15, evals_per_step=7)
+
+
+# -- RTI ----------------------------------------------------------------------------------
+
+def test_shift_chunk_repeats_the_last_action():
+    g = np.arange(10, dtype=np.float32).reshape(5, 2)
+    np.testing.assert_array_equal(shift_chunk(g, 1), [[2, 3], [4, 5], [6, 7], [8, 9], [8, 9]])
+    np.testing.assert_array_equal(shift_chunk(g, 3), [[6, 7], [8, 9], [8, 9], [8, 9], [8, 9]])
+
+
+@pytest.mark.parametrize("mode", ["clip", "scale"])
+def test_rti_warm_start_refinement_and_gripper(mode):
+    schedule = NoiseSchedule()
+    tp, to, a = 8, 2, 3
+    calls = []
+
+    def denoise(x, t, cond):  # exact eps for a point mass whose gripper value is cond[0, 0]
+        mu = np.tile(np.array([0.3, -0.2, 0.0], np.float32), (1, tp, 1))
+        mu[..., 2] = cond[0, 0]
+        return point_mass_denoiser(schedule, mu, calls)(x, t, cond)
+
+    s = RTISampler(denoise, schedule, ChunkGeometry(tp, to, a), refine_levels=(3, 1, 0), full_steps=10,
+                   gripper_dims=(2,), gripper_mode=mode, gripper_factor=10.0, seed=0)
+    close, open_ = np.array([0.8], np.float32), np.array([-0.05], np.float32)
+    first = s.step(close)
+    assert first.nfe == 10 and first.indices.tolist() == [to - 1]
+    kept = s.guess.copy()
+    if mode == "clip":
+        np.testing.assert_allclose(kept[:, 2], 0.1)  # clipped to 1/factor
+    else:
+        np.testing.assert_allclose(kept[:, 2], 0.8, atol=1e-5)  # scale mode does not touch the chunk
+    assert first.actions[0, 2] == 1.0  # executed gripper is the sign
+    calls.clear()
+    second = s.step(close)
+    assert second.nfe == 3 and [int(t[0, 0]) for _, t in calls] == [3, 1, 0]
+    np.testing.assert_array_equal(calls[0][0][0], shift_chunk(kept, 1))  # refinement starts from the shifted chunk
+    out = s.step(open_)
+    assert out.actions[0, 2] == -1.0  # a small negative target opens the gripper: the warm start does not lock it in
+    np.testing.assert_allclose(out.actions[0, :2], [0.3, -0.2], atol=1e-3)
+    s.reset()
+    assert s.step(close).nfe == 10  # a new episode starts with a full denoise
+
+
+def test_sampler_config_parse_and_build():
+    schedule = NoiseSchedule()
+    trained = TrainedRegimes(horizon=16, n_obs_steps=2, n_action_steps=8, gripper_scale=10.0, gripper_dims=(6,))
+    den = lambda x, t, c: np.zeros_like(x)  # noqa: E731
+    assert build_sampler(SamplerConfig.parse("ddim-16"), den, schedule, 7, trained).actions_per_call == 8
+    rti = build_sampler(SamplerConfig.parse("rti-5,2,0"), den, schedule, 7, trained)
+    assert rti.refine_levels == [5, 2, 0] and rti.gripper_mode == "scale" and rti.actions_per_call == 1
+    st = build_sampler(SamplerConfig.parse("streaming-2"), den, schedule, 7, trained)
+    assert st.n_rungs == 15 and st.evals_per_step == 2 and st.actions_per_call == 1
+    with pytest.raises(ValueError, match="cannot parse"):
+        SamplerConfig.parse("euler-3")
