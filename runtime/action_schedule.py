@@ -1,0 +1,127 @@
+"""Which action a robot executes now, given the chunks a policy server sent.
+
+Pure logic (no sockets, no clock of its own) so it can be tested exactly: the
+robot calls `offer(reply)` for every chunk it receives and `next(now)` once per
+control tick with its own clock (the clock its observation timestamps use).
+
+Action i of a chunk is meant for robot time start_time + i * dt. At each tick:
+- the newest chunk (highest seq) is the one executed; a newer chunk replaces the
+  current one at once, skipping any slot already commanded;
+- actions whose time has passed (t_i < now - tolerance) are dropped as stale;
+- with no fresh chunk the current one simply continues;
+- when it is exhausted (or everything is stale) the decision is a Hold.
+
+Hold means "do not move": for a robot commanded in deltas (robosuite OSC_POSE,
+DROID-style velocity) it is a ZERO motion command with the gripper channels
+kept at their last commanded value; for a robot commanded in absolute targets
+it is the last commanded target repeated. Before any action was commanded it
+is `initial` if given, else zeros (delta) or None (absolute: nothing is known,
+the robot bridge keeps its current state).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.protocol import ActionReply, check_actions
+from runtime.spec import ActionSpec
+
+
+class ActionMode(str, enum.Enum):
+    DELTA = "delta"        # actions are motions relative to the current pose
+    ABSOLUTE = "absolute"  # actions are target poses / joint positions
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to command this tick. `hold` is True when no scheduled action applies."""
+
+    action: np.ndarray | None
+    hold: bool
+    seq: int | None = None          # chunk the action came from
+    index: int | None = None        # index in that chunk
+    target_time: float | None = None
+    dropped: int = 0                # stale actions skipped this tick
+
+
+class ActionSchedule:
+    def __init__(self, action: ActionSpec, mode: ActionMode | str = ActionMode.DELTA,
+                 tolerance_s: float = 0.01, initial: np.ndarray | None = None) -> None:
+        self.spec = action
+        self.mode = ActionMode(mode)
+        self.tolerance_s = float(tolerance_s)
+        self._initial = None if initial is None else np.asarray(initial, dtype=np.float32).reshape(action.shape)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget chunks and the last command (new episode)."""
+        self._chunk: ActionReply | None = None
+        self._cursor = 0
+        self._last_action: np.ndarray | None = None if self._initial is None else self._initial.copy()
+        self._last_time = -np.inf
+        self.n_executed = 0
+        self.n_stale = 0
+        self.n_hold = 0
+
+    @property
+    def current_seq(self) -> int | None:
+        return None if self._chunk is None else self._chunk.seq
+
+    def offer(self, reply: ActionReply) -> bool:
+        """Adopt `reply` if it is newer than the current chunk. Raises ProtocolError
+        if its actions do not fit the action spec (nothing is adopted then)."""
+        check_actions(reply, self.spec)
+        if not np.isfinite(reply.actions).all():  # decode already refuses these; belt and braces
+            return False
+        if self._chunk is not None and reply.seq <= self._chunk.seq:
+            return False
+        self._chunk = reply
+        self._cursor = 0
+        return True
+
+    def remaining(self, now: float) -> int:
+        """Actions of the current chunk still usable at `now`."""
+        if self._chunk is None:
+            return 0
+        c = self._chunk
+        times = c.start_time + np.arange(self._cursor, len(c.actions)) * c.dt
+        return int(np.count_nonzero((times >= now - self.tolerance_s) & (times > self._last_time + 0.5 * c.dt)))
+
+    def next(self, now: float) -> Decision:
+        """The command for robot time `now`; call once per control tick."""
+        dropped = 0
+        c = self._chunk
+        if c is not None:
+            while self._cursor < len(c.actions):
+                t = c.start_time + self._cursor * c.dt
+                if t <= self._last_time + 0.5 * c.dt:   # slot already commanded from an older chunk
+                    self._cursor += 1
+                elif t < now - self.tolerance_s:        # its time has passed
+                    self._cursor += 1
+                    dropped += 1
+                else:
+                    break
+            self.n_stale += dropped
+            if self._cursor < len(c.actions):
+                i = self._cursor
+                self._cursor += 1
+                t = c.start_time + i * c.dt
+                action = c.actions[i].astype(np.float32, copy=True)
+                self._last_action = action
+                self._last_time = t
+                self.n_executed += 1
+                return Decision(action.copy(), hold=False, seq=c.seq, index=i, target_time=t, dropped=dropped)
+        self.n_hold += 1
+        return Decision(self.hold_action(), hold=True, dropped=dropped)
+
+    def hold_action(self) -> np.ndarray | None:
+        """The "do not move" command for this robot's action mode (see module doc)."""
+        if self.mode is ActionMode.ABSOLUTE:
+            return None if self._last_action is None else self._last_action.copy()
+        hold = np.zeros(self.spec.shape, dtype=np.float32)
+        if self._last_action is not None:
+            dims = list(self.spec.gripper_dims)
+            hold[dims] = self._last_action[dims]
+        return hold

@@ -1,0 +1,91 @@
+"""A TEST policy and a server entry point that serves it, for protocol and server
+tests and for measuring the transport alone. Not a real policy: `EchoPolicy`
+computes its chunk from the observation, its step counter and its seed with
+plain numpy, so a test can predict every reply exactly.
+
+    python -m runtime.testing --bind tcp://127.0.0.1:* [--delay-ms 5]
+
+prints "serving ... on ENDPOINT" once bound and serves until SIGINT/SIGTERM.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.protocol import PolicyInfo
+from runtime.spec import ActionSpec, ArraySpec, RobotSpec
+
+ECHO_SPEC = RobotSpec(
+    task="echo", robot="testbot", control_hz=20.0,
+    observations=(ArraySpec("state", (4,)), ArraySpec("image", (8, 8, 3), "uint8")),
+    action=ActionSpec(shape=(3,), gripper_dims=(2,)),
+)
+ECHO_CHUNK = 8
+
+
+@dataclass(frozen=True)
+class EchoChunk:
+    actions: np.ndarray
+    sampler: str = "echo"
+    nfe: int = 0
+
+
+class EchoPolicy:
+    """actions[i] = 0.1 * state[:2] + 0.01 * (step + i) + bias(seed); gripper = sign(state[3])."""
+
+    def __init__(self, spec: RobotSpec = ECHO_SPEC, chunk: int = ECHO_CHUNK, delay_s: float = 0.0) -> None:
+        self.spec = spec
+        self.chunk = chunk
+        self.delay_s = delay_s
+        self.reset()
+
+    def reset(self, seed: int | None = None) -> None:
+        self.step = 0
+        self.bias = np.random.default_rng(seed if seed is not None else 0).uniform(-0.1, 0.1, size=2).astype(np.float32)
+
+    def act(self, obs: dict[str, np.ndarray]) -> EchoChunk:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        state = obs["state"].astype(np.float32)
+        i = np.arange(self.chunk, dtype=np.float32)[:, None]
+        arm = 0.1 * state[:2] + 0.01 * (self.step + i) + self.bias
+        grip = np.full((self.chunk, 1), 1.0 if state[3] >= 0 else -1.0, dtype=np.float32)
+        self.step += 1
+        return EchoChunk(np.concatenate([arm, grip], axis=1).astype(np.float32))
+
+
+def echo_info(chunk: int = ECHO_CHUNK) -> PolicyInfo:
+    return PolicyInfo(name="echo-test-policy", sampler="echo", horizon=chunk, n_obs_steps=1,
+                      n_action_steps=chunk, control_hz=ECHO_SPEC.control_hz, action=ECHO_SPEC.action)
+
+
+def echo_observation(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {"state": rng.uniform(-1, 1, size=4).astype(np.float32),
+            "image": rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from runtime.server import PolicyServer, ServerConfig, run_until_signalled
+
+    p = argparse.ArgumentParser(description="serve the TEST EchoPolicy (protocol/server tests only)")
+    p.add_argument("--bind", default="tcp://127.0.0.1:*")
+    p.add_argument("--delay-ms", type=float, default=0.0, help="simulated compute time per chunk")
+    p.add_argument("--session-timeout", type=float, default=30.0)
+    p.add_argument("--insecure", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = ServerConfig(bind=args.bind, insecure=args.insecure, session_timeout_s=args.session_timeout)
+    server = PolicyServer(lambda spec: EchoPolicy(delay_s=args.delay_ms / 1e3), ECHO_SPEC, echo_info(), config)
+    summary = run_until_signalled(server, announce=lambda line: print(line, flush=True))
+    print("summary " + json.dumps(summary, sort_keys=True), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
