@@ -1,0 +1,95 @@
+"""`dpstack data`: inspect, convert and render demonstration datasets.
+
+Heavy dependencies (zarr, h5py, imageio) are imported inside the actions so
+`dpstack --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  dpstack data info out/lift.zarr
+  dpstack data convert lift_ph_image.hdf5 --out lift.zarr --obs-keys robot0_eef_pos robot0_eef_quat agentview_image
+  dpstack data video out/lift.zarr --episode 3 --out ep3.mp4
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    sub = parser.add_subparsers(dest="data_action", metavar="ACTION", required=True)
+
+    p = sub.add_parser("info", help="print episodes, keys, shapes, per-key statistics and attrs",
+                       description="Summarise a dataset (zarr directory or .zarr.zip in Diffusion Policy's "
+                                   "ReplayBuffer layout): episode count and lengths, keys with shapes and dtypes, "
+                                   "per-dimension min/max/mean/std of low-dimensional keys, and the dataset attrs.")
+    p.add_argument("path", type=Path, help="dataset: a .zarr directory or a .zarr.zip file")
+    p.add_argument("--no-stats", action="store_true", help="skip the per-key statistics (faster on big datasets)")
+
+    p = sub.add_parser("convert", help="import a robomimic HDF5 file into a zarr dataset",
+                       description="Import robomimic demonstrations (data/demo_<i>/{obs/*, actions, rewards, dones}) "
+                                   "into a new zarr dataset. Demos keep their numeric order; 'actions' becomes "
+                                   "'action'; task, control rate and robot come from the file's env_args. Gripper "
+                                   "dims are the action dims that only take the values -1/+1 unless given.")
+    p.add_argument("src", type=Path, help="robomimic .hdf5 file")
+    p.add_argument("--out", type=Path, required=True, help="destination .zarr directory (must not exist)")
+    p.add_argument("--obs-keys", nargs="+", metavar="KEY", help="observation keys to keep (default: all in the file)")
+    p.add_argument("--task", help="task name to record (default: env_args env_name)")
+    p.add_argument("--hz", type=float, help="control rate in Hz (default: env_args env_kwargs control_freq)")
+    p.add_argument("--gripper-dims", type=int, nargs="*", metavar="DIM",
+                   help="action dims that are binary gripper commands (default: inferred from the data)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    p = sub.add_parser("video", help="write an episode's camera images to an MP4",
+                       description="Render one episode's image keys (uint8 H x W x C per step) to an MP4. "
+                                   "With several image keys, cameras are shown side by side.")
+    p.add_argument("path", type=Path, help="dataset: a .zarr directory or a .zarr.zip file")
+    p.add_argument("--episode", type=int, required=True, help="episode index (negative counts from the end)")
+    p.add_argument("--key", action="append", metavar="KEY",
+                   help="image key to show; repeat for several (default: every image key)")
+    p.add_argument("--out", type=Path, help="output .mp4 (default: <dataset name>_ep<N>.mp4 here)")
+    p.add_argument("--fps", type=float, help="frames per second (default: the dataset's control rate, else 20)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from data.replay_buffer import DatasetError
+
+    action = {"info": _info, "convert": _convert, "video": _video}[args.data_action]
+    try:
+        return action(args)
+    except (DatasetError, FileNotFoundError, FileExistsError, IndexError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"dpstack data {args.data_action}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _info(args: argparse.Namespace) -> int:
+    from data.info import describe
+    from data.replay_buffer import ReplayBuffer
+
+    with ReplayBuffer.open(args.path) as rb:
+        print(describe(rb, stats=not args.no_stats))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from data.robomimic import convert_robomimic
+
+    rb = convert_robomimic(args.src, args.out, obs_keys=args.obs_keys, task=args.task, control_hz=args.hz,
+                           gripper_dims=args.gripper_dims, overwrite=args.overwrite)
+    print(f"wrote {rb.n_episodes} episodes, {rb.n_steps} steps, keys {list(rb.keys)} to {args.out}")
+    return 0
+
+
+def _video(args: argparse.Namespace) -> int:
+    from data.replay_buffer import ReplayBuffer
+    from data.video import episode_video
+
+    with ReplayBuffer.open(args.path) as rb:
+        name = args.path.name.split(".")[0]
+        out = args.out or Path(f"{name}_ep{args.episode}.mp4")
+        path = episode_video(rb, args.episode, out, keys=args.key, fps=args.fps)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,145 @@
+"""Import robomimic HDF5 demonstrations into our ReplayBuffer layout.
+
+robomimic layout: data/demo_<i>/{obs/<key>, actions, rewards, dones}, with the
+environment description as a JSON string in the `env_args` attribute of `data`.
+Episodes are imported in numeric demo order (demo_2 before demo_10), the action
+key becomes "action", observation keys keep their names, rewards/dones become
+"reward"/"done". Each demo is committed as it is written, so an interrupted
+import leaves a valid dataset of the demos done so far.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from data.replay_buffer import DatasetAttrs, DatasetError, ReplayBuffer
+from runtime.spec import ActionSpec, ArraySpec, RobotSpec
+
+_DEMO = re.compile(r"^demo_(\d+)$")
+_RESERVED = ("action", "reward", "done")
+
+
+def demo_names(data_group: Any) -> list[str]:
+    """Demo group names sorted by their number, not as strings."""
+    names = [n for n in data_group.keys() if _DEMO.match(n)]
+    return sorted(names, key=lambda n: int(_DEMO.match(n).group(1)))
+
+
+def read_env_args(data_group: Any) -> dict[str, Any]:
+    raw = data_group.attrs.get("env_args")
+    if raw is None:
+        return {}
+    if isinstance(raw, bytes):
+        raw = raw.decode()
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"data.attrs['env_args']: not valid JSON ({e})") from None
+
+
+def infer_gripper_dims(actions: np.ndarray) -> tuple[int, ...]:
+    """Dimensions that only ever take the values -1 and +1 are binary gripper commands."""
+    flat = actions.reshape(-1, actions.shape[-1])
+    return tuple(int(d) for d in range(flat.shape[1]) if np.all(np.abs(flat[:, d]) == 1.0))
+
+
+def _robot_name(env_kwargs: dict[str, Any]) -> str:
+    robots = env_kwargs.get("robots", "unknown")
+    if isinstance(robots, (list, tuple)):
+        return "+".join(str(r) for r in robots) or "unknown"
+    return str(robots)
+
+
+def _obs_spec(key: str, ds: Any) -> ArraySpec:
+    step = tuple(ds.shape[1:])
+    if ds.dtype == np.uint8:
+        return ArraySpec(key, step, "uint8")
+    if len(step) == 3:
+        raise DatasetError(f"obs/{key}: image-shaped {step} but dtype {ds.dtype}, expected uint8")
+    if np.dtype(ds.dtype).kind not in "fiub":
+        raise DatasetError(f"obs/{key}: unsupported dtype {ds.dtype}")
+    return ArraySpec(key, step, "float32")
+
+
+def convert_robomimic(src: str | os.PathLike, dst: str | os.PathLike, obs_keys: Sequence[str] | None = None,
+                      task: str | None = None, control_hz: float | None = None,
+                      gripper_dims: Sequence[int] | None = None, overwrite: bool = False,
+                      progress: bool = True) -> ReplayBuffer:
+    """Convert robomimic HDF5 `src` into a new dataset at `dst`; returns it opened for appending."""
+    import h5py
+    from tqdm import tqdm
+
+    src = Path(src)
+    if not src.is_file():
+        raise FileNotFoundError(f"no such file: {src}")
+    try:
+        f = h5py.File(src, "r")
+    except OSError as e:
+        raise DatasetError(f"{src}: not a readable HDF5 file ({e})") from None
+    with f:
+        if "data" not in f:
+            raise DatasetError(f"{src}: missing group 'data' (not a robomimic file)")
+        data = f["data"]
+        names = demo_names(data)
+        if not names:
+            raise DatasetError(f"{src}: no data/demo_<i> groups")
+        env_args = read_env_args(data)
+        env_kwargs = env_args.get("env_kwargs", {}) or {}
+
+        first = data[names[0]]
+        for k in ("obs", "actions"):
+            if k not in first:
+                raise DatasetError(f"{src}: data/{names[0]}/{k} missing")
+        available = list(first["obs"].keys())
+        keys = list(obs_keys) if obs_keys else available
+        for k in keys:
+            if k in _RESERVED:
+                raise DatasetError(f"obs key {k!r} clashes with a reserved dataset key {_RESERVED}")
+        for name in names:
+            demo = data[name]
+            for k in keys:
+                if "obs" not in demo or k not in demo["obs"]:
+                    raise DatasetError(f"data/{name}/obs/{k}: missing (have {list(demo.get('obs', {}).keys())})")
+            if "actions" not in demo:
+                raise DatasetError(f"data/{name}/actions: missing")
+
+        task = task or env_args.get("env_name")
+        if not task:
+            raise DatasetError(f"{src}: no env_args.env_name; pass a task name")
+        hz = control_hz or env_kwargs.get("control_freq")
+        if not hz:
+            raise DatasetError(f"{src}: env_args.env_kwargs has no control_freq; pass the control rate (--hz)")
+
+        all_actions = np.concatenate([np.asarray(data[n]["actions"][:], dtype=np.float64) for n in names])
+        if all_actions.ndim != 2:
+            raise DatasetError(f"actions: expected (steps, dim), got per-demo shape {first['actions'].shape}")
+        grippers = tuple(gripper_dims) if gripper_dims is not None else infer_gripper_dims(all_actions)
+        # robosuite clips commands to [-1, 1]; record that range only when the data respects it.
+        bounded = bool(np.all(np.abs(all_actions) <= 1.0))
+        adim = all_actions.shape[1]
+        action = ActionSpec(shape=(adim,), gripper_dims=grippers,
+                            low=(-1.0,) * adim if bounded else (), high=(1.0,) * adim if bounded else ())
+        spec = RobotSpec(task=task, robot=_robot_name(env_kwargs), control_hz=float(hz),
+                         observations=tuple(_obs_spec(k, first["obs"][k]) for k in keys), action=action)
+        attrs = DatasetAttrs(task=task, control_hz=float(hz), spec=spec, source="import",
+                             extra={"imported_from": src.name, "format": "robomimic",
+                                    "demos": names, "env_args": env_args})
+        rb = ReplayBuffer.create(dst, attrs, overwrite=overwrite)
+        for name in tqdm(names, desc=f"import {src.name}", unit="demo", disable=not progress):
+            demo = data[name]
+            episode = {k: np.asarray(demo["obs"][k][:]).astype(np.dtype(spec.obs(k).dtype), copy=False) for k in keys}
+            episode["action"] = np.asarray(demo["actions"][:], dtype=np.float32)
+            if "rewards" in demo:
+                episode["reward"] = np.asarray(demo["rewards"][:], dtype=np.float32)
+            if "dones" in demo:
+                episode["done"] = np.asarray(demo["dones"][:]).astype(np.uint8)
+            try:
+                rb.add_episode(episode)
+            except DatasetError as e:
+                raise DatasetError(f"data/{name}: {e}") from None
+    return rb
