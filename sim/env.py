@@ -1,0 +1,168 @@
+"""A thin, seeded wrapper around a robosuite task that speaks RobotSpec.
+
+Observations are float32 state vectors (and uint8 HWC images, upright, when
+cameras are requested); actions are the task robot's 7-D delta pose + gripper.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from runtime.spec import ArraySpec, RobotSpec
+from sim.tasks import DEFAULT_IMAGE_SIZE, TaskDef, get_task
+
+_ROBOSUITE_LOGGER = "robosuite_logs"
+
+
+def _quiet_robosuite() -> None:
+    """Keep robosuite's logger to errors only.
+
+    robosuite logs a macro-file warning at import and one warning per unused
+    controller part at every env creation; none of them is actionable here. A
+    filter (not a level) is used because robosuite resets the level on import.
+    """
+    logger = logging.getLogger(_ROBOSUITE_LOGGER)
+    if not any(getattr(f, "_dpstack", False) for f in logger.filters):
+        def errors_only(record: logging.LogRecord) -> bool:
+            return record.levelno >= logging.ERROR
+        errors_only._dpstack = True  # type: ignore[attr-defined]
+        logger.addFilter(errors_only)
+
+
+def import_robosuite():
+    _quiet_robosuite()
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    import robosuite
+    return robosuite
+
+
+def image_key(camera: str) -> str:
+    return f"{camera}_image"
+
+
+class SimEnv:
+    """One robosuite environment for a registered task.
+
+    The same seed gives the same initial state, and with the same actions the
+    same trajectory. `reset(seed)` reseeds; `reset()` continues the stream.
+    """
+
+    def __init__(self, task: str | TaskDef, seed: int | None = 0, cameras: Sequence[str] = (),
+                 image_size: int | tuple[int, int] = DEFAULT_IMAGE_SIZE, max_steps: int | None = None) -> None:
+        self.task = get_task(task) if isinstance(task, str) else task
+        self.cameras = tuple(cameras)
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        self.image_hw = (int(h), int(w))
+        self.max_steps = int(max_steps or self.task.max_steps)
+        robosuite = import_robosuite()
+        robot = self.task.robot
+        controller = robosuite.load_composite_controller_config(controller=robot.controller, robot=robot.name)
+        self.raw = robosuite.make(
+            self.task.env_name,
+            robots=robot.name,
+            controller_configs=controller,
+            has_renderer=False,
+            has_offscreen_renderer=bool(self.cameras),
+            use_camera_obs=bool(self.cameras),
+            camera_names=list(self.cameras) or "agentview",
+            camera_heights=self.image_hw[0],
+            camera_widths=self.image_hw[1],
+            control_freq=self.task.control_hz,
+            horizon=self.max_steps,
+            ignore_done=True,  # episode length is ours to enforce (max_steps)
+            hard_reset=False,  # reloading the model per episode costs ~1 s and changes nothing we use
+            reward_shaping=False,
+            seed=seed,
+            **dict(self.task.env_kwargs),
+        )
+        self._steps = 0
+        self._last_raw: dict[str, Any] = {}
+        self.spec = self._build_spec(self.raw.reset())
+        # The spec probe above consumed randomness: the first reset() starts again from `seed`.
+        self._pending_seed = seed
+
+    # ---- spec -----------------------------------------------------------
+    def _object_state_names(self) -> tuple[str, ...]:
+        """Per-dimension names for robosuite's concatenated object-state, in its order."""
+        names: list[str] = []
+        for name, observable in self.raw._observables.items():
+            if observable.modality == "object" and observable.is_enabled() and observable.is_active():
+                n = int(np.asarray(observable.obs).size)
+                names.extend([name] if n == 1 else [f"{name}[{i}]" for i in range(n)])
+        return tuple(names)
+
+    def _build_spec(self, raw_obs: dict[str, Any]) -> RobotSpec:
+        obs_specs: list[ArraySpec] = []
+        robot_names = self.task.robot.state_obs
+        for key in self.task.obs_keys:
+            if key not in raw_obs:
+                raise KeyError(f"task {self.task.name}: robosuite gives no observation {key!r}")
+            size = int(np.asarray(raw_obs[key]).size)
+            names = robot_names.get(key) or (self._object_state_names() if key == "object-state" else ())
+            if len(names) != size:
+                names = ()
+            obs_specs.append(ArraySpec(key=key, shape=(size,), dtype="float32", names=names))
+        for cam in self.cameras:
+            obs_specs.append(ArraySpec(key=image_key(cam), shape=(*self.image_hw, 3), dtype="uint8"))
+        return RobotSpec(task=self.task.name, robot=self.task.robot.name, control_hz=self.task.control_hz,
+                         observations=tuple(obs_specs), action=self.task.robot.action,
+                         extra={"env_name": self.task.env_name, "controller": self.task.robot.controller,
+                                "max_steps": self.max_steps})
+
+    # ---- stepping -------------------------------------------------------
+    def _convert(self, raw_obs: dict[str, Any]) -> dict[str, np.ndarray]:
+        self._last_raw = raw_obs
+        out = {key: np.asarray(raw_obs[key], dtype=np.float32).reshape(-1) for key in self.task.obs_keys}
+        for cam in self.cameras:
+            # robosuite renders in OpenGL convention (bottom row first); store upright.
+            out[image_key(cam)] = np.ascontiguousarray(np.asarray(raw_obs[image_key(cam)], dtype=np.uint8)[::-1])
+        return out
+
+    def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
+        if seed is None:
+            seed, self._pending_seed = self._pending_seed, None
+        else:
+            self._pending_seed = None
+        if seed is not None:
+            # Reseed in place: robosuite's placement samplers and robot init hold this generator.
+            self.raw.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
+        self._steps = 0
+        return self._convert(self.raw.reset())
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, dict[str, Any]]:
+        action = np.asarray(action, dtype=np.float64).reshape(-1)
+        spec = self.spec.action
+        if action.shape != spec.shape:
+            raise ValueError(f"action: expected shape {spec.shape}, got {action.shape}")
+        if not np.all(np.isfinite(action)):
+            raise ValueError("action: contains NaN or Inf")
+        action = np.clip(action, spec.low, spec.high)
+        raw_obs, reward, _, info = self.raw.step(action)
+        self._steps += 1
+        success = self.success()
+        info = dict(info, success=success, steps=self._steps)
+        done = self._steps >= self.max_steps
+        return self._convert(raw_obs), float(reward), done, info
+
+    def success(self) -> bool:
+        return bool(self.raw._check_success())
+
+    @property
+    def steps(self) -> int:
+        return self._steps
+
+    def raw_observation(self, key: str) -> np.ndarray:
+        """A robosuite observation from the last step (privileged: for experts, not policies)."""
+        return np.asarray(self._last_raw[key])
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def __enter__(self) -> "SimEnv":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,261 @@
+"""Scripted experts that solve the sim tasks from privileged state (object poses
+read from the simulator), producing varied demonstrations.
+
+An expert is a sequence of phases (approach above, descend, grasp, lift, move,
+lower, release, retreat). Each phase steers the end effector to a target with a
+saturated proportional law in action units. Per episode the expert draws its
+own speed, heights, grasp offsets, hold times and action noise from its seed, so
+two seeds give different, still successful, demonstrations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from sim.env import SimEnv
+
+OPEN, CLOSE = -1.0, 1.0
+# The gripper pointing straight down (tool z along world -z): a 180 degree turn about x.
+_DOWN = np.diag([1.0, -1.0, -1.0])
+
+
+# ---- small rotation helpers (numpy only) -----------------------------------
+def quat_xyzw_to_mat(q: np.ndarray) -> np.ndarray:
+    x, y, z, w = np.asarray(q, dtype=np.float64) / np.linalg.norm(q)
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def rot_z(angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def rotation_vector(r: np.ndarray) -> np.ndarray:
+    """Axis * angle of a rotation matrix."""
+    cos = np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0)
+    angle = np.arccos(cos)
+    if angle < 1e-6:
+        return np.zeros(3)
+    axis = np.array([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]])
+    if np.pi - angle < 1e-3:  # near 180 degrees the antisymmetric part vanishes
+        axis = np.sqrt(np.clip((np.diag(r) + 1.0) / 2.0, 0.0, None))
+        axis *= np.where(r[np.argmax(axis)] >= 0, 1.0, -1.0)  # signs relative to the largest component
+    return axis / np.linalg.norm(axis) * angle
+
+
+def body_yaw(env: SimEnv, body_id: int) -> float:
+    w, x, y, z = env.raw.sim.data.body_xquat[body_id]  # MuJoCo stores w first
+    return float(np.arctan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z)))
+
+
+def wrap_to(angle: float, period: float) -> float:
+    """Equivalent angle within (-period/2, period/2] for a shape symmetric every `period`."""
+    return float((angle + period / 2) % period - period / 2)
+
+
+# ---- phases ----------------------------------------------------------------
+@dataclass
+class Phase:
+    name: str
+    target: Callable[[], np.ndarray]  # end-effector position to reach (re-read every step)
+    gripper: float
+    tol: float = 0.01  # advance once within this distance (m) ...
+    min_steps: int = 0  # ... and after at least this many steps
+    max_steps: int = 60  # give up waiting and move on
+    fast: bool = False  # a transit through free space: allow the higher speed
+
+
+class WaypointExpert:
+    """Base class: subclasses provide `plan()` and the yaw to hold."""
+
+    def __init__(self, env: SimEnv, seed: int) -> None:
+        self.env = env
+        self.rng = np.random.default_rng(seed)
+        self.phases: list[Phase] = []
+        self.index = 0
+        self.in_phase = 0
+
+    # Per-episode style, drawn once so an episode is consistent but episodes differ.
+    def _draw_style(self) -> None:
+        r = self.rng
+        self.gain = r.uniform(10.0, 15.0)  # action units per metre of error
+        self.vmax = r.uniform(0.45, 0.75)  # near objects
+        self.vmax_fast = r.uniform(0.8, 1.0)  # transits through free space
+        self.noise = r.uniform(0.02, 0.08)  # std of translation noise, action units
+        self.rot_gain = 2.0
+        self.approach_height = r.uniform(0.06, 0.12)
+        self.grasp_steps = int(r.integers(6, 11))
+        self.release_steps = int(r.integers(4, 8))
+        self.linger = int(r.integers(5, 16))  # steps recorded after success: show the settled outcome
+
+    def reset(self) -> None:
+        self._draw_style()
+        self.yaw = 0.0
+        self.phases = self.plan()
+        self.index = 0
+        self.in_phase = 0
+
+    def plan(self) -> list[Phase]:
+        raise NotImplementedError
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.phases)
+
+    @property
+    def phase_name(self) -> str:
+        return "done" if self.done else self.phases[self.index].name
+
+    def _eef(self) -> tuple[np.ndarray, np.ndarray]:
+        pos = self.env.raw_observation("robot0_eef_pos").astype(np.float64)
+        rot = quat_xyzw_to_mat(self.env.raw_observation("robot0_eef_quat"))
+        return pos, rot
+
+    def act(self) -> np.ndarray:
+        pos, rot = self._eef()
+        # Advance through phases whose goal is met (at most one per step).
+        if not self.done:
+            phase = self.phases[self.index]
+            reached = np.linalg.norm(phase.target() - pos) < phase.tol and self.in_phase >= phase.min_steps
+            if reached or self.in_phase >= phase.max_steps:
+                self.index += 1
+                self.in_phase = 0
+        if self.done:
+            phase = self.phases[-1]
+        else:
+            phase = self.phases[self.index]
+        self.in_phase += 1
+
+        action = np.zeros(7)
+        vmax = self.vmax_fast if phase.fast else self.vmax
+        move = np.clip(self.gain * (phase.target() - pos), -vmax, vmax)
+        action[:3] = move + self.rng.normal(0.0, self.noise, 3)
+        goal = rot_z(self.yaw) @ _DOWN
+        action[3:6] = np.clip(self.rot_gain * rotation_vector(goal @ rot.T), -1.0, 1.0)
+        action[6] = phase.gripper
+        return np.clip(action, -1.0, 1.0).astype(np.float32)
+
+    # Shared building block: go above, descend, close, lift.
+    def pick(self, grasp_point: Callable[[], np.ndarray], lift_to: float) -> list[Phase]:
+        above = lambda: grasp_point() + np.array([0.0, 0.0, self.approach_height])
+        hold: dict[str, np.ndarray] = {}
+
+        def grasp_target() -> np.ndarray:
+            hold.setdefault("p", grasp_point())  # freeze where we grasp, the object will move
+            return hold["p"]
+
+        return [
+            Phase("approach", above, OPEN, tol=0.02, max_steps=80, fast=True),
+            Phase("descend", grasp_point, OPEN, tol=0.01, max_steps=40),
+            Phase("grasp", grasp_target, CLOSE, tol=1.0, min_steps=self.grasp_steps),
+            Phase("lift", lambda: hold["p"] * np.array([1, 1, 0]) + np.array([0, 0, lift_to]), CLOSE, tol=0.02, max_steps=60, fast=True),
+        ]
+
+    def place(self, goal_point: Callable[[], np.ndarray], over: float, retreat: float) -> list[Phase]:
+        above = lambda: goal_point() + np.array([0.0, 0.0, over])
+        return [
+            Phase("move", above, CLOSE, tol=0.03, max_steps=100, fast=True),
+            Phase("lower", goal_point, CLOSE, tol=0.01, max_steps=30),
+            Phase("release", goal_point, OPEN, tol=1.0, min_steps=self.release_steps),
+            Phase("retreat", lambda: goal_point() + np.array([0.0, 0.0, retreat]), OPEN, tol=0.02, max_steps=40),
+        ]
+
+
+class LiftExpert(WaypointExpert):
+    def plan(self) -> list[Phase]:
+        env = self.env.raw
+        cube = env.cube_body_id
+        self.yaw = wrap_to(body_yaw(self.env, cube), np.pi / 2)
+        offset = np.array([*self.rng.uniform(-0.006, 0.006, 2), self.rng.uniform(-0.008, 0.0)])
+        grasp = lambda: env.sim.data.body_xpos[cube] + offset
+        lift_to = env.table_offset[2] + self.rng.uniform(0.12, 0.2)
+        return self.pick(grasp, lift_to)
+
+
+class CanExpert(WaypointExpert):
+    def plan(self) -> list[Phase]:
+        env = self.env.raw
+        can = env.obj_body_id["Can"]
+        self.yaw = self.rng.uniform(-0.3, 0.3)  # a cylinder: any yaw grasps
+        offset = np.array([*self.rng.uniform(-0.005, 0.005, 2), self.rng.uniform(-0.01, 0.005)])
+        grasp = lambda: env.sim.data.body_xpos[can] + offset
+        # Success needs the can inside the target bin's quarter of the bin box. Aim
+        # at the part of that quarter nearest the robot: its far corner is out of reach.
+        target = env.object_to_id["can"]
+        lo = np.array([env.bin2_pos[0] - (env.bin_size[0] / 2 if target in (0, 2) else 0.0),
+                       env.bin2_pos[1] - (env.bin_size[1] / 2 if target < 2 else 0.0)])
+        goal_xy = lo + self.rng.uniform([0.04, 0.04], [0.08, 0.08])
+        lift_to = env.bin2_pos[2] + self.rng.uniform(0.2, 0.24)
+        release_z = env.bin2_pos[2] + self.rng.uniform(0.1, 0.13)
+        goal = lambda: np.array([goal_xy[0], goal_xy[1], release_z])
+        return self.pick(grasp, lift_to) + self.place(goal, over=lift_to - release_z, retreat=0.1)
+
+
+class StackExpert(WaypointExpert):
+    def plan(self) -> list[Phase]:
+        env = self.env.raw
+        a, b = env.cubeA_body_id, env.cubeB_body_id
+        self.yaw = wrap_to(body_yaw(self.env, a), np.pi / 2)
+        offset = np.array([*self.rng.uniform(-0.004, 0.004, 2), self.rng.uniform(-0.006, 0.0)])
+        grasp = lambda: env.sim.data.body_xpos[a] + offset
+        lift_to = env.table_offset[2] + self.rng.uniform(0.12, 0.16)
+        # cubeA (half size 0.02) lands on cubeB (half size 0.025): centre 0.045 above B's.
+        drop = self.rng.uniform(0.05, 0.06)
+        goal = lambda: env.sim.data.body_xpos[b] + np.array([0.0, 0.0, drop])
+        return self.pick(grasp, lift_to) + self.place(goal, over=0.05, retreat=0.08)
+
+
+class SquareExpert(WaypointExpert):
+    def plan(self) -> list[Phase]:
+        raise NotImplementedError("square expert not written yet")
+
+
+def make_expert(env: SimEnv, seed: int) -> WaypointExpert:
+    expert = env.task.expert_class()(env, seed)
+    return expert
+
+
+@dataclass
+class ExpertEpisode:
+    seed: int
+    success: bool
+    steps: dict[str, np.ndarray]  # per-step observations + "action" + "reward", all length T
+
+
+def run_expert_episode(env: SimEnv, seed: int, extra_steps: int | None = None) -> ExpertEpisode:
+    """Reset `env` with `seed`, let the task's expert act until success (plus
+    `extra_steps`, by default the expert's own random linger) or the step limit,
+    and return the recorded steps.
+
+    Each row pairs the observation with the action taken from it.
+    """
+    obs = env.reset(seed=seed)
+    expert = make_expert(env, seed)
+    expert.reset()
+    if extra_steps is None:
+        extra_steps = expert.linger
+    rows: dict[str, list[np.ndarray]] = {k: [] for k in (*obs, "action", "reward")}
+    success, after = False, 0
+    done = False
+    while not done:
+        action = expert.act()
+        next_obs, reward, done, info = env.step(action)
+        for k, v in obs.items():
+            rows[k].append(v)
+        rows["action"].append(action)
+        rows["reward"].append(np.float32(reward))
+        obs = next_obs
+        if info["success"]:
+            success = True
+        if success:
+            after += 1
+            if after > extra_steps:
+                break
+    steps = {k: np.stack(v) for k, v in rows.items()}
+    return ExpertEpisode(seed=seed, success=success, steps=steps)
