@@ -169,6 +169,9 @@ class ReplayBuffer:
                 raise DatasetError(f"{self.path}: missing group {name!r} (not a ReplayBuffer layout)")
         if "episode_ends" not in root["meta"]:
             raise DatasetError(f"{self.path}: missing meta/episode_ends")
+        if self.mode == "a" and not (self.path / "meta" / "episode_ends" / ".zarray").is_file():
+            # Appends commit by rewriting episode_ends' v2 metadata by hand; refuse before writing anything.
+            raise DatasetError("meta/episode_ends: not a zarr format 2 array; this store can be read, not appended to")
         ends_arr = root["meta"]["episode_ends"]
         if np.dtype(ends_arr.dtype).kind not in "iu" or ends_arr.ndim != 1:
             raise DatasetError(f"meta/episode_ends: expected a 1-D integer array, got {ends_arr.ndim}-D {ends_arr.dtype}")

@@ -236,3 +236,23 @@ def test_create_refuses_zip_and_attrs_validate(tmp_path):
         DatasetAttrs("lift", 10.0, make_attrs().spec, "human")
     with pytest.raises(ValueError, match="source"):
         DatasetAttrs("lift", 20.0, make_attrs().spec, "dreamt")
+
+
+def test_format3_store_reads_but_refuses_append_before_touching_it(tmp_path):
+    path = tmp_path / "v3.zarr"
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.create_group("data").create_array(name="action", shape=(5, 2), dtype=np.float32)[:] = np.ones((5, 2))
+    root.create_group("meta").create_array(name="episode_ends", shape=(1,), dtype=np.int64)[:] = [5]
+    assert ReplayBuffer.open(path).get_episode(0)["action"].sum() == 10
+    before = sorted(p.name for p in path.rglob("*"))
+    with pytest.raises(DatasetError, match="not a zarr format 2 array"):
+        ReplayBuffer.open(path, mode="a")
+    assert sorted(p.name for p in path.rglob("*")) == before
+
+
+def test_not_a_dataset(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="empty: not a zarr group"):
+        ReplayBuffer.open(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError):
+        ReplayBuffer.open(tmp_path / "missing.zarr")
