@@ -188,12 +188,16 @@ def shift_chunk(chunk: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([chunk[n:], np.repeat(chunk[-1:], n, axis=0)], axis=0)
 
 
-def binarize_grippers(actions: np.ndarray, gripper_dims: Sequence[int]) -> np.ndarray:
-    """Executed gripper command = the sign (normalised +-1, i.e. the recorded open/close extremes)."""
+def binarize_grippers(actions: np.ndarray, gripper_dims: Sequence[int], level: float = 1.0) -> np.ndarray:
+    """Executed gripper command = the sign, as +-level in normalised space.
+
+    level is where the recorded open/close extremes sit: 1 normally, 1/scale for a
+    model trained with the gripper divided by `scale` (folded into its normaliser).
+    """
     out = actions.copy()
     if len(gripper_dims):
         g = list(gripper_dims)
-        out[..., g] = np.where(out[..., g] >= 0, 1.0, -1.0)
+        out[..., g] = np.where(out[..., g] >= 0, level, -level)
     return out
 
 
@@ -205,7 +209,9 @@ class RTISampler(Sampler):
     re-noised (as in RTI-DP). Gripper treatment:
       "clip":  clip the kept chunk's gripper entries to +-1/factor (any checkpoint),
       "scale": the model was trained with gripper/factor; nothing is clipped.
-    In both, the executed gripper command is the sign.
+    In both, the executed gripper command is the sign: +-1 in normalised space for
+    "clip", +-1/factor for "scale" (where that model's normaliser puts the recorded
+    open/close values).
     """
 
     def __init__(self, denoise: Denoise, schedule: NoiseSchedule, geometry: ChunkGeometry, refine_levels: Sequence[int] = (3, 1, 0),
@@ -245,7 +251,8 @@ class RTISampler(Sampler):
             traj[:, g] = np.clip(traj[:, g], -1.0 / self.gripper_factor, 1.0 / self.gripper_factor)
         self.guess = traj
         out = self._executed(traj, self.actions_per_call, nfe)
-        out.actions = binarize_grippers(out.actions, self.gripper_dims)
+        level = 1.0 / self.gripper_factor if self.gripper_mode == "scale" else 1.0
+        out.actions = binarize_grippers(out.actions, self.gripper_dims, level)
         return out
 
 

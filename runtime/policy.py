@@ -1,0 +1,122 @@
+"""PolicyRunner: observations in robot units -> action chunks in robot units, torch-free.
+
+It keeps the last To observations (the first one repeated at episode start, as
+Diffusion Policy's padding), normalises in numpy, runs the encoder for the
+condition vector, asks the sampler for actions and unnormalises them.
+
+Two ways to drive it:
+- act(obs) -> ActionChunk: infer now; the caller executes the chunk's actions
+  at their offsets. Call observe(obs) for control steps in between so the history
+  stays at control rate.
+- control_step(obs) -> action: one call per control step; the runner infers
+  only when the previous chunk is used up (no network calls in between).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from runtime.package import PolicyPackage
+from runtime.samplers import Sampler, SamplerConfig, build_sampler
+
+
+@dataclass
+class ActionChunk:
+    actions: np.ndarray      # (n, A) in robot units, to execute in order
+    offsets: np.ndarray      # (n,) control steps after the observation (0 = the observation's step)
+    dt: float                # seconds per control step
+    sampler: str
+    nfe: int                 # denoiser evaluations spent
+    compute_ms: float        # encoder + sampler + (un)normalisation
+    step: int                # control step of the observation within the episode
+
+    @property
+    def times(self) -> np.ndarray:
+        """Offsets in seconds."""
+        return self.offsets * self.dt
+
+
+class PolicyRunner:
+    def __init__(self, package: PolicyPackage, sampler: SamplerConfig | str = "ddim-10") -> None:
+        self.package = package
+        self.config = SamplerConfig.parse(sampler) if isinstance(sampler, str) else sampler
+        self.sampler: Sampler = build_sampler(self.config, package.denoise, package.schedule, package.action_dim, package.trained)
+        self.history: deque[dict[str, np.ndarray]] = deque(maxlen=package.n_obs_steps)
+        self.t = 0                       # control steps seen this episode
+        self.pending: deque[np.ndarray] = deque()
+        self.last_chunk: ActionChunk | None = None
+        a = package.spec.action
+        self._low = np.asarray(a.low, np.float32) if a.low else None
+        self._high = np.asarray(a.high, np.float32) if a.high else None
+
+    def reset(self, seed: int | None = None) -> None:
+        """Start an episode: clear history, queued actions and the sampler's warm start/buffer."""
+        self.history.clear()
+        self.pending.clear()
+        self.t = 0
+        self.last_chunk = None
+        self.sampler.reset(seed)
+
+    # -- observations -------------------------------------------------------------------
+    def check_observation(self, obs: Mapping[str, np.ndarray]) -> None:
+        for key in self.package.obs_keys:
+            if key not in obs:
+                raise ValueError(f"observation is missing {key!r}; the policy needs {list(self.package.obs_keys)}")
+            spec = self.package.spec.obs(key)
+            value = np.asarray(obs[key])
+            want = np.dtype(spec.dtype)
+            if want.kind == "u" and value.dtype != want:
+                raise ValueError(f"{key}: expected dtype {want}, got {value.dtype}")
+            if want.kind == "f" and value.dtype.kind not in "fiu":
+                raise ValueError(f"{key}: expected a numeric array ({want}), got dtype {value.dtype}")
+            spec.check(value)  # shape, NaN/Inf
+
+    def observe(self, obs: Mapping[str, np.ndarray]) -> None:
+        """Add one control step's observation to the history (checked, normalised)."""
+        self.check_observation(obs)
+        norm = {k: self.package.normalizer.normalize(k, np.asarray(obs[k])) for k in self.package.obs_keys}
+        if not self.history:
+            for _ in range(self.package.n_obs_steps - 1):
+                self.history.append(norm)  # episode start: repeat the first observation
+        self.history.append(norm)
+        self.t += 1
+
+    # -- inference ---------------------------------------------------------------------
+    def infer(self) -> ActionChunk:
+        """Actions from the current history (the latest observation is step t-1)."""
+        if not self.history:
+            raise RuntimeError("no observation yet: call act(obs) or observe(obs) first")
+        start = time.perf_counter()
+        window = {k: np.stack([h[k] for h in self.history])[None] for k in self.package.obs_keys}
+        cond = np.asarray(self.package.encode(window), dtype=np.float32)
+        out = self.sampler.step(cond)
+        actions = self.to_robot_units(out.actions)
+        offsets = out.indices - (self.package.n_obs_steps - 1)
+        chunk = ActionChunk(actions=actions, offsets=offsets, dt=1.0 / self.package.spec.control_hz,
+                            sampler=self.sampler.name, nfe=out.nfe,
+                            compute_ms=(time.perf_counter() - start) * 1e3, step=self.t - 1)
+        self.last_chunk = chunk
+        return chunk
+
+    def act(self, obs: Mapping[str, np.ndarray]) -> ActionChunk:
+        self.observe(obs)
+        return self.infer()
+
+    def control_step(self, obs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """One control step: record obs, infer only if no action is queued, return this step's action."""
+        self.observe(obs)
+        if not self.pending:
+            self.pending.extend(self.infer().actions)
+        return self.pending.popleft()
+
+    def to_robot_units(self, normalised: np.ndarray) -> np.ndarray:
+        # a gripper scale used in training is folded into the action statistics, so no special case here
+        a = np.clip(np.asarray(normalised, dtype=np.float32), -1.0, 1.0)
+        a = self.package.normalizer.unnormalize(self.package.spec.action.key, a)
+        if self._low is not None:
+            a = np.clip(a, self._low, self._high)
+        return a
