@@ -1,0 +1,263 @@
+"""A simulated arm that is a robot to the policy server, nothing more.
+
+The robosuite env (`SimEnv`) plays the real arm; it reaches the policy only
+through the runtime's protocol, exactly as a real arm's bridge does:
+`PolicyClient` (Hello with the env's RobotSpec, Reset per episode, an
+Observation per control step) and `ActionSchedule` (which action of which chunk
+is current, stale-action dropping, hold).
+
+Two ways to run the clock:
+- lockstep: the sim waits for every reply before stepping. Robot time is sim
+  time (step * dt), so latency cannot change what is executed: an exact
+  evaluation of the policy.
+- realtime: the sim steps on a wall-clock grid at the control rate. Each tick
+  it sends the current observation (if the previous one was answered), waits at
+  most until the tick's action deadline for a chunk, and executes whatever the
+  ActionSchedule says is current. A tick with no valid action holds; a tick
+  that holds or overruns its period is a deadline miss.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from sim.eval_report import EpisodeRecord
+
+log = logging.getLogger(__name__)
+
+MODES = ("lockstep", "realtime")
+
+
+class ArmError(RuntimeError):
+    """The policy link failed in a way retrying will not fix (spec mismatch, no server)."""
+
+
+@dataclass
+class ArmConfig:
+    task: str = "lift"
+    connect: str = "tcp://127.0.0.1:5555"
+    mode: str = "lockstep"
+    hz: float | None = None              # None: the task's control rate
+    episodes: int = 1
+    seed: int = 10_000                   # episode i uses seed + i
+    max_steps: int | None = None         # None: the task's episode length
+    robot_id: str = "sim-arm"
+    cameras: tuple[str, ...] = ()        # cameras the policy observes
+    reply_timeout_s: float = 30.0        # lockstep: a reply slower than this fails the run
+    action_deadline: float = 0.8         # realtime: wait for a chunk until this fraction of the period
+    video_episodes: int = 0              # render the first N episodes to MP4
+    video_dir: Path | None = None
+    video_size: int = 160
+    video_camera: str = "agentview"
+    sampler_label: str = ""              # filled from the server's HelloAck when empty
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.episodes < 1:
+            raise ValueError(f"episodes must be >= 1, got {self.episodes}")
+        if not 0.0 < self.action_deadline <= 1.0:
+            raise ValueError(f"action_deadline is a fraction of the period in (0, 1], got {self.action_deadline}")
+        if self.video_episodes and self.video_dir is None:
+            raise ValueError("video_episodes needs a video_dir")
+
+
+class FrameRecorder:
+    """Offscreen renders of one camera, for episode videos only (costly on a CPU)."""
+
+    def __init__(self, env, camera: str, size: int) -> None:
+        from robosuite.utils.binding_utils import MjRenderContextOffscreen
+
+        self.env, self.camera, self.size = env, camera, size
+        if getattr(env.raw.sim, "_render_context_offscreen", None) is None:
+            MjRenderContextOffscreen(env.raw.sim, device_id=-1)  # attaches itself to the sim
+        self.frames: list[np.ndarray] = []
+
+    def capture(self) -> None:
+        frame = self.env.raw.sim.render(camera_name=self.camera, width=self.size, height=self.size)
+        self.frames.append(np.ascontiguousarray(frame[::-1]))  # OpenGL rows bottom-up -> upright
+
+    def write(self, path: Path, fps: float) -> Path:
+        from data.video import write_mp4
+        return write_mp4(np.stack(self.frames), path, fps)
+
+
+def _policy_obs(obs: dict[str, np.ndarray], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    return {k: obs[k] for k in keys}
+
+
+class SimArm:
+    """One simulated arm connected to one policy server."""
+
+    def __init__(self, config: ArmConfig, progress: Callable[[EpisodeRecord], None] | None = None) -> None:
+        from runtime.action_schedule import ActionSchedule
+        from runtime.client import PolicyClient
+        from sim.env import SimEnv
+
+        self.config = config
+        self.env = SimEnv(config.task, seed=config.seed, cameras=config.cameras, max_steps=config.max_steps)
+        self.spec = self.env.spec
+        self.hz = float(config.hz or self.spec.control_hz)
+        if self.hz <= 0:
+            raise ValueError(f"hz must be positive, got {self.hz}")
+        if abs(self.hz - self.spec.control_hz) > 1e-6 and config.mode == "lockstep":
+            log.warning("lockstep ignores --hz %.1f: sim time advances at the task's %.1f Hz whatever the wall clock",
+                        self.hz, self.spec.control_hz)
+        self.sim_dt = 1.0 / self.spec.control_hz
+        self.client = PolicyClient(config.connect, self.spec, config.robot_id, seed=config.seed,
+                                   timeout_s=max(config.reply_timeout_s, 1.0))
+        self.schedule = ActionSchedule(self.spec.action)
+        self.progress = progress
+
+    # ------------------------------------------------------------------ session
+    def connect(self, timeout_s: float = 30.0) -> None:
+        if not self.client.wait_ready(timeout_s):
+            why = self.client.fatal.message if self.client.fatal is not None else f"no answer within {timeout_s:.0f} s"
+            raise ArmError(f"could not open a session with {self.config.connect}: {why}")
+        info = self.client.policy
+        if not self.config.sampler_label and info is not None:
+            self.config.sampler_label = info.sampler
+
+    def _reset(self, seed: int) -> dict[str, np.ndarray]:
+        obs = self.env.reset(seed=seed)
+        self.schedule.reset()
+        self.client.reset(seed)
+        # Wait for the ResetAck so the server's history is empty before the first observation.
+        before = self.client.episode
+        deadline = time.perf_counter() + self.config.reply_timeout_s
+        while self.client.episode == before and time.perf_counter() < deadline:
+            self.client.poll(0.01)
+        if self.client.episode == before:
+            raise ArmError("server did not acknowledge the episode reset")
+        return obs
+
+    def run(self) -> list[EpisodeRecord]:
+        self.connect()
+        records = []
+        try:
+            for i in range(self.config.episodes):
+                record = self.run_episode(i, self.config.seed + i)
+                records.append(record)
+                if self.progress is not None:
+                    self.progress(record)
+        finally:
+            self.client.close()
+        return records
+
+    def close(self) -> None:
+        self.client.close()
+        self.env.close()
+
+    # ------------------------------------------------------------------ episodes
+    def run_episode(self, episode: int, seed: int) -> EpisodeRecord:
+        recorder = None
+        if episode < self.config.video_episodes:
+            recorder = FrameRecorder(self.env, self.config.video_camera, self.config.video_size)
+        obs = self._reset(seed)
+        record = EpisodeRecord(episode=episode, seed=seed, success=False, steps=0, sampler=self.config.sampler_label,
+                               mode=self.config.mode, hz=self.hz)
+        if recorder is not None:
+            recorder.capture()
+        step = self._lockstep if self.config.mode == "lockstep" else self._realtime
+        step(obs, record, recorder)
+        if recorder is not None:
+            name = f"{self.config.sampler_label or 'policy'}_ep{episode:03d}_seed{seed}.mp4"
+            record.video = str(recorder.write(Path(self.config.video_dir) / name, self.spec.control_hz))
+        return record
+
+    def _observation(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return _policy_obs(obs, self.spec.obs_keys)
+
+    def _step_env(self, action: np.ndarray, record: EpisodeRecord, recorder: FrameRecorder | None) -> tuple[dict, bool]:
+        obs, _, done, info = self.env.step(action)
+        record.steps += 1
+        self._render_s = 0.0
+        if recorder is not None:
+            start = time.perf_counter()
+            recorder.capture()
+            self._render_s = time.perf_counter() - start
+        if info["success"]:
+            record.success = True
+            return obs, True  # stop early: the task is solved
+        return obs, done
+
+    def _lockstep(self, obs: dict, record: EpisodeRecord, recorder: FrameRecorder | None) -> None:
+        done = False
+        while not done:
+            now = record.steps * self.sim_dt  # robot clock = sim clock
+            sent = time.perf_counter()
+            reply = self.client.request(self._observation(obs), now, self.config.reply_timeout_s)
+            if reply is None:
+                raise ArmError(self._link_problem("lockstep observation got no reply"))
+            record.step_latency_ms.append((time.perf_counter() - sent) * 1e3)
+            record.evaluations += reply.nfe
+            self.schedule.offer(reply)
+            decision = self.schedule.next(now)
+            if decision.hold:
+                record.held_steps += 1
+                record.deadline_misses += 1
+            obs, done = self._step_env(decision.action, record, recorder)
+
+    def _realtime(self, obs: dict, record: EpisodeRecord, recorder: FrameRecorder | None) -> None:
+        # Robot time is in the task's seconds (what the policy's chunk times mean);
+        # --hz sets how fast it runs on the wall clock (hz below the task rate = slow motion).
+        scale = self.hz / self.spec.control_hz
+        wall0 = time.perf_counter()
+        in_flight: dict[int, float] = {}  # seq -> wall time sent
+
+        def clock() -> float:
+            return (time.perf_counter() - wall0) * scale
+
+        def receive(until: float) -> None:
+            """Take chunks until robot time `until` (at least one poll)."""
+            while True:
+                reply = self.client.poll(max(0.0, (until - clock()) / scale))
+                if reply is not None:
+                    if reply.seq in in_flight:
+                        record.step_latency_ms.append((time.perf_counter() - in_flight.pop(reply.seq)) * 1e3)
+                    record.evaluations += reply.nfe
+                    self.schedule.offer(reply)
+                    return
+                if clock() >= until:
+                    return
+
+        done = False
+        k = 0
+        while not done:
+            tick = k * self.sim_dt
+            if clock() < tick:
+                receive(tick)  # idle until the tick, receiving meanwhile
+                while clock() < tick:
+                    receive(tick)
+            if self.client.fatal is not None:
+                raise ArmError(self._link_problem("policy link failed"))
+            if not self.client.busy:
+                seq = self.client.send_observation(self._observation(obs), tick)
+                if seq is not None:
+                    in_flight = {seq: time.perf_counter()}
+            # Wait (until the deadline) for the answer to this tick's observation, so a
+            # fast policy's fresh chunk is used and its latency measured when it arrives.
+            deadline = tick + self.config.action_deadline * self.sim_dt
+            while (self.client.busy or self.schedule.remaining(tick) == 0) and clock() < deadline:
+                receive(deadline)
+            decision = self.schedule.next(tick)
+            missed = decision.hold
+            if missed:
+                record.held_steps += 1
+            obs, done = self._step_env(decision.action, record, recorder)
+            # Rendering is for people, not part of the robot: stop the clock while it ran.
+            wall0 += self._render_s
+            if clock() > tick + self.sim_dt:
+                record.overruns += 1
+                missed = True
+            record.deadline_misses += int(missed)
+            k += 1
+
+    def _link_problem(self, what: str) -> str:
+        errors = "; ".join(f"{e.code}: {e.message}" for e in list(self.client.errors)[-3:])
+        return f"{what} ({self.config.connect}){': ' + errors if errors else ''}"

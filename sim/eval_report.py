@@ -1,0 +1,159 @@
+"""Closed-loop evaluation results: per-episode records in, per-sampler summary out.
+
+`dpstack sim` writes one `EpisodeRecord` per episode; `dpstack eval` and
+`dpstack demo` turn them into one `SamplerSummary` per sampler, a markdown table
+and a latency plot. Only plain JSON crosses process boundaries.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+
+@dataclass
+class EpisodeRecord:
+    """What one simulated-arm episode produced."""
+
+    episode: int
+    seed: int
+    success: bool
+    steps: int
+    # Wall time from sending an observation to having an action for that step (ms);
+    # one entry per step that got a reply in time.
+    step_latency_ms: list[float] = field(default_factory=list)
+    # Steps where no valid action for the tick existed (the arm held) or the loop
+    # overran its period.
+    deadline_misses: int = 0
+    held_steps: int = 0
+    overruns: int = 0
+    # Denoiser evaluations the server reported, summed over the episode.
+    evaluations: int = 0
+    sampler: str = ""
+    mode: str = "lockstep"
+    hz: float = 20.0
+    video: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "EpisodeRecord":
+        known = {f.name for f in fields(cls)}
+        missing = [n for n in ("episode", "seed", "success", "steps") if n not in d]
+        if missing:
+            raise ValueError(f"episode record is missing {missing}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class SamplerSummary:
+    """One line of results.json: how one sampler did over all its episodes."""
+
+    sampler: str
+    episodes: int
+    successes: int
+    success_rate: float
+    success_ci95: tuple[float, float]
+    mean_episode_steps: float
+    step_latency_p50_ms: float
+    step_latency_p99_ms: float
+    deadline_misses: int
+    evaluations_per_step: float
+    mode: str
+    hz: float
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["success_ci95"] = list(self.success_ci95)
+        return d
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for a binomial proportion (sane at 0 and n successes)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes {successes} outside [0, {n}]")
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def summarize(sampler: str, records: Sequence[EpisodeRecord], mode: str, hz: float) -> SamplerSummary:
+    if not records:
+        raise ValueError(f"sampler {sampler!r}: no episodes to summarise")
+    successes = sum(bool(r.success) for r in records)
+    lat = np.concatenate([np.asarray(r.step_latency_ms, dtype=np.float64) for r in records])
+    steps = sum(r.steps for r in records)
+    p50, p99 = (float(np.percentile(lat, 50)), float(np.percentile(lat, 99))) if lat.size else (math.nan, math.nan)
+    return SamplerSummary(
+        sampler=sampler, episodes=len(records), successes=successes,
+        success_rate=successes / len(records), success_ci95=wilson_interval(successes, len(records)),
+        mean_episode_steps=steps / len(records),
+        step_latency_p50_ms=p50, step_latency_p99_ms=p99,
+        deadline_misses=sum(r.deadline_misses for r in records),
+        evaluations_per_step=(sum(r.evaluations for r in records) / steps) if steps else 0.0,
+        mode=mode, hz=hz)
+
+
+def load_records(paths: Iterable[Path]) -> list[EpisodeRecord]:
+    records = []
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        records.extend(EpisodeRecord.from_dict(d) for d in data["episodes"])
+    return records
+
+
+def markdown_table(summaries: Sequence[SamplerSummary]) -> str:
+    lines = ["| sampler | success | 95% CI | episodes | mean steps | latency p50 (ms) | latency p99 (ms) | evals/step | deadline misses |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        lo, hi = s.success_ci95
+        lines.append(f"| {s.sampler} | {s.success_rate:.2f} | [{lo:.2f}, {hi:.2f}] | {s.episodes} | "
+                     f"{s.mean_episode_steps:.1f} | {s.step_latency_p50_ms:.2f} | {s.step_latency_p99_ms:.2f} | "
+                     f"{s.evaluations_per_step:.2f} | {s.deadline_misses} |")
+    return "\n".join(lines) + "\n"
+
+
+def latency_plot(latencies: Mapping[str, Sequence[float]], path: Path, title: str = "per-step latency") -> Path:
+    """Box + strip plot of per-step latency, one column per sampler (log scale)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(latencies)
+    data = [np.asarray(latencies[n], dtype=np.float64) for n in names]
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * max(1, len(names)), 4.0))
+    positive = [d[d > 0] if d.size else np.array([np.nan]) for d in data]
+    ax.boxplot(positive, showfliers=False)
+    rng = np.random.default_rng(0)
+    for i, d in enumerate(positive, start=1):
+        if d.size and np.isfinite(d).any():
+            ax.scatter(i + rng.uniform(-0.15, 0.15, d.size), d, s=3, alpha=0.25)
+    ax.set_xticks(range(1, len(names) + 1), names)
+    ax.set_yscale("log")
+    ax.set_ylabel("step latency (ms)")
+    ax.set_title(title)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write-then-rename so a crash never leaves half a results file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
+    tmp.replace(path)

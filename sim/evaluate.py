@@ -1,0 +1,268 @@
+"""Closed-loop evaluation: real policy servers and real simulated arms, as processes.
+
+For each sampler one `dpstack serve` subprocess serves the exported package on
+a free loopback port; the episodes are split into jobs, each run by one
+`dpstack sim` subprocess (a simulated arm speaking the runtime protocol), at
+most `workers` at a time. Every sampler sees the same episode seeds (a paired
+comparison), chosen from seeds the training data never used. The per-episode
+records are merged into DIR/results.json, DIR/results.md and a latency plot.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from sim.eval_report import (EpisodeRecord, SamplerSummary, latency_plot, load_records, markdown_table, summarize,
+                             write_json_atomic)
+
+DEFAULT_SAMPLERS = ("ddpm", "ddim", "rti", "streaming")
+DEFAULT_SEED_BASE = 10_000
+_ENDPOINT = re.compile(r"serving .* on (tcp://\S+)")
+
+
+class EvalError(RuntimeError):
+    """A server or an arm process failed; the message carries its last output lines."""
+
+
+def dpstack_command(*args: str) -> list[str]:
+    """Run a dpstack subcommand with this interpreter (works without the console script on PATH)."""
+    return [sys.executable, "-m", "runtime.cli", *args]
+
+
+def unseen_seed_base(dataset: Path | None, default: int = DEFAULT_SEED_BASE) -> int:
+    """First evaluation seed: `default`, or above every seed the dataset's collection tried."""
+    if dataset is None or not Path(dataset).exists():
+        return default
+    from data.replay_buffer import ReplayBuffer
+
+    rb = ReplayBuffer.open(dataset, mode="r")
+    used = int((rb.attrs.extra if rb.attrs is not None else {}).get("next_seed", 0))
+    return max(default, used)
+
+
+@dataclass
+class EvalConfig:
+    policy_dir: Path
+    out: Path
+    task: str = "lift"
+    episodes: int = 50
+    samplers: tuple[str, ...] = DEFAULT_SAMPLERS
+    mode: str = "lockstep"
+    hz: float | None = None
+    workers: int = 2
+    video: int = 0
+    seed_base: int = DEFAULT_SEED_BASE
+    max_steps: int | None = None
+    serve_args: tuple[str, ...] = ()   # extra `dpstack serve` options
+    startup_timeout_s: float = 120.0
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.episodes < 1:
+            raise ValueError(f"episodes must be >= 1, got {self.episodes}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if not self.samplers:
+            raise ValueError("no samplers to evaluate")
+        if len(set(self.samplers)) != len(self.samplers):
+            raise ValueError(f"samplers listed twice: {list(self.samplers)}")
+
+
+@dataclass
+class _Job:
+    sampler: str
+    first: int      # first episode index of this job
+    count: int
+    video: int
+    out: Path
+
+
+def split_jobs(samplers: Sequence[str], episodes: int, workers: int, video: int, raw_dir: Path) -> list[_Job]:
+    """Episodes of every sampler cut into about `workers` jobs each, interleaved so
+    all samplers progress together; the first job of a sampler records its videos."""
+    per = max(1, -(-episodes // workers))
+    jobs = []
+    for first in range(0, episodes, per):
+        for s in samplers:
+            count = min(per, episodes - first)
+            jobs.append(_Job(s, first, count, min(video, count) if first == 0 else 0,
+                             raw_dir / _safe(s) / f"episodes_{first:04d}.json"))
+    return jobs
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+class _Process:
+    """A child process whose output is kept (last lines) and optionally echoed."""
+
+    def __init__(self, argv: list[str], name: str, env: dict[str, str], echo: Callable[[str], None] | None = None,
+                 log_path: Path | None = None) -> None:
+        self.name = name
+        self.lines: list[str] = []
+        self.endpoint: str | None = None
+        self._ready = threading.Event()
+        self._log = open(log_path, "w") if log_path else None
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                     env=env, start_new_session=True)
+        self._echo = echo
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            self.lines = (self.lines + [line])[-40:]
+            if self._log:
+                self._log.write(line + "\n")
+                self._log.flush()
+            m = _ENDPOINT.search(line)
+            if m and self.endpoint is None:
+                self.endpoint = m.group(1)
+                self._ready.set()
+            if self._echo:
+                self._echo(f"  [{self.name}] {line}")
+        self._ready.set()
+
+    def wait_endpoint(self, timeout_s: float) -> str:
+        self._ready.wait(timeout_s)
+        if self.endpoint is None:
+            self.stop()
+            raise EvalError(f"{self.name} did not start serving within {timeout_s:.0f} s:\n" + "\n".join(self.lines[-20:]))
+        return self.endpoint
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(2.0)
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def failure(self) -> str:
+        return f"{self.name} exited with {self.proc.returncode}:\n" + "\n".join(self.lines[-20:])
+
+
+def start_server(cfg: EvalConfig, sampler: str, env: dict[str, str], log_dir: Path) -> _Process:
+    argv = dpstack_command("serve", str(cfg.policy_dir), "--sampler", sampler, "--bind", "tcp://127.0.0.1:*",
+                           *cfg.serve_args)
+    return _Process(argv, f"serve {sampler}", env, log_path=log_dir / f"serve_{_safe(sampler)}.log")
+
+
+def arm_argv(cfg: EvalConfig, job: _Job, endpoint: str, video_dir: Path) -> list[str]:
+    argv = dpstack_command("sim", "--task", cfg.task, "--connect", endpoint, "--mode", cfg.mode,
+                           "--episodes", str(job.count), "--seed", str(cfg.seed_base + job.first),
+                           "--robot-id", f"arm-{_safe(job.sampler)}-{job.first}", "--out", str(job.out), "--quiet")
+    if cfg.hz:
+        argv += ["--hz", str(cfg.hz)]
+    if cfg.max_steps:
+        argv += ["--max-steps", str(cfg.max_steps)]
+    if job.video:
+        argv += ["--video", str(job.video), "--video-dir", str(video_dir)]
+    return argv
+
+
+def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[SamplerSummary]:
+    """Serve every sampler, run all episodes, write results.json/results.md/latency.png."""
+    out = Path(cfg.out)
+    raw_dir, log_dir, video_dir = out / "raw", out / "logs", out / "videos"
+    for d in (raw_dir, log_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "PYTHONUNBUFFERED": "1", **cfg.env}
+    # Each process gets one intra-op thread's worth of CPU: several share the cores.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    jobs = split_jobs(cfg.samplers, cfg.episodes, cfg.workers, cfg.video, raw_dir)
+    for job in jobs:
+        job.out.parent.mkdir(parents=True, exist_ok=True)
+        job.out.unlink(missing_ok=True)
+
+    servers: dict[str, _Process] = {}
+    try:
+        for s in cfg.samplers:
+            servers[s] = start_server(cfg, s, env, log_dir)
+        endpoints = {s: p.wait_endpoint(cfg.startup_timeout_s) for s, p in servers.items()}
+        log("servers up: " + ", ".join(f"{s} at {e}" for s, e in endpoints.items()))
+        _run_jobs(cfg, jobs, endpoints, list(servers.values()), env, video_dir, log_dir)
+    finally:
+        for p in servers.values():
+            p.stop()
+
+    summaries = []
+    latencies: dict[str, list[float]] = {}
+    for s in cfg.samplers:
+        records = load_records(j.out for j in jobs if j.sampler == s)
+        for r in records:
+            r.episode = r.seed - cfg.seed_base
+            r.sampler = s
+        records.sort(key=lambda r: r.episode)
+        summaries.append(summarize(s, records, cfg.mode, records[0].hz))
+        latencies[s] = [x for r in records for x in r.step_latency_ms]
+        write_json_atomic(raw_dir / f"{_safe(s)}.json", {"sampler": s, "episodes": [r.to_dict() for r in records]})
+    write_results(out, cfg, summaries, latencies)
+    return summaries
+
+
+def _run_jobs(cfg: EvalConfig, jobs: list[_Job], endpoints: dict[str, str], servers: Sequence[_Process],
+              env: dict[str, str], video_dir: Path, log_dir: Path) -> None:
+    from tqdm import tqdm
+
+    pending = list(jobs)
+    running: list[tuple[_Job, _Process]] = []
+    total = sum(j.count for j in jobs)
+    with tqdm(total=total, desc="episodes", unit="ep", dynamic_ncols=True, file=sys.stdout) as bar:
+        try:
+            while pending or running:
+                while pending and len(running) < cfg.workers:
+                    job = pending.pop(0)
+                    name = f"sim {job.sampler} #{job.first}"
+                    running.append((job, _Process(arm_argv(cfg, job, endpoints[job.sampler], video_dir), name, env,
+                                                  log_path=log_dir / f"sim_{_safe(job.sampler)}_{job.first:04d}.log")))
+                time.sleep(0.2)
+                for job, p in list(running):
+                    if p.proc.poll() is None:
+                        continue
+                    p.stop()
+                    running.remove((job, p))
+                    if p.proc.returncode != 0 or not job.out.exists():
+                        raise EvalError(p.failure())
+                    bar.update(job.count)
+                    done = json.loads(job.out.read_text())["summary"]
+                    bar.write(f"{job.sampler}: episodes {job.first}-{job.first + job.count - 1}: "
+                              f"success {done['success_rate']:.2f}, latency p50 {done['step_latency_p50_ms']:.1f} ms")
+                for server in servers:
+                    if server.proc.poll() is not None:
+                        raise EvalError(server.failure())
+        finally:
+            for _, p in running:
+                p.stop()
+
+
+def write_results(out: Path, cfg: EvalConfig, summaries: Sequence[SamplerSummary],
+                  latencies: dict[str, list[float]]) -> None:
+    write_json_atomic(out / "results.json", {
+        "policy": str(cfg.policy_dir), "task": cfg.task, "mode": cfg.mode, "seed_base": cfg.seed_base,
+        "results": [s.to_dict() for s in summaries]})
+    table = markdown_table(summaries)
+    (out / "results.md").write_text(f"# Closed-loop evaluation: {cfg.task}, {cfg.mode}\n\n{table}")
+    latency_plot(latencies, out / "latency.png", title=f"{cfg.task} per-step latency ({cfg.mode})")
+
+
+def read_results(out: Path) -> list[dict]:
+    path = Path(out) / "results.json"
+    return json.loads(path.read_text())["results"] if path.exists() else []
