@@ -113,7 +113,6 @@ def test_sigkill_at_each_stage_of_an_append(tmp_path, stage, committed):
     assert rb.n_steps == sum(20 + e for e in range(n + 2))
 
 
-@pytest.mark.slow
 def test_sigkill_at_random_times_never_loses_committed_episodes(tmp_path):
     rng = np.random.default_rng(1)
     path = tmp_path / "d.zarr"
