@@ -1,0 +1,140 @@
+"""MujocoArm: the driver for the simulated controller in sim/arm_process.py.
+
+It talks to that process exactly as a vendor driver talks to a robot controller:
+state arrives over a socket (newest sample only), servo targets and gripper
+commands go out fire-and-forget, stop asks the controller to brake and hold.
+The process runs the physics at the servo rate with command latency, sensor
+noise and limited tracking bandwidth, so hardware-in-the-loop tests and dry
+runs exercise the same timing paths as a real arm. deploy/ never imports
+mujoco: the process is started as `python -m sim.arm_process`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import subprocess
+import sys
+import time
+
+import numpy as np
+import zmq
+
+from deploy.config import DriverConfig
+from deploy.drivers.base import ArmState, DriverInfo, Pose
+from runtime import arm_link
+
+
+class MujocoArm:
+    def __init__(self, cfg: DriverConfig, start_timeout_s: float = 30.0):
+        self.cfg = cfg
+        self.opts = cfg.mujoco
+        self.start_timeout_s = start_timeout_s
+        self.process: subprocess.Popen | None = None
+        self._ctx = zmq.Context.instance()
+        self._cmd: zmq.Socket | None = None
+        self._sub: zmq.Socket | None = None
+        self._state: ArmState | None = None
+        self.last_raw: dict | None = None   # the controller's last state message (overruns, mode...)
+
+    # ---------------------------------------------------------------- lifecycle
+    def _spawn(self) -> dict:
+        o = self.opts
+        cmd = [sys.executable, "-m", "sim.arm_process", "--servo-hz", str(self.cfg.servo_hz),
+               "--command-latency", str(o.command_latency_s), "--position-noise", str(o.position_noise),
+               "--rotation-noise", str(o.rotation_noise), "--bandwidth-hz", str(o.bandwidth_hz),
+               "--seed", str(o.seed)]
+        if o.initial_joints:
+            cmd += ["--initial-joints", *map(str, o.initial_joints)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        sel = selectors.DefaultSelector()
+        sel.register(self.process.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"sim.arm_process exited with code {self.process.returncode} before it was ready")
+            if sel.select(0.1):
+                line = self.process.stdout.readline()
+                if line.startswith("{"):
+                    info = json.loads(line)
+                    if info.get("ready"):
+                        return info
+        self.process.kill()
+        raise TimeoutError(f"sim.arm_process not ready within {self.start_timeout_s} s")
+
+    def connect(self) -> DriverInfo:
+        if self.opts.endpoint:
+            raise NotImplementedError("connecting to an already running arm process: start it through the driver")
+        info = self._spawn()
+        self._cmd = self._ctx.socket(zmq.PUSH)
+        self._cmd.setsockopt(zmq.LINGER, 0)
+        self._cmd.setsockopt(zmq.SNDHWM, 16)
+        self._cmd.connect(info["command"])
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.CONFLATE, 1)   # only the newest state matters
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.connect(info["state"])
+        self._wait_state(5.0)
+        return DriverInfo(name="mujoco_panda", servo_hz=self.cfg.servo_hz, n_joints=len(info["joint_lower"]),
+                          joint_lower=np.array(info["joint_lower"]), joint_upper=np.array(info["joint_upper"]),
+                          gripper_max_width=info["gripper_max_width"], extra={"pid": info["pid"]})
+
+    def close(self) -> None:
+        if self._cmd is not None:
+            try:
+                self._cmd.send(arm_link.encode(arm_link.STOP), zmq.NOBLOCK)
+                self._cmd.send(arm_link.encode(arm_link.QUIT), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=3.0)
+            except subprocess.TimeoutExpired:
+                self.process.terminate()
+                self.process.wait(timeout=3.0)
+            if self.process.stdout:
+                self.process.stdout.close()
+            self.process = None
+        for s in (self._cmd, self._sub):
+            if s is not None:
+                s.close(0)
+        self._cmd = self._sub = None
+
+    # ---------------------------------------------------------------- state
+    def _wait_state(self, timeout_s: float) -> ArmState:
+        if not self._sub.poll(int(timeout_s * 1000)):
+            raise TimeoutError(f"no state from the simulated arm within {timeout_s} s")
+        return self.read_state()
+
+    def read_state(self) -> ArmState:
+        try:
+            frame = self._sub.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            if self._state is None:
+                return self._wait_state(1.0)
+            return self._state  # nothing newer since the last read
+        msg = arm_link.decode(frame)
+        self.last_raw = msg
+        self._state = ArmState(t=float(msg["t"]), joint_positions=msg["q"],
+                               pose=Pose(msg["pos"], msg["quat"]), gripper_width=float(msg["gripper"]),
+                               gripper_moving=bool(msg["gripper_moving"]))
+        return self._state
+
+    # ---------------------------------------------------------------- commands
+    def _send(self, frame: bytes) -> None:
+        try:
+            self._cmd.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # controller not keeping up: dropping is what a real servo link does
+
+    def servo(self, target: Pose) -> None:
+        self._send(arm_link.encode(arm_link.SERVO, pos=np.asarray(target.position, dtype=np.float64),
+                                   quat=np.asarray(target.quat, dtype=np.float64)))
+
+    def gripper(self, width: float) -> None:
+        self._send(arm_link.encode(arm_link.GRIPPER, width=float(width)))
+
+    def stop(self) -> None:
+        self._send(arm_link.encode(arm_link.STOP))
