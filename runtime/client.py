@@ -60,7 +60,8 @@ class PolicyClient:
         self.session_id: str | None = None
         self.policy: PolicyInfo | None = None
         self._seq = 0
-        self._in_flight: tuple[str, int, float] | None = None  # (kind, seq, perf_counter sent)
+        self._in_flight: tuple[str, int, float] | None = None  # ("hello"|"obs", seq, perf_counter sent)
+        self._heartbeat_sent: float | None = None
         self._last_activity = 0.0
         self._next_attempt = 0.0
         self._hello_deadline = 0.0
@@ -110,11 +111,12 @@ class PolicyClient:
         Waits at most `timeout_s` for the first message."""
         self._drive()
         newest: ActionReply | None = None
-        deadline = time.perf_counter() + max(timeout_s, 0.0)
+        wait_ms = max(0, int(round(timeout_s * 1000)))
         while self._socket is not None:
-            wait_ms = max(0, int(round((deadline - time.perf_counter()) * 1000)))
-            if not self._socket.poll(wait_ms if newest is None else 0, zmq.POLLIN):
+            # wait only for the first message, then drain what is already there
+            if not self._socket.poll(wait_ms, zmq.POLLIN):
                 break
+            wait_ms = 0
             try:
                 frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -122,8 +124,6 @@ class PolicyClient:
             reply = self._handle(frames)
             if reply is not None:
                 newest = reply
-            if self._socket is None:
-                break
         self._drive()
         return newest
 
@@ -180,9 +180,9 @@ class PolicyClient:
     def _open_socket(self) -> None:
         s = self._context.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
-        # Queue nothing towards a peer that is not connected: a send then fails at
-        # once instead of piling up observations for a dead server.
-        s.setsockopt(zmq.IMMEDIATE, 1)
+        # Not ZMQ_IMMEDIATE: it discards replies already received when the peer
+        # disconnects (a server's parting Bye). Whatever queues towards a dead
+        # server is dropped with the socket when its answer times out.
         s.setsockopt(zmq.RECONNECT_IVL, 50)
         s.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
         s.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
@@ -194,13 +194,14 @@ class PolicyClient:
             self._socket.close(linger=0)
             self._socket = None
         self._in_flight = None
+        self._heartbeat_sent = None
 
     def _send(self, msg: Message) -> bool:
         if self._socket is None:
             return False
         try:
             self._socket.send_multipart(encode(msg), zmq.NOBLOCK, copy=False)
-        except zmq.Again:  # no connected peer (IMMEDIATE) or queue full
+        except zmq.Again:  # send queue full
             return False
         self._last_activity = time.perf_counter()
         return True
@@ -217,6 +218,7 @@ class PolicyClient:
         self.state = ClientState.HANDSHAKING
         self._hello_deadline = time.perf_counter() + self.timeout_s
         self._in_flight = None
+        self._heartbeat_sent = None
         self._send_hello()
 
     def _send_hello(self) -> None:
@@ -244,13 +246,13 @@ class PolicyClient:
             elif self._in_flight is None:  # Hello not sent yet: no connection so far
                 self._send_hello()
             return
-        if self._in_flight is not None:
-            kind, _, sent = self._in_flight
-            if now - sent > self.timeout_s:
-                self._reconnect(f"no answer to {kind} within {self.timeout_s:.3f} s")
-        elif now - self._last_activity > self.heartbeat_s:
+        if self._in_flight is not None and now - self._in_flight[2] > self.timeout_s:
+            self._reconnect(f"no answer to {self._in_flight[0]} within {self.timeout_s:.3f} s")
+        elif self._heartbeat_sent is not None and now - self._heartbeat_sent > self.timeout_s:
+            self._reconnect(f"no answer to heartbeat within {self.timeout_s:.3f} s")
+        elif self._in_flight is None and self._heartbeat_sent is None and now - self._last_activity > self.heartbeat_s:
             if self._send(Heartbeat(time.time())):
-                self._in_flight = ("heartbeat", 0, now)
+                self._heartbeat_sent = now
 
     def _handle(self, frames) -> ActionReply | None:
         try:
@@ -284,8 +286,7 @@ class PolicyClient:
             self.latencies_s.append(latency)
             return msg
         if isinstance(msg, HeartbeatAck):
-            if self._in_flight is not None and self._in_flight[0] == "heartbeat":
-                self._in_flight = None
+            self._heartbeat_sent = None
         elif isinstance(msg, ResetAck):
             self.episode = msg.episode
         elif isinstance(msg, Stats):

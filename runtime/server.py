@@ -144,7 +144,8 @@ class PolicyServer:
         self.info = info
         self.config = config or ServerConfig()
         check_bind(self.config.bind, self.config.insecure, authenticated=self.config.security is not None)
-        self._context = context or zmq.Context.instance()
+        self._own_context = context is None
+        self._context = context or zmq.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, self.config.hard_frame_bytes)
@@ -187,7 +188,9 @@ class PolicyServer:
         for s in list(self.sessions.values()):
             self._send([s.identity], Bye("server shutting down"))
         self.sessions.clear()
-        self._socket.close(linger=0)
+        self._socket.close(linger=500)  # long enough for the byes to leave, never a hang
+        if self._own_context:
+            self._context.term()  # waits (up to the linger) until the byes are out
         return self.stats()
 
     # ------------------------------------------------------------------ handling

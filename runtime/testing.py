@@ -71,7 +71,7 @@ def echo_observation(rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runtime.server import PolicyServer, ServerConfig, run_until_signalled
+    from runtime.server import InsecureBind, PolicyServer, ServerConfig, run_until_signalled
 
     p = argparse.ArgumentParser(description="serve the TEST EchoPolicy (protocol/server tests only)")
     p.add_argument("--bind", default="tcp://127.0.0.1:*")
@@ -81,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = ServerConfig(bind=args.bind, insecure=args.insecure, session_timeout_s=args.session_timeout)
-    server = PolicyServer(lambda spec: EchoPolicy(delay_s=args.delay_ms / 1e3), ECHO_SPEC, echo_info(), config)
+    try:
+        server = PolicyServer(lambda spec: EchoPolicy(delay_s=args.delay_ms / 1e3), ECHO_SPEC, echo_info(), config)
+    except InsecureBind as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     summary = run_until_signalled(server, announce=lambda line: print(line, flush=True))
     print("summary " + json.dumps(summary, sort_keys=True), flush=True)
     return 0

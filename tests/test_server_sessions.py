@@ -1,0 +1,118 @@
+"""Sessions on a real server subprocess: independent robots, resets, timeouts,
+stats, graceful shutdown, loopback-only binds."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from runtime.client import ClientState, PolicyClient
+from runtime.protocol import ActionReply, ErrorCode
+from runtime.server import InsecureBind, check_bind, is_loopback_endpoint
+from runtime.testing import ECHO_SPEC, EchoPolicy, echo_observation
+from server_process import REPO, ServerProcess
+
+
+def test_two_robots_get_independent_sessions() -> None:
+    with ServerProcess() as server:
+        robots = {}
+        for rid, seed in (("left", 1), ("right", 2)):
+            client = PolicyClient(server.endpoint, ECHO_SPEC, rid, seed=seed, timeout_s=3.0)
+            assert client.wait_ready(5.0)
+            local = EchoPolicy()
+            local.reset(seed)
+            robots[rid] = (client, local, np.random.default_rng(seed))
+        assert robots["left"][0].session_id != robots["right"][0].session_id
+        # interleave unevenly; each robot's replies must match its own policy alone
+        for step, rid in enumerate(["left", "right", "right", "left", "right", "left", "left", "right"]):
+            client, local, rng = robots[rid]
+            if step == 4:  # a reset on one robot must not touch the other
+                client.reset(seed=5)
+                local.reset(5)
+            obs = echo_observation(rng)
+            reply = client.request(obs, float(step), timeout_s=3.0)
+            assert isinstance(reply, ActionReply)
+            np.testing.assert_array_equal(reply.actions, local.act(obs).actions)
+        assert robots["right"][0].episode == 1 and robots["left"][0].episode is None
+        for client, _, _ in robots.values():
+            client.close()
+
+
+def test_idle_session_times_out_and_client_says_hello_again() -> None:
+    with ServerProcess(args=("--session-timeout", "0.5")) as server:
+        client = PolicyClient(server.endpoint, ECHO_SPEC, "sleepy", timeout_s=2.0, heartbeat_s=60.0)
+        assert client.wait_ready(5.0)
+        first = client.session_id
+        rng = np.random.default_rng(0)
+        assert client.request(echo_observation(rng), 0.0, 2.0) is not None
+        time.sleep(1.6)  # > timeout + the server's sweep period
+        assert client.request(echo_observation(rng), 1.0, 2.0) is None
+        assert client.errors[-1].code == ErrorCode.NO_SESSION.value
+        assert client.wait_ready(3.0) and client.session_id != first
+        assert client.request(echo_observation(rng), 2.0, 2.0) is not None
+        stats = client.request_stats()
+        assert stats["sessions"].get("closed_timeout", 0) >= 1
+        client.close()
+
+
+def test_heartbeats_keep_an_idle_session_alive() -> None:
+    with ServerProcess(args=("--session-timeout", "0.6")) as server:
+        client = PolicyClient(server.endpoint, ECHO_SPEC, "idle", timeout_s=2.0, heartbeat_s=0.15)
+        assert client.wait_ready(5.0)
+        first = client.session_id
+        t_end = time.monotonic() + 1.5
+        while time.monotonic() < t_end:
+            client.poll(0.05)
+        assert client.session_id == first and client.state is ClientState.READY
+        assert client.request(echo_observation(np.random.default_rng(0)), 0.0, 2.0) is not None
+        assert client.session_id == first
+        client.close()
+
+
+def test_sigterm_closes_gracefully_with_a_summary() -> None:
+    server = ServerProcess().start()
+    client = PolicyClient(server.endpoint, ECHO_SPEC, "r", timeout_s=2.0)
+    assert client.wait_ready(5.0)
+    rng = np.random.default_rng(0)
+    for k in range(5):
+        assert client.request(echo_observation(rng), float(k), 2.0) is not None
+    rc, out, err = server.stop()
+    server.kill()
+    assert rc == 0, err
+    summary = json.loads(out.split("summary ", 1)[1])
+    assert summary["chunks"] == 5 and summary["messages"]["observation"] == 5
+    assert summary["compute_ms"]["n"] == 5 and summary["queue_ms"]["median"] >= 0
+    # the server said bye: the client notices and goes back to connecting
+    t_end = time.monotonic() + 1.0
+    while client.state is ClientState.READY and time.monotonic() < t_end:
+        client.poll(0.05)
+    assert client.state is not ClientState.READY
+    client.close()
+
+
+@pytest.mark.parametrize("endpoint,loopback", [
+    ("tcp://127.0.0.1:5555", True), ("tcp://localhost:5555", True), ("tcp://[::1]:5555", True),
+    ("tcp://127.0.0.2:*", True), ("ipc:///tmp/dp.sock", True),
+    ("tcp://0.0.0.0:5555", False), ("tcp://*:5555", False), ("tcp://192.168.1.10:5555", False),
+    ("tcp://eth0:5555", False), ("tcp://robot-pc.local:5555", False),
+])
+def test_loopback_detection(endpoint: str, loopback: bool) -> None:
+    assert is_loopback_endpoint(endpoint) is loopback
+    if loopback:
+        check_bind(endpoint)
+    else:
+        with pytest.raises(InsecureBind):
+            check_bind(endpoint)
+        check_bind(endpoint, insecure=True)
+        check_bind(endpoint, authenticated=True)
+
+
+def test_server_refuses_a_public_bind_without_insecure() -> None:
+    p = subprocess.run([sys.executable, "-m", "runtime.testing", "--bind", "tcp://0.0.0.0:*"],
+                       capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert p.returncode != 0 and "refusing to bind" in p.stderr and "--insecure" in p.stderr
+    assert "serving" not in p.stdout
