@@ -13,7 +13,7 @@ import collections
 import enum
 import logging
 import time
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import zmq
@@ -45,7 +45,8 @@ class PolicyClient:
 
     def __init__(self, endpoint: str, spec: RobotSpec, robot_id: str, *, seed: int | None = None,
                  timeout_s: float = 1.0, heartbeat_s: float = 1.0, retry_s: float = 0.2,
-                 limits: Limits = DEFAULT_LIMITS, context: zmq.Context | None = None) -> None:
+                 limits: Limits = DEFAULT_LIMITS, context: zmq.Context | None = None,
+                 security: Callable[[zmq.Socket], None] | None = None) -> None:
         self.endpoint = endpoint
         self.spec = spec
         self.robot_id = robot_id
@@ -55,6 +56,8 @@ class PolicyClient:
         self.retry_s = retry_s
         self.limits = limits
         self._context = context or zmq.Context.instance()
+        # Configures authentication (runtime.auth.curve_client) on every new socket, before connect.
+        self.security = security
         self._socket: zmq.Socket | None = None
         self.state = ClientState.DISCONNECTED
         self.session_id: str | None = None
@@ -83,17 +86,27 @@ class PolicyClient:
         """An observation is awaiting its chunk."""
         return self._in_flight is not None and self._in_flight[0] == "obs"
 
-    def send_observation(self, arrays: Mapping[str, np.ndarray], timestamp: float) -> int | None:
-        """Send one observation (robot clock `timestamp`, seconds) if the session is
-        ready and none is in flight; returns its seq, or None when not sent.
-        Raises ProtocolError if `arrays` do not match this robot's spec."""
+    def send_observation(self, arrays: Mapping[str, np.ndarray], timestamp: float,
+                         history_when_busy: bool = True) -> int | None:
+        """Send this control step's observation (robot clock `timestamp`, seconds).
+
+        Returns its seq when it asks for a chunk (session ready, none in flight).
+        While a chunk is in flight it goes history-only (infer=False, no reply) so
+        a policy with To > 1 keeps its history at control rate, and None is
+        returned; also None when not connected. Raises ProtocolError if `arrays`
+        do not match this robot's spec."""
         arrays = {k: np.asarray(v) for k, v in arrays.items()}
         check_arrays(arrays, self.spec.observations)
         for k, a in arrays.items():
             if a.dtype.kind == "f" and not np.isfinite(a).all():
                 raise ProtocolError(ErrorCode.NOT_FINITE, f"array {k!r} contains NaN or Inf")
         self.poll(0.0)
-        if self.state is not ClientState.READY or self._in_flight is not None:
+        if self.state is not ClientState.READY:
+            return None
+        if self._in_flight is not None:
+            if history_when_busy:
+                self._seq += 1
+                self._send(Observation(self._seq, float(timestamp), arrays, infer=False))
             return None
         self._seq += 1
         if self._send(Observation(self._seq, float(timestamp), arrays)):
@@ -186,6 +199,8 @@ class PolicyClient:
         s.setsockopt(zmq.RECONNECT_IVL, 50)
         s.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
         s.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
+        if self.security is not None:
+            self.security(s)
         s.connect(self.endpoint)
         self._socket = s
 

@@ -119,3 +119,23 @@ def test_a_world_readable_secret_is_refused(tmp_path):
     secret.chmod(0o644)
     with pytest.raises(auth.KeyFileError, match="chmod 600"):
         auth.load_secret(secret)
+
+
+def test_policy_client_with_curve_keys_gets_a_session_and_chunks(curve_server, keys):
+    from runtime.client import PolicyClient
+    from runtime.testing import echo_observation
+
+    server, ctx = curve_server
+    server_dir, robot_dir = keys
+    client = PolicyClient(server.endpoint, ECHO_SPEC, "arm1", timeout_s=1.0, context=ctx,
+                          security=auth.curve_client(robot_dir / "arm1.key_secret", server_dir / "server.key"))
+    try:
+        reply = client.request(echo_observation(np.random.default_rng(0)), timestamp=1.0, timeout_s=5.0)
+        assert reply is not None and reply.actions.shape == (8, 3)
+    finally:
+        client.close()
+    plain = PolicyClient(server.endpoint, ECHO_SPEC, "arm2", timeout_s=0.5, context=ctx)
+    try:
+        assert not plain.wait_ready(1.5)
+    finally:
+        plain.close()
