@@ -1,0 +1,272 @@
+"""Export a trained DiffusionPolicyModel to a policy package the torch-free runtime loads.
+
+    POLICY_DIR/encoder.onnx    normalised observation window, one input per key (B, To, *shape) -> cond (B, C)
+    POLICY_DIR/denoiser.onnx   (x (B, Tp, A), t (B, Tp) int64, cond (B, C)) -> eps (B, Tp, A); dynamic batch
+    POLICY_DIR/manifest.json   spec, normaliser, schedule, horizons, training regimes, provenance, sha256s
+
+The package is built in a temporary directory next to the target and renamed into
+place only after onnxruntime reproduces torch on random inputs (max abs error
+below `tolerance`); a failing export leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from runtime.package import (DENOISER_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, MANIFEST, PackageError, PolicyPackage,
+                             SessionOptions, load_package, read_manifest, sha256_file, verify_files)
+
+from .model import DiffusionPolicyModel
+from .regimes import n_rungs
+from .torch_callables import torch_callables
+
+PARITY_TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The export (or a verification) failed; nothing was written or the package is unfit."""
+
+
+class _EncoderGraph(nn.Module):
+    """Positional inputs (one per observation key, fixed order) for a clean ONNX signature."""
+
+    def __init__(self, encoder: nn.Module, keys: tuple[str, ...]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.keys = keys
+
+    def forward(self, *obs: torch.Tensor) -> torch.Tensor:
+        return self.encoder(dict(zip(self.keys, obs)))
+
+
+class _DenoiserGraph(nn.Module):
+    def __init__(self, denoiser: nn.Module) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.denoiser(x, t, cond)
+
+
+def onnx_input_name(key: str) -> str:
+    return "obs_" + "".join(c if c.isalnum() else "_" for c in key)
+
+
+# -- random inputs (shared by export-time parity and --verify) -------------------------------------
+
+def random_observations(model_like: PolicyPackage | DiffusionPolicyModel, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Normalised observation windows in [-1, 1] (what the encoder sees)."""
+    spec, to = model_like.spec, model_like.n_obs_steps
+    keys = model_like.obs_keys if isinstance(model_like, PolicyPackage) else spec.obs_keys
+    return {k: rng.uniform(-1, 1, (batch, to, *spec.obs(k).shape)).astype(np.float32) for k in keys}
+
+
+def random_denoiser_inputs(horizon: int, action_dim: int, cond_dim: int, num_levels: int, batch: int,
+                           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    x = rng.standard_normal((batch, horizon, action_dim)).astype(np.float32)
+    t = rng.integers(0, num_levels, (batch, horizon)).astype(np.int64)  # a different level per position
+    t[0] = rng.integers(0, num_levels)  # and one sample with a single level, as full denoising uses
+    cond = rng.standard_normal((batch, cond_dim)).astype(np.float32)
+    return x, t, cond
+
+
+# -- ONNX --------------------------------------------------------------------------------------------
+
+def export_graphs(model: DiffusionPolicyModel, out_dir: Path, opset: int | None = None) -> dict[str, list[str]]:
+    """Write encoder.onnx and denoiser.onnx; returns the encoder's input names in obs-key order."""
+    model = model.eval().cpu()
+    keys = tuple(model.spec.obs_keys)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    rng = np.random.default_rng(0)
+    obs = random_observations(model, 2, rng)  # batch 2: a batch of 1 would be specialised away
+    enc_args = tuple(torch.from_numpy(obs[k]) for k in keys)
+    enc_names = [onnx_input_name(k) for k in keys]
+    kwargs: dict[str, Any] = {"dynamo": True, "external_data": False, "verbose": False}
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    with torch.no_grad():
+        torch.onnx.export(_EncoderGraph(model.encoder, keys).eval(), enc_args, str(out_dir / ENCODER_FILE),
+                          input_names=enc_names, output_names=["cond"],
+                          dynamic_shapes=(tuple({0: batch} for _ in keys),), **kwargs)
+        x, t, cond = random_denoiser_inputs(model.horizon, model.action_dim, model.cond_dim,
+                                            model.schedule.num_train_steps, 2, rng)
+        torch.onnx.export(_DenoiserGraph(model.denoiser).eval(), (torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(cond)),
+                          str(out_dir / DENOISER_FILE), input_names=["x", "t", "cond"], output_names=["eps"],
+                          dynamic_shapes=({0: batch}, {0: batch}, {0: batch}), **kwargs)
+    return {"encoder_inputs": enc_names}
+
+
+# -- manifest ----------------------------------------------------------------------------------------
+
+def build_manifest(model: DiffusionPolicyModel, info: Mapping[str, Any], out_dir: Path,
+                   encoder_inputs: list[str], parity: Mapping[str, float]) -> dict[str, Any]:
+    cfg = model.config
+    spec = model.spec
+    dataset = dict(info.get("dataset") or {})
+    ckpt = info.get("path")
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "task": spec.task, "robot": spec.robot, "control_hz": spec.control_hz,
+        "spec": spec.to_dict(),
+        "obs_keys": list(spec.obs_keys),
+        "encoder_inputs": encoder_inputs,
+        "cond_dim": int(model.cond_dim),
+        "normalizer": model.normalizer.to_dict(),
+        "normalization": "per-key min/max to [-1, 1] (images uint8 -> [-1, 1]) in numpy by runtime/normalizer.py "
+                         "before the encoder; actions unnormalised with the 'action' statistics",
+        "schedule": model.schedule.to_dict(),
+        "horizon": model.horizon, "n_obs_steps": model.n_obs_steps, "n_action_steps": model.n_action_steps,
+        "action_dim": model.action_dim,
+        "regimes": {
+            "plain": cfg.regime_plain, "ladder": cfg.regime_ladder,
+            "ladder_rungs": n_rungs(cfg) if cfg.regime_ladder > 0 else 0,
+            "ladder_chunk_len": 0,  # the ladder's default (runtime.ladder.ladder_chunk_len)
+            "prefix_prob": cfg.prefix_prob, "prefix_max": cfg.prefix_max,
+            "gripper_scale": cfg.gripper_scale,
+        },
+        "model": {"type": cfg.model, "preset": cfg.preset, "parameters": model.num_parameters(),
+                  "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()}},
+        "dataset": {"fingerprint": dataset.get("fingerprint"), **{k: v for k, v in dataset.items() if k != "fingerprint"}},
+        "checkpoint": {"path": str(Path(ckpt).resolve()) if ckpt else None,
+                       "sha256": sha256_file(ckpt) if ckpt and Path(ckpt).is_file() else None,
+                       "step": info.get("step")},
+        "export": {"torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   "parity_max_abs_error": dict(parity), "parity_tolerance": PARITY_TOLERANCE},
+        "files": {name: {"sha256": sha256_file(out_dir / name)} for name in (ENCODER_FILE, DENOISER_FILE)},
+    }
+
+
+# -- parity --------------------------------------------------------------------------------------------
+
+@dataclass
+class Parity:
+    encoder: float
+    denoiser: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"encoder": self.encoder, "denoiser": self.denoiser}
+
+
+def check_parity(model: DiffusionPolicyModel, package: PolicyPackage, seed: int = 0, batches: tuple[int, ...] = (1, 5)) -> Parity:
+    """Max abs difference between torch eager and the package's networks on random inputs."""
+    ref = torch_callables(model.eval().cpu())
+    rng = np.random.default_rng(seed)
+    enc_err = den_err = 0.0
+    for b in batches:
+        obs = random_observations(model, b, rng)
+        enc_err = max(enc_err, float(np.max(np.abs(ref.encode(obs) - package.encode(obs)))))
+        x, t, cond = random_denoiser_inputs(model.horizon, model.action_dim, model.cond_dim, model.schedule.num_train_steps, b, rng)
+        den_err = max(den_err, float(np.max(np.abs(ref.denoise(x, t, cond) - package.denoise(x, t, cond)))))
+    return Parity(enc_err, den_err)
+
+
+def check_self_consistency(package: PolicyPackage, seed: int = 0) -> dict[str, float]:
+    """Without torch: outputs finite, right shapes, and a batch equals its samples run one by one."""
+    rng = np.random.default_rng(seed)
+    obs = random_observations(package, 3, rng)
+    cond = package.encode(obs)
+    cond_dim = int(package.manifest.get("cond_dim", cond.shape[-1]))
+    if cond.shape != (3, cond_dim) or not np.all(np.isfinite(cond)):
+        raise ExportError(f"encoder output shape {cond.shape} (expected (3, {cond_dim})) or not finite")
+    one = np.concatenate([package.encode({k: v[i:i + 1] for k, v in obs.items()}) for i in range(3)])
+    x, t, c = random_denoiser_inputs(package.horizon, package.action_dim, cond_dim, package.schedule.num_train_steps, 3, rng)
+    eps = package.denoise(x, t, c)
+    if eps.shape != x.shape or not np.all(np.isfinite(eps)):
+        raise ExportError(f"denoiser output shape {eps.shape} (expected {x.shape}) or not finite")
+    eps1 = np.concatenate([package.denoise(x[i:i + 1], t[i:i + 1], c[i:i + 1]) for i in range(3)])
+    return {"encoder_batch_vs_single": float(np.max(np.abs(one - cond))),
+            "denoiser_batch_vs_single": float(np.max(np.abs(eps1 - eps)))}
+
+
+# -- the two commands ------------------------------------------------------------------------------
+
+def _replace_dir(tmp: Path, out: Path, force: bool) -> None:
+    if out.exists():
+        if not force:
+            raise ExportError(f"{out} exists; pass --force to replace it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def export_model(model: DiffusionPolicyModel, out: str | Path, info: Mapping[str, Any] | None = None,
+                 tolerance: float = PARITY_TOLERANCE, force: bool = False, opset: int | None = None) -> Path:
+    """Export `model` to the package directory `out` (atomic; parity-checked)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"{out} exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        names = export_graphs(model, tmp, opset)
+        # A provisional manifest so the package can be loaded through the runtime's own loader for the check.
+        (tmp / MANIFEST).write_text(json.dumps(build_manifest(model, info or {}, tmp, names["encoder_inputs"], {}), indent=2))
+        package = load_package(tmp, options=SessionOptions(providers=("CPUExecutionProvider",)))
+        parity = check_parity(model, package)
+        if max(parity.encoder, parity.denoiser) >= tolerance:
+            raise ExportError(f"onnxruntime differs from torch: max abs error encoder {parity.encoder:.2e}, "
+                              f"denoiser {parity.denoiser:.2e} (tolerance {tolerance:.0e}); package not written")
+        manifest = build_manifest(model, info or {}, tmp, names["encoder_inputs"], parity.as_dict())
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _replace_dir(tmp, out, force)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, tolerance: float = PARITY_TOLERANCE,
+                      force: bool = False) -> Path:
+    from .checkpoint import load_checkpoint
+
+    model, info = load_checkpoint(checkpoint)
+    return export_model(model, out, info, tolerance, force)
+
+
+def verify_package(policy_dir: str | Path, checkpoint: str | Path | None = None,
+                   tolerance: float = PARITY_TOLERANCE) -> dict[str, Any]:
+    """Re-check a package: hashes, then parity against the checkpoint if it can be found
+    (given, or the manifest's path with a matching sha256), else onnx-only self-consistency."""
+    manifest = read_manifest(policy_dir)
+    verify_files(policy_dir, manifest)
+    package = load_package(policy_dir, options=SessionOptions(providers=("CPUExecutionProvider",)))
+    report: dict[str, Any] = {"hashes": "ok"}
+    ckpt = Path(checkpoint) if checkpoint else None
+    recorded = manifest.get("checkpoint") or {}
+    if ckpt is None and recorded.get("path") and Path(recorded["path"]).is_file():
+        if sha256_file(recorded["path"]) == recorded.get("sha256"):
+            ckpt = Path(recorded["path"])
+        else:
+            report["note"] = f"checkpoint {recorded['path']} changed since export; checked onnx self-consistency only"
+    if ckpt is not None:
+        from .checkpoint import load_checkpoint
+
+        model, _ = load_checkpoint(ckpt)
+        parity = check_parity(model, package)
+        report["parity"] = parity.as_dict()
+        report["checkpoint"] = str(ckpt)
+        if max(parity.encoder, parity.denoiser) >= tolerance:
+            raise ExportError(f"{policy_dir}: onnxruntime differs from {ckpt}: {parity.as_dict()} (tolerance {tolerance:.0e})")
+    else:
+        consistency = check_self_consistency(package)
+        report["self_consistency"] = consistency
+        if max(consistency.values()) >= tolerance:
+            raise ExportError(f"{policy_dir}: batched and single-sample outputs differ: {consistency}")
+    return report
+
+
+__all__ = ["ExportError", "PackageError", "export_model", "export_checkpoint", "verify_package", "check_parity"]

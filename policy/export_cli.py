@@ -1,0 +1,41 @@
+"""`dpstack export CHECKPOINT --out POLICY_DIR` and `dpstack export --verify POLICY_DIR`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", nargs="?", help="checkpoint to export (or, with --verify, to compare against)")
+    parser.add_argument("--out", help="policy package directory to write")
+    parser.add_argument("--verify", metavar="POLICY_DIR", help="re-check an existing package instead of exporting")
+    parser.add_argument("--force", action="store_true", help="replace an existing package directory")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs error allowed between torch and onnxruntime")
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # torchvision-op registration chatter
+    from runtime.package import PackageError
+
+    from .checkpoint import CheckpointError
+    from .export import ExportError, export_checkpoint, verify_package
+
+    try:
+        if args.verify:
+            report = verify_package(args.verify, args.checkpoint, args.tolerance)
+            print(json.dumps(report, indent=2))
+            print(f"{args.verify}: OK")
+            return 0
+        if not args.checkpoint or not args.out:
+            print("dpstack export: need CHECKPOINT and --out POLICY_DIR (or --verify POLICY_DIR)", file=sys.stderr)
+            return 2
+        out = export_checkpoint(args.checkpoint, args.out, args.tolerance, args.force)
+        manifest = json.loads((out / "manifest.json").read_text())
+        print(f"wrote {out}: parity max abs error {manifest['export']['parity_max_abs_error']}")
+        return 0
+    except (ExportError, PackageError, CheckpointError, ValueError) as e:
+        print(f"dpstack export: {e}", file=sys.stderr)
+        return 1

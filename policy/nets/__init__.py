@@ -1,0 +1,1 @@
+"""Denoisers and observation encoders (plain torch, ONNX-exportable)."""
