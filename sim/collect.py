@@ -156,7 +156,7 @@ def _open_or_create(cfg: CollectConfig) -> tuple[Any, dict[str, Any]]:
     from sim.env import SimEnv
 
     task = get_task(cfg.task)
-    expert = task.expert
+    expert = task.expert_class().__name__  # raises, naming the tasks that have one, before anything is written
     if cfg.out.exists():
         rb = ReplayBuffer.open(cfg.out, mode="a")
         attrs = rb.attrs

@@ -75,14 +75,16 @@ class SimEnv:
             ignore_done=True,  # episode length is ours to enforce (max_steps)
             hard_reset=False,  # reloading the model per episode costs ~1 s and changes nothing we use
             reward_shaping=False,
-            seed=seed,
+            seed=self.task.model_seed,
             **dict(self.task.env_kwargs),
         )
         self._steps = 0
         self._last_raw: dict[str, Any] = {}
         self.spec = self._build_spec(self.raw.reset())
-        # The spec probe above consumed randomness: the first reset() starts again from `seed`.
+        # The first reset() starts from `seed` (None: unseeded, different every time).
         self._pending_seed = seed
+        if seed is None:
+            self.raw.rng.bit_generator.state = np.random.default_rng().bit_generator.state
 
     # ---- spec -----------------------------------------------------------
     def _object_state_names(self) -> tuple[str, ...]:

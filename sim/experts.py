@@ -211,11 +211,6 @@ class StackExpert(WaypointExpert):
         return self.pick(grasp, lift_to) + self.place(goal, over=0.05, retreat=0.08)
 
 
-class SquareExpert(WaypointExpert):
-    def plan(self) -> list[Phase]:
-        raise NotImplementedError("square expert not written yet")
-
-
 def make_expert(env: SimEnv, seed: int) -> WaypointExpert:
     expert = env.task.expert_class()(env, seed)
     return expert
