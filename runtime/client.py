@@ -95,24 +95,36 @@ class PolicyClient:
         a policy with To > 1 keeps its history at control rate, and None is
         returned; also None when not connected. Raises ProtocolError if `arrays`
         do not match this robot's spec."""
-        arrays = {k: np.asarray(v) for k, v in arrays.items()}
-        check_arrays(arrays, self.spec.observations)
-        for k, a in arrays.items():
-            if a.dtype.kind == "f" and not np.isfinite(a).all():
-                raise ProtocolError(ErrorCode.NOT_FINITE, f"array {k!r} contains NaN or Inf")
+        arrays = self._checked(arrays)
         self.poll(0.0)
         if self.state is not ClientState.READY:
             return None
         if self._in_flight is not None:
             if history_when_busy:
-                self._seq += 1
-                self._send(Observation(self._seq, float(timestamp), arrays, infer=False))
+                self._send_history(arrays, timestamp)
             return None
         self._seq += 1
         if self._send(Observation(self._seq, float(timestamp), arrays)):
             self._in_flight = ("obs", self._seq, time.perf_counter())
             return self._seq
         return None
+
+    def send_history(self, arrays: Mapping[str, np.ndarray], timestamp: float) -> bool:
+        """Send a history-only observation (infer=False: recorded, not answered)."""
+        arrays = self._checked(arrays)
+        return self.state is ClientState.READY and self._send_history(arrays, timestamp)
+
+    def _send_history(self, arrays: Mapping[str, np.ndarray], timestamp: float) -> bool:
+        self._seq += 1
+        return self._send(Observation(self._seq, float(timestamp), arrays, infer=False))
+
+    def _checked(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        check_arrays(arrays, self.spec.observations)
+        for k, a in arrays.items():
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise ProtocolError(ErrorCode.NOT_FINITE, f"array {k!r} contains NaN or Inf")
+        return arrays
 
     def reset(self, seed: int | None = None) -> None:
         """Start a new episode on the server (sent now or right after the handshake)."""

@@ -109,6 +109,15 @@ def _str(name: str, v: Any, limits: Limits) -> str:
     return v
 
 
+def _infer_flag(name: str, v: Any, limits: Limits) -> bool:
+    # optional on the wire: absent means true
+    if v is None:
+        return True
+    if not isinstance(v, bool):
+        raise _bad(name, "a bool", v)
+    return v
+
+
 def _map(name: str, v: Any, limits: Limits) -> dict:
     if not isinstance(v, dict):
         raise _bad(name, "a map", v)
@@ -222,13 +231,18 @@ class HelloAck(Message):
 
 @dataclass(frozen=True)
 class Observation(Message):
-    """One observation step, robot clock `timestamp` in seconds."""
+    """One observation step, robot clock `timestamp` in seconds.
+
+    infer=False: history only -- the policy records it (so a To>1 history stays at
+    control rate while an earlier inference is in flight) and nothing is replied
+    unless it is refused."""
 
     TYPE: ClassVar[str] = "observation"
     seq: int
     timestamp: float
     arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
-    FIELDS: ClassVar = {"seq": _uint, "timestamp": _float}
+    infer: bool = True
+    FIELDS: ClassVar = {"seq": _uint, "timestamp": _float, "infer": _infer_flag}
 
     def array_fields(self) -> dict[str, np.ndarray]:
         return dict(self.arrays)

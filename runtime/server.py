@@ -35,9 +35,13 @@ CLIENT_MESSAGES = (Hello, Observation, Reset, Heartbeat, Bye, StatsRequest)
 
 
 class PolicySession(Protocol):
-    """One robot's policy state. `act` returns an ActionChunk-like object with
-    `.actions` (n, A) in robot units, and optionally `.sampler`, `.nfe` and
-    `.start_offset` (steps between the observation's time and actions[0]'s)."""
+    """One robot's policy state (runtime.policy.PolicyRunner is one).
+
+    `act` returns an ActionChunk-like object (runtime.policy.ActionChunk): `.actions`
+    (n, A) in robot units, and optionally `.offsets` (n,) consecutive control steps
+    after the observation's (actions[i] is for obs time + offsets[i] * dt),
+    `.sampler` and `.nfe`. An optional `observe(obs)` records a history-only
+    observation (infer=False); without it such observations are ignored."""
 
     def reset(self, seed: int | None = None) -> None: ...
 
@@ -122,6 +126,7 @@ class Metrics:
         self.compute_ms: collections.deque[float] = collections.deque(maxlen=window)
         self.queue_ms: collections.deque[float] = collections.deque(maxlen=window)
         self.n_chunks = 0
+        self.n_history = 0
 
     def summary(self, active_sessions: int) -> dict[str, Any]:
         def pct(values: collections.deque[float]) -> dict[str, float]:
@@ -130,7 +135,7 @@ class Metrics:
             a = np.fromiter(values, dtype=np.float64)
             return {"median": float(np.median(a)), "p99": float(np.percentile(a, 99)),
                     "max": float(a.max()), "n": int(a.size)}
-        return {"uptime_s": time.time() - self.started, "chunks": self.n_chunks,
+        return {"uptime_s": time.time() - self.started, "chunks": self.n_chunks, "history_only": self.n_history,
                 "active_sessions": active_sessions, "sessions": dict(self.sessions),
                 "messages": dict(self.messages), "errors": dict(self.errors),
                 "compute_ms": pct(self.compute_ms), "queue_ms": pct(self.queue_ms)}
@@ -270,7 +275,7 @@ class PolicyServer:
         log.info("session %s opened for robot %r", session.session_id[:8], msg.robot_id)
         return HelloAck(session.session_id, self.info)
 
-    def _observe(self, session: Session, msg: Observation, t_recv: float) -> Message:
+    def _observe(self, session: Session, msg: Observation, t_recv: float) -> Message | None:
         if msg.seq <= session.last_seq:
             raise ProtocolError(ErrorCode.OUT_OF_ORDER, f"observation seq {msg.seq} not after {session.last_seq}")
         check_arrays(msg.arrays, session.spec.observations)
@@ -278,6 +283,12 @@ class PolicyServer:
         obs = {k: msg.arrays[k] for k in self.policy_spec.obs_keys}
         t0 = time.perf_counter()
         try:
+            if not msg.infer:
+                observe = getattr(session.policy, "observe", None)
+                if observe is not None:
+                    observe(obs)
+                self.metrics.n_history += 1
+                return None
             result = session.policy.act(obs)
         except Exception as e:
             log.exception("policy failed on observation %d of robot %r", msg.seq, session.robot_id)
@@ -292,7 +303,14 @@ class PolicyServer:
         self.metrics.queue_ms.append((t0 - t_recv) * 1e3)
         self.metrics.n_chunks += 1
         session.n_observations += 1
-        offset = int(getattr(result, "start_offset", 0) or 0)
+        offsets = getattr(result, "offsets", None)
+        if offsets is None:
+            offset = 0
+        else:
+            offsets = np.asarray(offsets)
+            if offsets.shape != (len(actions),) or np.any(np.diff(offsets) != 1):
+                raise ProtocolError(ErrorCode.POLICY_ERROR, f"policy offsets {offsets.tolist()} are not consecutive steps, one per action")
+            offset = int(offsets[0])
         return ActionReply(seq=msg.seq, start_time=msg.timestamp + offset * self._dt, dt=self._dt, actions=actions,
                            sampler=str(getattr(result, "sampler", self.info.sampler)), compute_ms=compute_ms,
                            nfe=int(getattr(result, "nfe", 0) or 0))

@@ -37,7 +37,8 @@ class EchoChunk:
 
 
 class EchoPolicy:
-    """actions[i] = 0.1 * state[:2] + 0.01 * (step + i) + bias(seed); gripper = sign(state[3])."""
+    """actions[i] = 0.1 * state[:2] + 0.01 * (step + i) + bias(seed); gripper = sign(state[3]),
+    where step counts the observations before this one in the episode."""
 
     def __init__(self, spec: RobotSpec = ECHO_SPEC, chunk: int = ECHO_CHUNK, delay_s: float = 0.0) -> None:
         self.spec = spec
@@ -46,17 +47,20 @@ class EchoPolicy:
         self.reset()
 
     def reset(self, seed: int | None = None) -> None:
-        self.step = 0
+        self.step = 0  # observations seen this episode (history-only ones included)
         self.bias = np.random.default_rng(seed if seed is not None else 0).uniform(-0.1, 0.1, size=2).astype(np.float32)
 
+    def observe(self, obs: dict[str, np.ndarray]) -> None:
+        self.step += 1
+
     def act(self, obs: dict[str, np.ndarray]) -> EchoChunk:
+        self.observe(obs)
         if self.delay_s:
             time.sleep(self.delay_s)
         state = obs["state"].astype(np.float32)
         i = np.arange(self.chunk, dtype=np.float32)[:, None]
-        arm = 0.1 * state[:2] + 0.01 * (self.step + i) + self.bias
+        arm = 0.1 * state[:2] + 0.01 * (self.step - 1 + i) + self.bias
         grip = np.full((self.chunk, 1), 1.0 if state[3] >= 0 else -1.0, dtype=np.float32)
-        self.step += 1
         return EchoChunk(np.concatenate([arm, grip], axis=1).astype(np.float32))
 
 

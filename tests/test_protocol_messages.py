@@ -29,7 +29,7 @@ def all_messages() -> list:
         Hello("arm-2", ECHO_SPEC),
         HelloAck("abc123", echo_info()),
         Observation(3, 12.25, echo_observation(rng)),
-        Observation(4, 0.0, {}),
+        Observation(4, 0.0, {}, infer=False),
         ActionReply(3, 12.25, 0.05, rng.normal(size=(8, 3)).astype(np.float32), "streaming", 1.5, 1),
         ActionReply(9, 1.0, 0.1, rng.normal(size=(1, 7)), "ddim", 0.0, 10),
         Reset(seed=5), Reset(), ResetAck(2),
@@ -65,9 +65,14 @@ def test_header_is_msgpack_with_documented_fields() -> None:
     obs = Observation(5, 1.5, {"state": np.zeros(4, np.float32)})
     frames = encode(obs)
     header = msgpack.unpackb(frames[0])
-    assert header == {"v": PROTOCOL_VERSION, "type": "observation", "seq": 5, "timestamp": 1.5,
+    assert header == {"v": PROTOCOL_VERSION, "type": "observation", "seq": 5, "timestamp": 1.5, "infer": True,
                       "arrays": [{"name": "state", "dtype": "float32", "shape": [4], "frame": 1}]}
     assert bytes(frames[1]) == np.zeros(4, "<f4").tobytes()
+
+
+def test_infer_flag_is_optional_on_the_wire() -> None:
+    h = _header()
+    assert "infer" not in h and decode(_frames(h, GOOD)).infer is True
 
 
 def test_encode_refuses_object_arrays() -> None:
@@ -103,6 +108,7 @@ BAD_CASES = {
     "seq as string": (_frames(_header(seq="1"), GOOD), ErrorCode.BAD_HEADER),
     "seq negative": (_frames(_header(seq=-1), GOOD), ErrorCode.BAD_HEADER),
     "seq as bool": (_frames(_header(seq=True), GOOD), ErrorCode.BAD_HEADER),
+    "infer not a bool": (_frames(_header(infer=1), GOOD), ErrorCode.BAD_HEADER),
     "timestamp missing": (_frames(_header(timestamp=...), GOOD), ErrorCode.BAD_HEADER),
     "timestamp NaN": (_frames(_header(timestamp=float("nan")), GOOD), ErrorCode.NOT_FINITE),
     "arrays not a list": (_frames(_header(arrays={"a": 1}), GOOD), ErrorCode.BAD_HEADER),

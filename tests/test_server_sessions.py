@@ -42,6 +42,37 @@ def test_two_robots_get_independent_sessions() -> None:
             client.close()
 
 
+def test_observations_sent_while_busy_keep_the_history_at_control_rate() -> None:
+    with ServerProcess(args=("--delay-ms", "120")) as server:  # inference slower than a 50 ms step
+        client = PolicyClient(server.endpoint, ECHO_SPEC, "slow", seed=4, timeout_s=3.0)
+        assert client.wait_ready(5.0)
+        local = EchoPolicy()
+        local.reset(4)
+        rng = np.random.default_rng(4)
+        asked, replies, history_only = {}, {}, 0
+        for k in range(12):
+            obs = echo_observation(rng)
+            seq = client.send_observation(obs, k * 0.05)
+            if seq is None:
+                assert client.busy
+                local.observe(obs)
+                history_only += 1
+            else:
+                asked[seq] = local.act(obs).actions
+            reply = client.poll(0.05)
+            if reply is not None:
+                replies[reply.seq] = reply.actions
+        while client.busy:
+            reply = client.poll(1.0)
+            if reply is not None:
+                replies[reply.seq] = reply.actions
+        assert history_only >= 4 and len(replies) == len(asked) >= 3
+        for seq, actions in replies.items():  # each chunk saw every earlier observation
+            np.testing.assert_array_equal(actions, asked[seq])
+        assert client.request_stats()["history_only"] == history_only
+        client.close()
+
+
 def test_idle_session_times_out_and_client_says_hello_again() -> None:
     with ServerProcess(args=("--session-timeout", "0.5")) as server:
         client = PolicyClient(server.endpoint, ECHO_SPEC, "sleepy", timeout_s=2.0, heartbeat_s=60.0)

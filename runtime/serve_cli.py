@@ -1,0 +1,73 @@
+"""`dpstack serve POLICY_DIR`: serve an exported policy package over ZeroMQ.
+
+Each robot that says Hello gets its own PolicyRunner (history, sampler state)
+over the one loaded package; the onnxruntime sessions are shared.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("policy_dir", metavar="POLICY_DIR", help="exported policy package (manifest.json + ONNX files)")
+    p.add_argument("--sampler", default="streaming",
+                   help="ddpm-N, ddim-N, rti-K1,K2,.. or streaming[-E] (default: streaming)")
+    p.add_argument("--bind", default="tcp://127.0.0.1:5555",
+                   help="ZeroMQ endpoint; loopback only unless --insecure (tcp://127.0.0.1:* picks a free port)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback bind WITHOUT authentication (trusted networks only)")
+    p.add_argument("--session-timeout", type=float, default=30.0, help="drop a robot's session after this many idle seconds")
+    p.add_argument("--stats-interval", type=float, default=30.0, help="log server metrics every this many seconds")
+    p.add_argument("--max-sessions", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    p.add_argument("--providers", default="", help="comma-separated onnxruntime providers (default: TensorRT>CUDA>CPU)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def build_factory(policy_dir: str, sampler: str, threads: int = 2, providers: tuple[str, ...] = ()):
+    """(factory, policy spec, PolicyInfo) for a package: each session a fresh PolicyRunner."""
+    from runtime.package import SessionOptions, load_package
+    from runtime.policy import PolicyRunner
+    from runtime.protocol import PolicyInfo
+    from runtime.samplers import SamplerConfig
+
+    package = load_package(policy_dir, options=SessionOptions(intra_op_threads=threads, providers=providers))
+    config = SamplerConfig.parse(sampler)
+    # The robot must publish what the encoder reads, not every key of the training dataset.
+    spec = package.spec.with_observations(package.obs_keys)
+    probe = PolicyRunner(package, config)  # builds the sampler once: a bad choice fails before binding
+    info = PolicyInfo(name=str(package.manifest.get("name") or package.path.name), sampler=probe.sampler.name,
+                      horizon=package.horizon, n_obs_steps=package.n_obs_steps,
+                      n_action_steps=package.n_action_steps, control_hz=spec.control_hz, action=spec.action)
+
+    def factory(robot_spec):
+        return PolicyRunner(package, config)
+    return factory, spec, info
+
+
+def run(args: argparse.Namespace) -> int:
+    from runtime.package import PackageError
+    from runtime.server import InsecureBind, PolicyServer, ServerConfig, run_until_signalled
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("runtime.server").setLevel(logging.INFO)  # sessions and periodic stats
+    providers = tuple(p for p in args.providers.split(",") if p)
+    try:
+        factory, spec, info = build_factory(args.policy_dir, args.sampler, args.threads, providers)
+    except (PackageError, ValueError) as e:
+        print(f"dpstack serve: {e}", file=sys.stderr)
+        return 2
+    config = ServerConfig(bind=args.bind, insecure=args.insecure, session_timeout_s=args.session_timeout,
+                          stats_interval_s=args.stats_interval, max_sessions=args.max_sessions)
+    try:
+        server = PolicyServer(factory, spec, info, config)
+    except InsecureBind as e:
+        print(f"dpstack serve: {e}", file=sys.stderr)
+        return 2
+    summary = run_until_signalled(server, announce=lambda line: print(line, flush=True))
+    print("summary " + json.dumps(summary, sort_keys=True), flush=True)
+    return 0
