@@ -255,8 +255,13 @@ def _run_jobs(cfg: EvalConfig, jobs: list[_Job], endpoints: dict[str, str], serv
 
 def write_results(out: Path, cfg: EvalConfig, summaries: Sequence[SamplerSummary],
                   latencies: dict[str, list[float]]) -> None:
+    from runtime.package import sha256_file
+
+    manifest = Path(cfg.policy_dir) / "manifest.json"
     write_json_atomic(out / "results.json", {
-        "policy": str(cfg.policy_dir), "task": cfg.task, "mode": cfg.mode, "seed_base": cfg.seed_base,
+        "policy": str(cfg.policy_dir), "package_sha256": sha256_file(manifest) if manifest.exists() else None,
+        "task": cfg.task, "mode": cfg.mode, "hz": summaries[0].hz if summaries else cfg.hz,
+        "seed_base": cfg.seed_base, "episodes_per_sampler": cfg.episodes,
         "results": [s.to_dict() for s in summaries]})
     table = markdown_table(summaries)
     (out / "results.md").write_text(f"# Closed-loop evaluation: {cfg.task}, {cfg.mode}\n\n{table}")
