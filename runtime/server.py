@@ -49,8 +49,9 @@ class PolicySession(Protocol):
 
 
 SessionFactory = Callable[[RobotSpec], PolicySession]
-# Configures authentication on the ROUTER socket before bind (the deploy issue
-# passes its CurveZMQ server setup here). With it, non-loopback binds are allowed.
+# Configures authentication on the ROUTER socket before bind (runtime.auth.CurveServer:
+# CurveZMQ with a client-key allow-list). With it, non-loopback binds are allowed;
+# an object with a stop() method is stopped when the server closes.
 SocketSecurity = Callable[[zmq.Socket], None]
 
 
@@ -194,6 +195,9 @@ class PolicyServer:
             self._send([s.identity], Bye("server shutting down"))
         self.sessions.clear()
         self._socket.close(linger=500)  # long enough for the byes to leave, never a hang
+        stop = getattr(self.config.security, "stop", None)
+        if callable(stop):  # e.g. runtime.auth.CurveServer's ZAP thread, which would block term()
+            stop()
         if self._own_context:
             self._context.term()  # waits (up to the linger) until the byes are out
         return self.stats()

@@ -147,3 +147,40 @@ def test_server_refuses_a_public_bind_without_insecure() -> None:
                        capture_output=True, text=True, timeout=30, cwd=REPO)
     assert p.returncode != 0 and "refusing to bind" in p.stderr and "--insecure" in p.stderr
     assert "serving" not in p.stdout
+
+
+def test_curve_authenticated_server_admits_listed_robots_and_closes_cleanly(tmp_path) -> None:
+    import threading
+
+    auth = pytest.importorskip("runtime.auth")
+    from runtime.server import PolicyServer, ServerConfig
+    from runtime.testing import echo_info
+
+    (tmp_path / "robots").mkdir()
+    auth.generate(tmp_path, "server")
+    auth.generate(tmp_path, "arm")
+    auth.generate(tmp_path / "other", "stranger")
+    (tmp_path / "robots" / "arm.key").write_bytes((tmp_path / "arm.key").read_bytes())
+    security = auth.server_security_from_dir(tmp_path)
+    server = PolicyServer(lambda spec: EchoPolicy(), ECHO_SPEC, echo_info(),
+                          ServerConfig(bind="tcp://127.0.0.1:*", security=security))
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(stop.is_set,))
+    thread.start()
+    try:
+        listed = PolicyClient(server.endpoint, ECHO_SPEC, "arm", timeout_s=1.0,
+                              security=auth.curve_client(tmp_path / "arm.key_secret", tmp_path / "server.key"))
+        stranger = PolicyClient(server.endpoint, ECHO_SPEC, "stranger", timeout_s=0.5,
+                                security=auth.curve_client(tmp_path / "other" / "stranger.key_secret", tmp_path / "server.key"))
+        plain = PolicyClient(server.endpoint, ECHO_SPEC, "plain", timeout_s=0.5)
+        assert listed.wait_ready(5.0)
+        assert listed.request(echo_observation(np.random.default_rng(0)), 0.0, 2.0) is not None
+        assert not stranger.wait_ready(1.0) and not plain.wait_ready(0.5)
+        for c in (listed, stranger, plain):
+            c.close()
+    finally:
+        stop.set()
+        thread.join(5.0)
+        t0 = time.monotonic()
+        server.close()  # stops the ZAP thread first, so the context terminates
+        assert time.monotonic() - t0 < 3.0
