@@ -18,8 +18,8 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import zmq
@@ -334,12 +334,6 @@ class PolicyServer:
         if now - self._last_log >= self.config.stats_interval_s:
             self._last_log = now
             log.info("stats %s", json.dumps(self.stats(), sort_keys=True))
-
-
-def policy_info_from(spec: RobotSpec, name: str, sampler: str, horizon: int, n_obs_steps: int,
-                     n_action_steps: int) -> PolicyInfo:
-    return PolicyInfo(name=name, sampler=sampler, horizon=horizon, n_obs_steps=n_obs_steps,
-                      n_action_steps=n_action_steps, control_hz=spec.control_hz, action=spec.action)
 
 
 def run_until_signalled(server: PolicyServer, announce: Callable[[str], None] = print) -> dict[str, Any]:

@@ -21,11 +21,14 @@ import numpy as np
 from runtime.protocol import PolicyInfo
 from runtime.spec import ActionSpec, ArraySpec, RobotSpec
 
-ECHO_SPEC = RobotSpec(
-    task="echo", robot="testbot", control_hz=20.0,
-    observations=(ArraySpec("state", (4,)), ArraySpec("image", (8, 8, 3), "uint8")),
-    action=ActionSpec(shape=(3,), gripper_dims=(2,)),
-)
+def echo_spec(image_hw: int = 8, cameras: int = 1) -> RobotSpec:
+    """A state vector plus `cameras` uint8 images (the first is called "image")."""
+    images = tuple(ArraySpec("image" if i == 0 else f"image{i}", (image_hw, image_hw, 3), "uint8") for i in range(cameras))
+    return RobotSpec(task="echo", robot="testbot", control_hz=20.0, observations=(ArraySpec("state", (4,)), *images),
+                     action=ActionSpec(shape=(3,), gripper_dims=(2,)))
+
+
+ECHO_SPEC = echo_spec()
 ECHO_CHUNK = 8
 
 
@@ -69,9 +72,11 @@ def echo_info(chunk: int = ECHO_CHUNK) -> PolicyInfo:
                       n_action_steps=chunk, control_hz=ECHO_SPEC.control_hz, action=ECHO_SPEC.action)
 
 
-def echo_observation(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    return {"state": rng.uniform(-1, 1, size=4).astype(np.float32),
-            "image": rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)}
+def echo_observation(rng: np.random.Generator, spec: RobotSpec = ECHO_SPEC) -> dict[str, np.ndarray]:
+    obs = {"state": rng.uniform(-1, 1, size=4).astype(np.float32)}
+    for o in spec.observations[1:]:
+        obs[o.key] = rng.integers(0, 256, size=o.shape, dtype=np.uint8)
+    return obs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,11 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delay-ms", type=float, default=0.0, help="simulated compute time per chunk")
     p.add_argument("--session-timeout", type=float, default=30.0)
     p.add_argument("--insecure", action="store_true")
+    p.add_argument("--image-hw", type=int, default=8, help="camera image height = width")
+    p.add_argument("--cameras", type=int, default=1)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = ServerConfig(bind=args.bind, insecure=args.insecure, session_timeout_s=args.session_timeout)
     try:
-        server = PolicyServer(lambda spec: EchoPolicy(delay_s=args.delay_ms / 1e3), ECHO_SPEC, echo_info(), config)
+        spec = echo_spec(args.image_hw, args.cameras)
+        server = PolicyServer(lambda robot: EchoPolicy(spec, delay_s=args.delay_ms / 1e3), spec, echo_info(), config)
     except InsecureBind as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
