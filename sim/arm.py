@@ -18,7 +18,9 @@ Two ways to run the clock:
 """
 from __future__ import annotations
 
+import collections
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,14 +192,21 @@ class SimArm:
         done = False
         while not done:
             now = record.steps * self.sim_dt  # robot clock = sim clock
-            sent = time.perf_counter()
-            reply = self.client.request(self._observation(obs), now, self.config.reply_timeout_s)
-            if reply is None:
-                raise ArmError(self._link_problem("lockstep observation got no reply"))
-            record.step_latency_ms.append((time.perf_counter() - sent) * 1e3)
-            record.evaluations += reply.nfe
-            self.schedule.offer(reply)
+            arrays = self._observation(obs)
+            start = time.perf_counter()
+            if self.schedule.remaining(now) == 0:
+                # Chunk used up: this observation asks for the next one (DP executes Ta, then replans).
+                reply = self.client.request(arrays, now, self.config.reply_timeout_s)
+                if reply is None:
+                    raise ArmError(self._link_problem("lockstep observation got no reply"))
+                record.chunk_latency_ms.append((time.perf_counter() - start) * 1e3)
+                record.evaluations += reply.nfe
+                self.schedule.offer(reply)
+            elif not self.client.send_history(arrays, now):
+                # Keeps a To > 1 history at control rate between chunks.
+                raise ArmError(self._link_problem("policy link not ready for a history observation"))
             decision = self.schedule.next(now)
+            record.step_latency_ms.append((time.perf_counter() - start) * 1e3)
             if decision.hold:
                 record.held_steps += 1
                 record.deadline_misses += 1
@@ -209,6 +218,7 @@ class SimArm:
         scale = self.hz / self.spec.control_hz
         wall0 = time.perf_counter()
         in_flight: dict[int, float] = {}  # seq -> wall time sent
+        recent: collections.deque[float] = collections.deque(maxlen=20)  # chunk latencies, robot seconds
 
         def clock() -> float:
             return (time.perf_counter() - wall0) * scale
@@ -219,7 +229,9 @@ class SimArm:
                 reply = self.client.poll(max(0.0, (until - clock()) / scale))
                 if reply is not None:
                     if reply.seq in in_flight:
-                        record.step_latency_ms.append((time.perf_counter() - in_flight.pop(reply.seq)) * 1e3)
+                        latency = time.perf_counter() - in_flight.pop(reply.seq)
+                        record.chunk_latency_ms.append(latency * 1e3)
+                        recent.append(latency * scale)
                     record.evaluations += reply.nfe
                     self.schedule.offer(reply)
                     return
@@ -230,22 +242,26 @@ class SimArm:
         k = 0
         while not done:
             tick = k * self.sim_dt
-            if clock() < tick:
+            while clock() < tick:
                 receive(tick)  # idle until the tick, receiving meanwhile
-                while clock() < tick:
-                    receive(tick)
             if self.client.fatal is not None:
                 raise ArmError(self._link_problem("policy link failed"))
-            if not self.client.busy:
-                seq = self.client.send_observation(self._observation(obs), tick)
+            # Ask for the next chunk early enough that it arrives before this one runs
+            # out (lead = recent latency in ticks); otherwise history only.
+            lead = math.ceil(max(recent, default=0.0) / self.sim_dt)
+            arrays = self._observation(obs)
+            if not self.client.busy and self.schedule.remaining(tick) <= lead:
+                seq = self.client.send_observation(arrays, tick)
                 if seq is not None:
                     in_flight = {seq: time.perf_counter()}
-            # Wait (until the deadline) for the answer to this tick's observation, so a
-            # fast policy's fresh chunk is used and its latency measured when it arrives.
+            else:
+                self.client.send_history(arrays, tick)
+            # No action for this tick yet: wait for a chunk until the action deadline, then hold.
             deadline = tick + self.config.action_deadline * self.sim_dt
-            while (self.client.busy or self.schedule.remaining(tick) == 0) and clock() < deadline:
+            while self.schedule.remaining(tick) == 0 and clock() < deadline:
                 receive(deadline)
             decision = self.schedule.next(tick)
+            record.step_latency_ms.append(max(0.0, clock() - tick) / scale * 1e3)
             missed = decision.hold
             if missed:
                 record.held_steps += 1

@@ -55,10 +55,10 @@ def run(args: argparse.Namespace) -> int:
 
     def show(r) -> None:
         if not args.quiet:
-            lat = sorted(r.step_latency_ms)
+            lat = sorted(r.chunk_latency_ms)
             p50 = lat[len(lat) // 2] if lat else float("nan")
             print(f"episode {r.episode} seed {r.seed}: {'success' if r.success else 'failure'} in {r.steps} steps, "
-                  f"latency p50 {p50:.1f} ms, deadline misses {r.deadline_misses}", flush=True)
+                  f"{len(lat)} chunks, chunk latency p50 {p50:.1f} ms, deadline misses {r.deadline_misses}", flush=True)
 
     arm = SimArm(config, progress=show)
     try:
@@ -75,5 +75,6 @@ def run(args: argparse.Namespace) -> int:
                                      "summary": summary.to_dict(),
                                      "episodes": [r.to_dict() for r in records]})
     print(json.dumps({k: summary.to_dict()[k] for k in ("sampler", "episodes", "success_rate", "step_latency_p50_ms",
-                                                         "step_latency_p99_ms", "deadline_misses")}), flush=True)
+                                                         "step_latency_p99_ms", "chunk_latency_p50_ms",
+                                                         "deadline_misses")}), flush=True)
     return 0

@@ -23,9 +23,11 @@ class EpisodeRecord:
     seed: int
     success: bool
     steps: int
-    # Wall time from sending an observation to having an action for that step (ms);
-    # one entry per step that got a reply in time.
+    # Per control step: wall time from having the observation to having the action
+    # to execute (ms). ~0 when the current chunk still holds an action.
     step_latency_ms: list[float] = field(default_factory=list)
+    # Per inference request: observation sent -> its chunk received (ms).
+    chunk_latency_ms: list[float] = field(default_factory=list)
     # Steps where no valid action for the tick existed (the arm held) or the loop
     # overran its period.
     deadline_misses: int = 0
@@ -62,6 +64,9 @@ class SamplerSummary:
     mean_episode_steps: float
     step_latency_p50_ms: float
     step_latency_p99_ms: float
+    chunk_latency_p50_ms: float
+    chunk_latency_p99_ms: float
+    chunks: int
     deadline_misses: int
     evaluations_per_step: float
     mode: str
@@ -86,18 +91,26 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def _percentiles(lists: Sequence[Sequence[float]]) -> tuple[float, float]:
+    values = np.concatenate([np.asarray(v, dtype=np.float64) for v in lists]) if lists else np.zeros(0)
+    if not values.size:
+        return (math.nan, math.nan)
+    return (float(np.percentile(values, 50)), float(np.percentile(values, 99)))
+
+
 def summarize(sampler: str, records: Sequence[EpisodeRecord], mode: str, hz: float) -> SamplerSummary:
     if not records:
         raise ValueError(f"sampler {sampler!r}: no episodes to summarise")
     successes = sum(bool(r.success) for r in records)
-    lat = np.concatenate([np.asarray(r.step_latency_ms, dtype=np.float64) for r in records])
     steps = sum(r.steps for r in records)
-    p50, p99 = (float(np.percentile(lat, 50)), float(np.percentile(lat, 99))) if lat.size else (math.nan, math.nan)
+    p50, p99 = _percentiles([r.step_latency_ms for r in records])
+    c50, c99 = _percentiles([r.chunk_latency_ms for r in records])
     return SamplerSummary(
         sampler=sampler, episodes=len(records), successes=successes,
         success_rate=successes / len(records), success_ci95=wilson_interval(successes, len(records)),
         mean_episode_steps=steps / len(records),
-        step_latency_p50_ms=p50, step_latency_p99_ms=p99,
+        step_latency_p50_ms=p50, step_latency_p99_ms=p99, chunk_latency_p50_ms=c50, chunk_latency_p99_ms=c99,
+        chunks=sum(len(r.chunk_latency_ms) for r in records),
         deadline_misses=sum(r.deadline_misses for r in records),
         evaluations_per_step=(sum(r.evaluations for r in records) / steps) if steps else 0.0,
         mode=mode, hz=hz)
@@ -112,36 +125,40 @@ def load_records(paths: Iterable[Path]) -> list[EpisodeRecord]:
 
 
 def markdown_table(summaries: Sequence[SamplerSummary]) -> str:
-    lines = ["| sampler | success | 95% CI | episodes | mean steps | latency p50 (ms) | latency p99 (ms) | evals/step | deadline misses |",
+    lines = ["| sampler | success | 95% CI | episodes | mean steps | step latency p50 / p99 (ms) "
+             "| chunk latency p50 / p99 (ms) | evals/step | deadline misses |",
              "|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         lo, hi = s.success_ci95
         lines.append(f"| {s.sampler} | {s.success_rate:.2f} | [{lo:.2f}, {hi:.2f}] | {s.episodes} | "
-                     f"{s.mean_episode_steps:.1f} | {s.step_latency_p50_ms:.2f} | {s.step_latency_p99_ms:.2f} | "
+                     f"{s.mean_episode_steps:.1f} | {s.step_latency_p50_ms:.2f} / {s.step_latency_p99_ms:.2f} | "
+                     f"{s.chunk_latency_p50_ms:.2f} / {s.chunk_latency_p99_ms:.2f} | "
                      f"{s.evaluations_per_step:.2f} | {s.deadline_misses} |")
     return "\n".join(lines) + "\n"
 
 
-def latency_plot(latencies: Mapping[str, Sequence[float]], path: Path, title: str = "per-step latency") -> Path:
-    """Box + strip plot of per-step latency, one column per sampler (log scale)."""
+def latency_plot(panels: Mapping[str, Mapping[str, Sequence[float]]], path: Path, title: str = "latency") -> Path:
+    """One panel per latency kind (e.g. per step, per chunk): a box + strip per sampler, log scale."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(latencies)
-    data = [np.asarray(latencies[n], dtype=np.float64) for n in names]
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * max(1, len(names)), 4.0))
-    positive = [d[d > 0] if d.size else np.array([np.nan]) for d in data]
-    ax.boxplot(positive, showfliers=False)
+    names = list(next(iter(panels.values()), {}))
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.5 + 1.7 * max(1, len(names)) * len(panels), 4.2), squeeze=False)
     rng = np.random.default_rng(0)
-    for i, d in enumerate(positive, start=1):
-        if d.size and np.isfinite(d).any():
-            ax.scatter(i + rng.uniform(-0.15, 0.15, d.size), d, s=3, alpha=0.25)
-    ax.set_xticks(range(1, len(names) + 1), names)
-    ax.set_yscale("log")
-    ax.set_ylabel("step latency (ms)")
-    ax.set_title(title)
-    ax.grid(True, axis="y", which="both", alpha=0.3)
+    for ax, (label, latencies) in zip(axes[0], panels.items()):
+        # log axis: clamp to 1 us so ~0 waits (action already queued) stay visible
+        data = [np.maximum(np.asarray(latencies.get(n, ()), dtype=np.float64), 1e-3) for n in names]
+        ax.boxplot([d if d.size else np.array([np.nan]) for d in data], showfliers=False)
+        for i, d in enumerate(data, start=1):
+            if d.size:
+                ax.scatter(i + rng.uniform(-0.15, 0.15, d.size), d, s=3, alpha=0.25)
+        ax.set_xticks(range(1, len(names) + 1), names, rotation=20)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms")
+        ax.set_title(label)
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+    fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

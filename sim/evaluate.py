@@ -204,7 +204,8 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[Sample
             p.stop()
 
     summaries = []
-    latencies: dict[str, list[float]] = {}
+    latencies: dict[str, dict[str, list[float]]] = {"per control step (obs -> action)": {},
+                                                     "per chunk request (obs sent -> chunk back)": {}}
     for s in cfg.samplers:
         records = load_records(j.out for j in jobs if j.sampler == s)
         for r in records:
@@ -212,7 +213,9 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[Sample
             r.sampler = s
         records.sort(key=lambda r: r.episode)
         summaries.append(summarize(s, records, cfg.mode, records[0].hz))
-        latencies[s] = [x for r in records for x in r.step_latency_ms]
+        step_panel, chunk_panel = latencies.values()
+        step_panel[s] = [x for r in records for x in r.step_latency_ms]
+        chunk_panel[s] = [x for r in records for x in r.chunk_latency_ms]
         write_json_atomic(raw_dir / f"{_safe(s)}.json", {"sampler": s, "episodes": [r.to_dict() for r in records]})
     write_results(out, cfg, summaries, latencies)
     return summaries
@@ -244,7 +247,7 @@ def _run_jobs(cfg: EvalConfig, jobs: list[_Job], endpoints: dict[str, str], serv
                     bar.update(job.count)
                     done = json.loads(job.out.read_text())["summary"]
                     bar.write(f"{job.sampler}: episodes {job.first}-{job.first + job.count - 1}: "
-                              f"success {done['success_rate']:.2f}, latency p50 {done['step_latency_p50_ms']:.1f} ms")
+                              f"success {done['success_rate']:.2f}, chunk latency p50 {done['chunk_latency_p50_ms']:.1f} ms")
                 for server in servers:
                     if server.proc.poll() is not None:
                         raise EvalError(server.failure())
@@ -254,7 +257,7 @@ def _run_jobs(cfg: EvalConfig, jobs: list[_Job], endpoints: dict[str, str], serv
 
 
 def write_results(out: Path, cfg: EvalConfig, summaries: Sequence[SamplerSummary],
-                  latencies: dict[str, list[float]]) -> None:
+                  latencies: dict[str, dict[str, list[float]]]) -> None:
     from runtime.package import sha256_file
 
     manifest = Path(cfg.policy_dir) / "manifest.json"
@@ -265,7 +268,7 @@ def write_results(out: Path, cfg: EvalConfig, summaries: Sequence[SamplerSummary
         "results": [s.to_dict() for s in summaries]})
     table = markdown_table(summaries)
     (out / "results.md").write_text(f"# Closed-loop evaluation: {cfg.task}, {cfg.mode}\n\n{table}")
-    latency_plot(latencies, out / "latency.png", title=f"{cfg.task} per-step latency ({cfg.mode})")
+    latency_plot(latencies, out / "latency.png", title=f"{cfg.task} latency ({cfg.mode})")
 
 
 def read_results(out: Path) -> list[dict]:
