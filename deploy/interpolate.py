@@ -59,7 +59,8 @@ class PoseTrajectory:
             s = (t - ts[i]) / (ts[i + 1] - ts[i])
         if s == 0.0:
             return Waypoint(t, self.positions[i].copy(), self.quats[i].copy(), float(self.grippers[i]))
-        pos = (1.0 - s) * self.positions[i] + s * self.positions[i + 1]
+        # a + s (b - a): exact when a == b (no 0.08000000000000002 widths).
+        pos = self.positions[i] + s * (self.positions[i + 1] - self.positions[i])
         quat = rotations.slerp(self.quats[i], self.quats[i + 1], s)
-        grip = (1.0 - s) * self.grippers[i] + s * self.grippers[i + 1]
+        grip = self.grippers[i] + s * (self.grippers[i + 1] - self.grippers[i])
         return Waypoint(t, pos, quat, float(grip))

@@ -137,6 +137,11 @@ class SafetyLayer:
         self._note("reset", "e-stop reset by operator", count=False)
 
     @property
+    def last_feed(self) -> float | None:
+        """When the last fresh chunk arrived (None: none yet)."""
+        return self._last_feed
+
+    @property
     def commanded(self) -> Pose | None:
         return None if self._pose is None else self._pose.copy()
 

@@ -1,0 +1,369 @@
+"""The real-robot bridge: robot state and cameras -> policy server -> safe servo commands.
+
+One loop at the servo rate (the driver's):
+- every cycle: read the arm state (kept in a ring for alignment), poll the policy
+  link, adopt newer chunks (ActionSchedule; a fresh chunk feeds the safety
+  watchdog), sample the interpolated trajectory, pass it through the safety
+  layer, send the result to the driver (or log it in dry-run mode);
+- every control period (the policy's rate): build an observation aligned to one
+  timestamp (last state/frame sample at or before it), send it if none is in
+  flight, take the next scheduled action (stale ones are dropped), convert it to
+  a Cartesian target as the YAML says, and plan a linear/slerp segment from the
+  last command to that target over one control period.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from deploy import rotations
+from deploy.cameras import TimedBuffer
+from deploy.config import ActionConfig, BridgeConfig
+from deploy.drivers.base import ArmDriver, ArmState, DriverInfo, Pose
+from deploy.estop import EStop, EStopServer, KeyWatcher, install_signal
+from deploy.interpolate import PoseTrajectory, Waypoint
+from deploy.safety import SafetyLayer
+from runtime.spec import ActionSpec, ArraySpec, RobotSpec
+
+log = logging.getLogger("deploy.bridge")
+
+
+# ---------------------------------------------------------------- spec and observations
+def robot_spec(cfg: BridgeConfig, n_joints: int = 7) -> RobotSpec:
+    """The RobotSpec this robot publishes (the server checks a policy can serve it)."""
+    cams = {c.name: c for c in cfg.cameras}
+    obs = []
+    for o in cfg.spec.observations:
+        if o.source == "camera":
+            c = cams[o.camera]
+            obs.append(ArraySpec(o.key, (c.height, c.width, 3), "uint8"))
+        else:
+            size = {"eef_pos": 3, "eef_quat": 4, "gripper_qpos": 2, "gripper_width": 1, "joint_pos": n_joints}[o.source]
+            obs.append(ArraySpec(o.key, (size,), "float32"))
+    a = cfg.action
+    action = ActionSpec(key="action", shape=(a.dim,), gripper_dims=(a.gripper_dim,), low=(-1.0,) * a.dim, high=(1.0,) * a.dim)
+    return RobotSpec(cfg.spec.task, cfg.spec.robot, cfg.spec.control_hz, tuple(obs), action)
+
+
+def state_observation(source: str, s: ArmState) -> np.ndarray:
+    if source == "eef_pos":
+        v = s.pose.position
+    elif source == "eef_quat":
+        q = rotations.normalize(s.pose.quat)
+        v = q if q[3] >= 0 else -q   # one sign convention for the policy
+    elif source == "gripper_qpos":
+        v = [s.gripper_width / 2.0, -s.gripper_width / 2.0]   # robosuite's two finger joints
+    elif source == "gripper_width":
+        v = [s.gripper_width]
+    elif source == "joint_pos":
+        v = s.joint_positions
+    else:
+        raise ValueError(f"unknown observation source {source!r}")
+    return np.asarray(v, dtype=np.float32)
+
+
+# ---------------------------------------------------------------- actions -> targets
+def action_to_target(action: np.ndarray, cfg: ActionConfig, reference: Pose) -> tuple[Pose, float]:
+    """One policy action -> (Cartesian target, gripper width).
+
+    delta: robosuite OSC_POSE: the position moves by a[0:3] * position_scale and the
+    orientation by the world-frame rotation vector a[3:6] * rotation_scale, from
+    `reference` (the measured pose, as OSC applies deltas to the current pose).
+    absolute: a[0:3] is the position, a[3:6] a rotation vector.
+    The gripper channel's sign is executed: > 0 closes, otherwise open.
+    """
+    a = np.asarray(action, dtype=np.float64)
+    if cfg.mode == "delta":
+        pos = reference.position + np.clip(a[0:3], -1.0, 1.0) * cfg.position_scale
+        quat = rotations.apply_rotvec(reference.quat, np.clip(a[3:6], -1.0, 1.0) * cfg.rotation_scale)
+    else:
+        pos = a[0:3].copy()
+        quat = rotations.from_rotvec(a[3:6])
+    width = cfg.gripper_closed_width if a[cfg.gripper_dim] > 0 else cfg.gripper_open_width
+    return Pose(pos, quat), width
+
+
+# ---------------------------------------------------------------- the bridge
+@dataclass
+class BridgeStats:
+    ticks: int = 0
+    control_ticks: int = 0
+    observations_sent: int = 0
+    chunks: int = 0
+    commands_sent: int = 0
+    would_send: int = 0
+    stops_sent: int = 0
+    resets: int = 0
+    period_error_s: deque = field(default_factory=lambda: deque(maxlen=200_000))
+    obs_to_command_s: deque = field(default_factory=lambda: deque(maxlen=100_000))
+    obs_to_chunk_s: deque = field(default_factory=lambda: deque(maxlen=100_000))
+    loop_work_s: deque = field(default_factory=lambda: deque(maxlen=200_000))
+
+
+def _percentiles(values) -> dict[str, float]:
+    if not values:
+        return {}
+    a = np.fromiter(values, dtype=np.float64)
+    return {"p50_ms": float(np.median(a) * 1e3), "p99_ms": float(np.percentile(a, 99) * 1e3),
+            "max_ms": float(np.abs(a).max() * 1e3), "n": int(a.size)}
+
+
+class Bridge:
+    def __init__(self, cfg: BridgeConfig, driver: ArmDriver, client=None, *, dry_run: bool | None = None,
+                 estop: EStop | None = None, cameras: dict | None = None, clock: Callable[[], float] = time.monotonic,
+                 install_handlers: bool = True):
+        """`client` is a runtime.client.PolicyClient (None: no policy; the arm holds).
+        `cameras` maps camera name -> object with `.frames` (a TimedBuffer), e.g. OpenCVCamera."""
+        from runtime.action_schedule import ActionSchedule
+
+        self.cfg = cfg
+        self.driver = driver
+        self.client = client
+        self.dry_run = cfg.dry_run if dry_run is None else dry_run
+        self.estop = estop or EStop()
+        self.cameras = cameras or {}
+        self.clock = clock
+        self.install_handlers = install_handlers
+        self.servo_dt = 1.0 / cfg.driver.servo_hz
+        self.control_dt = 1.0 / cfg.spec.control_hz
+        self.info: DriverInfo | None = None
+        self.safety: SafetyLayer | None = None
+        self.spec = robot_spec(cfg)
+        self.schedule = ActionSchedule(self.spec.action, mode=cfg.action.mode, tolerance_s=0.01)
+        self.states: TimedBuffer[ArmState] = TimedBuffer(maxlen=int(2.0 * cfg.driver.servo_hz))
+        self.stats = BridgeStats()
+        self.counts: Counter[str] = Counter()
+        self._obs_times: dict[int, float] = {}
+        self._traj: PoseTrajectory | None = None
+        self._gripper: float | None = None
+        self._stopped = False
+        self._estop_server: EStopServer | None = None
+        self._keys: KeyWatcher | None = None
+        self._last_log = -math.inf
+        self.last_command = None   # the last SafeCommand (sent, or would be in a dry run)
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> DriverInfo:
+        self.info = self.driver.connect()
+        if self.info.joint_lower is None and self.cfg.driver.joint_lower:
+            self.info.joint_lower = np.array(self.cfg.driver.joint_lower)
+            self.info.joint_upper = np.array(self.cfg.driver.joint_upper)
+        self.spec = robot_spec(self.cfg, self.info.n_joints)
+        self.safety = SafetyLayer(self.cfg.safety, self.cfg.driver.servo_hz, self.info, self.estop, self.clock)
+        state = self.driver.read_state()
+        self.states.append(state.t, state)
+        self.safety.start(state)
+        s = self.cfg.safety
+        if self.install_handlers:
+            if s.estop_signal and threading.current_thread() is threading.main_thread():
+                install_signal(self.estop, s.estop_signal)
+            if s.estop_keys:
+                import sys
+                if sys.stdin is not None and sys.stdin.isatty():
+                    self._keys = KeyWatcher(self.estop)
+                    self._keys.start()
+        if s.estop_endpoint:
+            self._estop_server = EStopServer(self.estop, s.estop_endpoint)
+            self._estop_server.start()
+        if self.client is not None:
+            self.client.reset()
+        log.info("bridge started: %s at %.0f Hz servo / %.0f Hz policy%s", self.info.name, self.cfg.driver.servo_hz,
+                 self.cfg.spec.control_hz, " (DRY RUN: nothing is commanded)" if self.dry_run else "")
+        return self.info
+
+    @property
+    def estop_endpoint(self) -> str | None:
+        return self._estop_server.bound if self._estop_server else None
+
+    def close(self) -> None:
+        if not self.dry_run:
+            try:
+                self.driver.stop()
+            except Exception:
+                log.exception("driver stop failed at close")
+        if self._estop_server is not None:
+            self._estop_server.stop()
+            self._estop_server.join(2.0)
+        if self._keys is not None:
+            self._keys.stop()
+        self.driver.close()
+
+    # ---------------------------------------------------------------- the loop
+    def run(self, duration_s: float = 0.0, should_stop: Callable[[], bool] | None = None,
+            on_tick: Callable[["Bridge", float], None] | None = None) -> dict:
+        """Run until `duration_s` (0: forever) or `should_stop()`; returns summary()."""
+        start = self.clock()
+        next_tick = start
+        next_control = start
+        while True:
+            now = self.clock()
+            if duration_s and now - start >= duration_s:
+                break
+            if should_stop is not None and should_stop():
+                break
+            self.stats.period_error_s.append(now - next_tick)
+            control = now >= next_control
+            if control:
+                next_control += self.control_dt
+                if now - next_control > self.control_dt:   # fell far behind: skip, don't burst
+                    next_control = now + self.control_dt
+            self.step(now, control)
+            if on_tick is not None:
+                on_tick(self, now)
+            self.stats.loop_work_s.append(self.clock() - now)
+            next_tick += self.servo_dt
+            delay = next_tick - self.clock()
+            if delay > 0:
+                time.sleep(delay)
+            elif delay < -self.servo_dt:
+                next_tick = self.clock()   # missed whole periods: resynchronise
+        return self.summary()
+
+    def step(self, now: float, control: bool) -> None:
+        """One servo cycle (and, when `control`, one policy-rate cycle)."""
+        self.stats.ticks += 1
+        state = self.driver.read_state()
+        self.states.append(state.t, state)
+        if self.estop.reset_requested.is_set():
+            self._reset_after_estop(state)
+        self._poll_policy(now)
+        if control:
+            self.stats.control_ticks += 1
+            self._send_observation(now)
+            self._plan(now)
+        target = grip = None
+        if self._traj is not None:
+            w = self._traj.sample(now)
+            target, grip = Pose(w.position, w.quat), w.gripper
+        cmd = self.safety.filter(target, grip, state=state, now=now)
+        self._command(cmd, now)
+
+    # ---------------------------------------------------------------- pieces
+    def _poll_policy(self, now: float) -> None:
+        if self.client is None:
+            return
+        reply = self.client.poll(0.0)
+        if reply is None:
+            return
+        t_obs = self._obs_times.get(reply.seq)
+        if t_obs is not None:
+            self.stats.obs_to_chunk_s.append(now - t_obs)
+        try:
+            if self.schedule.offer(reply):
+                self.stats.chunks += 1
+                self.safety.feed(now)
+        except Exception as e:  # a malformed chunk is refused, never executed
+            self.counts["bad_chunk"] += 1
+            log.warning("refused a chunk: %s", e)
+
+    def observation(self, t: float) -> dict[str, np.ndarray] | None:
+        """Observation aligned to time t: the last sample at or before t of every source."""
+        st = self.states.at(t)
+        if st is None:
+            return None
+        obs = {}
+        for o in self.cfg.spec.observations:
+            if o.source == "camera":
+                cam = self.cameras.get(o.camera)
+                frame = cam.frames.at(t) if cam is not None else None
+                if frame is None:
+                    self.counts["missing_frame"] += 1
+                    return None
+                obs[o.key] = frame[1]
+            else:
+                obs[o.key] = state_observation(o.source, st[1])
+        return obs
+
+    def _send_observation(self, now: float) -> None:
+        if self.client is None or self.client.busy:
+            return
+        obs = self.observation(now)
+        if obs is None:
+            return
+        seq = self.client.send_observation(obs, now)
+        if seq is not None:
+            self.stats.observations_sent += 1
+            self._obs_times[seq] = now
+            for k in [k for k in self._obs_times if k < seq - 64]:   # answers that never came
+                del self._obs_times[k]
+
+    def _plan(self, now: float) -> None:
+        # Actions due before a command could take effect are stale.
+        decision = self.schedule.next(now + self.cfg.policy.action_latency_s)
+        if decision.hold or decision.action is None:
+            self._traj = None   # the safety layer brakes and holds
+            return
+        st = self.states.at(now)
+        reference = st[1].pose if st is not None else self.safety.commanded
+        target, width = action_to_target(decision.action, self.cfg.action, reference)
+        start = self.safety.commanded
+        grip0 = self._gripper if self._gripper is not None else width
+        self._traj = PoseTrajectory([Waypoint(now, start.position, start.quat, grip0),
+                                     Waypoint(now + self.control_dt, target.position, target.quat, width)])
+        t_obs = self._obs_times.pop(decision.seq, None) if decision.seq is not None else None
+        if t_obs is not None:
+            # First action of this chunk: its first servo command goes out in this very cycle.
+            self.stats.obs_to_command_s.append(self.clock() - t_obs)
+
+    def _command(self, cmd, now: float) -> None:
+        if cmd is None:   # e-stop latched
+            if not self._stopped:
+                self._stopped = True
+                self._traj = None
+                log.error("E-STOP (%s): arm stopped; latched until reset", self.estop.reason)
+                if not self.dry_run:
+                    self.driver.stop()
+                    self.stats.stops_sent += 1
+            return
+        self._stopped = False
+        self.last_command = cmd
+        if self.dry_run:
+            self.stats.would_send += 1
+            if now - self._last_log >= 1.0:
+                self._last_log = now
+                log.info("dry run: would servo to %s quat %s gripper %.3f%s", np.round(cmd.pose.position, 4),
+                         np.round(cmd.pose.quat, 4), cmd.gripper, " (holding)" if cmd.holding else "")
+            return
+        self.driver.servo(cmd.pose)
+        self.stats.commands_sent += 1
+        if self._gripper is None or abs(cmd.gripper - self._gripper) > 1e-6:
+            self.driver.gripper(cmd.gripper)
+        self._gripper = cmd.gripper
+
+    def _reset_after_estop(self, state: ArmState) -> None:
+        log.warning("e-stop reset by operator: restarting at rest from the measured pose")
+        self.safety.reset(state)
+        self.schedule.reset()
+        self._traj = None
+        self.stats.resets += 1
+        if self.client is not None:
+            self.client.reset()
+
+    # ---------------------------------------------------------------- report
+    def summary(self) -> dict:
+        s = self.stats
+        out = {
+            "robot": self.cfg.name, "driver": self.info.name if self.info else None, "dry_run": self.dry_run,
+            "servo_hz": self.cfg.driver.servo_hz, "control_hz": self.cfg.spec.control_hz,
+            "ticks": s.ticks, "control_ticks": s.control_ticks, "observations_sent": s.observations_sent,
+            "chunks": s.chunks, "commands_sent": s.commands_sent, "would_send": s.would_send,
+            "stops_sent": s.stops_sent, "estop_resets": s.resets,
+            "actions_executed": self.schedule.n_executed, "actions_stale": self.schedule.n_stale,
+            "holds": self.schedule.n_hold, "safety": self.safety.summary() if self.safety else {},
+            "other": dict(self.counts),
+            "servo_period_error": _percentiles(s.period_error_s),
+            "loop_work": _percentiles(s.loop_work_s),
+            "obs_to_chunk": _percentiles(s.obs_to_chunk_s),
+            "obs_to_command": _percentiles(s.obs_to_command_s),
+        }
+        if self.client is not None:
+            out["link"] = {"reconnects": self.client.n_reconnects, "errors": len(self.client.errors),
+                           "fatal": None if self.client.fatal is None else self.client.fatal.message}
+        return out
