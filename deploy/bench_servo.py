@@ -1,0 +1,173 @@
+"""Servo-loop timing and bridge latency on this machine; prints a table and writes JSON.
+
+    python -m deploy.bench_servo [--seconds 5] [--out out/bench_servo.json]
+
+1. Servo-loop jitter at 125 and 500 Hz: the bridge loop driving the MujocoArm
+   (sim/arm_process.py in its own process) with no policy, i.e. read state ->
+   safety layer -> servo command every cycle. Period error = each measured cycle
+   period minus the nominal one: p50, p99 and max of |error|. A bare sleep loop
+   at the same rate is measured too, to separate the machine's scheduling jitter
+   from the bridge's own work.
+2. Observation-to-command latency: the closed loop against a policy server in its
+   own process serving a ZERO-ACTION test policy (so the figure is transport +
+   bridge, not model compute). obs_to_chunk = observation timestamp -> chunk
+   received; obs_to_command = observation timestamp -> first servo command
+   carrying that chunk (includes waiting for its first action's scheduled slot).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _stats(values_s) -> dict[str, float]:
+    a = np.abs(np.asarray(values_s, dtype=np.float64)) * 1e3
+    if a.size == 0:
+        return {}
+    return {"p50_ms": float(np.median(a)), "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max()), "n": int(a.size)}
+
+
+def bare_loop(hz: float, seconds: float) -> dict:
+    dt = 1.0 / hz
+    ticks = []
+    next_t = time.monotonic()
+    end = next_t + seconds
+    while True:
+        now = time.monotonic()
+        if now >= end:
+            break
+        ticks.append(now)
+        next_t += dt
+        delay = next_t - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    return _stats(np.diff(ticks) - dt)
+
+
+def _config(hz: float):
+    from deploy.config import load_config
+
+    cfg = load_config("sim")
+    cfg.driver.servo_hz = hz
+    cfg.safety.estop_endpoint = ""
+    return cfg
+
+
+def bridge_loop(hz: float, seconds: float, endpoint: str | None = None) -> dict:
+    from deploy.bridge import Bridge, robot_spec
+    from deploy.drivers.mujoco_arm import MujocoArm
+
+    cfg = _config(hz)
+    client = None
+    if endpoint:
+        from runtime.client import PolicyClient
+        client = PolicyClient(endpoint, robot_spec(cfg), "bench-arm", timeout_s=1.0)
+        client.wait_ready(10.0)
+    bridge = Bridge(cfg, MujocoArm(cfg.driver), client, install_handlers=False)
+    ticks = []
+    bridge.start()
+    try:
+        summary = bridge.run(duration_s=seconds, on_tick=lambda b, now: ticks.append(now))
+        raw = bridge.driver.last_raw or {}
+    finally:
+        bridge.close()
+        if client is not None:
+            client.close()
+    return {"period_error": _stats(np.diff(ticks) - 1.0 / hz), "loop_work": summary["loop_work"],
+            "obs_to_chunk": summary["obs_to_chunk"], "obs_to_command": summary["obs_to_command"],
+            "chunks": summary["chunks"], "sim_controller_overruns": raw.get("overruns")}
+
+
+# ------------------------------------------------------------------ zero-action test server
+def serve_zero(bind: str) -> int:
+    """A policy server (own process) whose TEST policy always answers zero motion."""
+    from dataclasses import dataclass
+
+    from deploy.bridge import robot_spec
+    from runtime.protocol import PolicyInfo
+    from runtime.server import PolicyServer, ServerConfig, run_until_signalled
+
+    spec = robot_spec(_config(125))
+
+    @dataclass(frozen=True)
+    class Zero:
+        actions: np.ndarray
+
+    class ZeroPolicy:
+        def reset(self, seed=None):
+            pass
+
+        def act(self, obs):
+            a = np.zeros((8, spec.action.dim), dtype=np.float32)
+            a[:, -1] = -1.0
+            return Zero(a)
+
+    info = PolicyInfo("zero-test-policy", "zero", 8, 1, 8, spec.control_hz, spec.action)
+    server = PolicyServer(lambda s: ZeroPolicy(), spec, info, ServerConfig(bind=bind))
+    run_until_signalled(server, announce=lambda line: print(line, flush=True))
+    return 0
+
+
+def _start_zero_server() -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.bench_servo", "--serve-zero", "tcp://127.0.0.1:*"],
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if " on " not in line:
+        proc.kill()
+        raise RuntimeError(f"zero-action server did not start: {line!r}")
+    return proc, line.rsplit(" on ", 1)[1].strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m deploy.bench_servo", description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    p.add_argument("--rates", type=float, nargs="+", default=[125.0, 500.0])
+    p.add_argument("--out", default="out/bench_servo.json")
+    p.add_argument("--serve-zero", metavar="BIND", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve_zero:
+        return serve_zero(args.serve_zero)
+    import os
+
+    results: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                 "loadavg_start": list(os.getloadavg())},
+                     "seconds": args.seconds, "servo": {}, "latency": {}}
+    for hz in args.rates:
+        results["servo"][f"{hz:g}"] = {"bare_sleep_loop": bare_loop(hz, args.seconds),
+                                       "bridge_mujoco_arm": bridge_loop(hz, args.seconds)}
+    server, endpoint = _start_zero_server()
+    try:
+        for hz in args.rates:
+            results["latency"][f"{hz:g}"] = bridge_loop(hz, args.seconds, endpoint)
+    finally:
+        server.terminate()
+        server.wait(10)
+    results["machine"]["loadavg_end"] = list(os.getloadavg())
+
+    print(f"servo loop period error |measured period - nominal| (ms), {args.seconds:g} s each:")
+    print(f"{'rate':>6} {'loop':<20} {'p50':>8} {'p99':>8} {'max':>8}")
+    for hz, r in results["servo"].items():
+        for name, st in (("bare sleep", r["bare_sleep_loop"]), ("bridge + MujocoArm", r["bridge_mujoco_arm"]["period_error"])):
+            print(f"{hz:>6} {name:<20} {st['p50_ms']:8.3f} {st['p99_ms']:8.3f} {st['max_ms']:8.3f}")
+    print("observation -> chunk / -> first command (ms), zero-action policy server in its own process:")
+    for hz, r in results["latency"].items():
+        a, b = r["obs_to_chunk"], r["obs_to_command"]
+        if a and b:
+            print(f"{hz:>6} chunk p50 {a['p50_ms']:.2f} p99 {a['p99_ms']:.2f} max {a['max_ms']:.2f} | "
+                  f"command p50 {b['p50_ms']:.2f} p99 {b['p99_ms']:.2f} max {b['max_ms']:.2f} (n={b['n']})")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

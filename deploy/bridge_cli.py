@@ -1,0 +1,98 @@
+"""`dpstack bridge --config deploy/configs/<robot>.yaml`: run the real-robot bridge.
+
+    dpstack bridge --config sim --dry-run --duration 10     # compute everything, command nothing
+    dpstack bridge --config ur5e --endpoint tcp://gpu-box:5555
+E-stop: `kill -USR1 <pid>`, 'e' or space + Enter on the terminal, or
+`python -m deploy.estop tcp://127.0.0.1:5599 estop`; reset with 'r' or `... reset`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="robot YAML (path, or a name in deploy/configs: sim, ur5e, franka)")
+    p.add_argument("--endpoint", default=None, help="policy server endpoint (overrides the YAML)")
+    p.add_argument("--dry-run", action="store_true", help="compute everything, command nothing (logs what it would send)")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: the YAML's, 0 = until stopped)")
+    p.add_argument("--robot-id", default=None, help="name this robot gives the server (default: the YAML's name)")
+    p.add_argument("--summary", default=None, help="also write the run summary as JSON here")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from deploy.bridge import Bridge
+    from deploy.config import ConfigError, load_config
+    from deploy.drivers import make_driver
+    from runtime import auth
+    from runtime.client import PolicyClient
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("deploy").setLevel(logging.INFO)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"dpstack bridge: {e}", file=sys.stderr)
+        return 2
+    endpoint = args.endpoint or cfg.policy.endpoint
+    security = None
+    link = cfg.policy
+    if link.server_public_key or link.client_secret_key:
+        if not (link.server_public_key and link.client_secret_key):
+            print("dpstack bridge: policy.server_public_key and policy.client_secret_key go together", file=sys.stderr)
+            return 2
+        try:
+            security = auth.curve_client(link.client_secret_key, link.server_public_key)
+        except (auth.KeyFileError, ValueError) as e:
+            print(f"dpstack bridge: {e}", file=sys.stderr)
+            return 2
+    else:
+        from runtime.server import is_loopback_endpoint
+        if not is_loopback_endpoint(endpoint):
+            logging.getLogger("deploy").warning("policy link to %s is NOT authenticated: set policy.server_public_key "
+                                                "and policy.client_secret_key (dpstack keys generate)", endpoint)
+
+    cameras = {}
+    for c in cfg.cameras:
+        from deploy.cameras import OpenCVCamera
+        cam = OpenCVCamera(c)
+        cam.start()
+        cameras[c.name] = cam
+
+    driver = make_driver(cfg.driver)
+    from deploy.bridge import robot_spec
+    client = PolicyClient(endpoint, robot_spec(cfg), args.robot_id or cfg.name, timeout_s=link.timeout_s,
+                          security=security)
+    bridge = Bridge(cfg, driver, client, dry_run=True if args.dry_run else None, cameras=cameras)
+    stop = {"flag": False}
+
+    def on_term(signum, frame):
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    duration = cfg.max_duration_s if args.duration is None else args.duration
+    summary = None
+    try:
+        bridge.start()
+        if bridge.estop_endpoint:
+            print(f"e-stop socket: {bridge.estop_endpoint}", flush=True)
+        print(f"bridge running ({'DRY RUN' if bridge.dry_run else 'LIVE'}); policy at {endpoint}", flush=True)
+        summary = bridge.run(duration_s=duration, should_stop=lambda: stop["flag"])
+    except KeyboardInterrupt:
+        summary = bridge.summary()
+    finally:
+        bridge.close()
+        client.close()
+        for cam in cameras.values():
+            cam.stop()
+    text = json.dumps(summary, indent=2, sort_keys=True)
+    print("summary " + text, flush=True)
+    if args.summary:
+        with open(args.summary, "w") as f:
+            f.write(text + "\n")
+    return 0
