@@ -282,7 +282,9 @@ class Bridge:
         return obs
 
     def _send_observation(self, now: float) -> None:
-        if self.client is None or self.client.busy:
+        # Every control step: while a chunk is in flight the client sends it history-only,
+        # so a policy with To > 1 keeps its history at the control rate.
+        if self.client is None:
             return
         obs = self.observation(now)
         if obs is None:

@@ -19,6 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ZeroMQ endpoint; loopback only unless --insecure (tcp://127.0.0.1:* picks a free port)")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback bind WITHOUT authentication (trusted networks only)")
+    p.add_argument("--keys", default=None, metavar="DIR",
+                   help="CurveZMQ: serve only robots whose public keys are in DIR/robots/, with DIR/<server-key>.key_secret "
+                        "(dpstack keys generate/allow); allows a non-loopback bind")
+    p.add_argument("--server-key", default="server", help="name of the server's key pair in --keys DIR (default: server)")
     p.add_argument("--session-timeout", type=float, default=30.0, help="drop a robot's session after this many idle seconds")
     p.add_argument("--stats-interval", type=float, default=30.0, help="log server metrics every this many seconds")
     p.add_argument("--max-sessions", type=int, default=32)
@@ -61,13 +65,25 @@ def run(args: argparse.Namespace) -> int:
     except (PackageError, ValueError) as e:
         print(f"dpstack serve: {e}", file=sys.stderr)
         return 2
+    security = None
+    if args.keys:
+        from runtime import auth
+        try:
+            security = auth.server_security_from_dir(args.keys, args.server_key)
+        except (auth.KeyFileError, ValueError) as e:
+            print(f"dpstack serve: {e}", file=sys.stderr)
+            return 2
     config = ServerConfig(bind=args.bind, insecure=args.insecure, session_timeout_s=args.session_timeout,
-                          stats_interval_s=args.stats_interval, max_sessions=args.max_sessions)
+                          stats_interval_s=args.stats_interval, max_sessions=args.max_sessions, security=security)
     try:
         server = PolicyServer(factory, spec, info, config)
     except InsecureBind as e:
         print(f"dpstack serve: {e}", file=sys.stderr)
         return 2
-    summary = run_until_signalled(server, announce=lambda line: print(line, flush=True))
+    try:
+        summary = run_until_signalled(server, announce=lambda line: print(line, flush=True))
+    finally:
+        if security is not None:
+            security.stop()
     print("summary " + json.dumps(summary, sort_keys=True), flush=True)
     return 0

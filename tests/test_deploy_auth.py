@@ -139,3 +139,27 @@ def test_policy_client_with_curve_keys_gets_a_session_and_chunks(curve_server, k
         assert not plain.wait_ready(1.5)
     finally:
         plain.close()
+
+
+def test_dpstack_serve_with_keys_serves_only_listed_robots(tmp_path, keys):
+    """`dpstack serve PKG --keys DIR` in a real process (tiny hand-built ONNX package)."""
+    import sys
+
+    from runtime.client import PolicyClient
+    from runtime_tiny_package import SPEC, write_tiny_package
+    from server_process import ServerProcess
+
+    server_dir, robot_dir = keys
+    pkg = write_tiny_package(tmp_path / "tiny")
+    cmd = [sys.executable, "-m", "runtime.cli", "serve", str(pkg), "--bind", "tcp://127.0.0.1:*",
+           "--keys", str(server_dir), "--sampler", "ddim-2"]
+    with ServerProcess(command=cmd) as server:
+        listed = PolicyClient(server.endpoint, SPEC, "arm1", timeout_s=1.0,
+                              security=auth.curve_client(robot_dir / "arm1.key_secret", server_dir / "server.key"))
+        plain = PolicyClient(server.endpoint, SPEC, "arm2", timeout_s=0.5)
+        try:
+            assert listed.wait_ready(10.0)
+            assert not plain.wait_ready(1.5)
+        finally:
+            listed.close()
+            plain.close()
