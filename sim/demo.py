@@ -1,0 +1,168 @@
+"""The end-to-end demo's stages and how each one knows it is done.
+
+Each stage runs the `dpstack` command a user would type (a subprocess, output
+shown as it comes) and is checked by looking at its output: a dataset with N
+episodes, a checkpoint at the final step, a package whose files verify and
+that was exported from that checkpoint, results for every sampler with the
+wanted episode count from that package, a report newer than those results.
+sim/ reaches the policy only through these commands and the runtime protocol.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from sim.evaluate import DEFAULT_SEED_BASE, EvalConfig, dpstack_command, run_eval, unseen_seed_base
+from sim.stages import Stage, run_stages
+
+CKPT_NAME = "last.pt"      # what `dpstack train` writes in its --out folder
+LOSS_PLOT = "loss.png"
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    from runtime.package import sha256_file
+    return sha256_file(path)
+
+
+class Demo:
+    def __init__(self, out: Path, settings: Any, task: str = "lift", mode: str = "lockstep",
+                 log: Callable[[str], None] = lambda s: print(s, flush=True)) -> None:
+        self.out = Path(out)
+        self.s = settings
+        self.task = task
+        self.mode = mode
+        self.log = log
+        self.dataset = self.out / "data" / f"{task}.zarr"
+        self.train_dir = self.out / "train"
+        self.checkpoint = self.train_dir / CKPT_NAME
+        self.policy = self.out / "policy"
+        self.eval_dir = self.out / "eval"
+        self.report_dir = self.out / "report"
+
+    # ------------------------------------------------------------------ running
+    def stages(self) -> list[Stage]:
+        s = self.s
+        return [
+            Stage("collect", f"{s.episodes} scripted-expert {self.task} demonstrations -> {self.dataset}",
+                  self.collect_done, self.collect),
+            Stage("train", f"{s.train_steps} steps of the {s.preset} U-Net -> {self.checkpoint}",
+                  self.train_done, self.train),
+            Stage("export", f"ONNX policy package -> {self.policy}", self.export_done, self.export),
+            Stage("evaluate", f"serve + closed-loop {s.eval_episodes} episodes x {', '.join(s.samplers)} ({self.mode})",
+                  self.eval_done, self.evaluate),
+            Stage("report", f"table, plots and a rollout video -> {self.report_dir}", self.report_done, self.report),
+        ]
+
+    def run(self, force: bool = False) -> list:
+        self.out.mkdir(parents=True, exist_ok=True)
+        start = time.monotonic()
+        outcomes = run_stages(self.stages(), self.log, force=force)
+        self.log(f"demo finished in {time.monotonic() - start:.0f} s; report: {self.report_dir / 'report.md'}")
+        table = self.report_dir / "table.md"
+        if table.exists():
+            self.log("\n" + table.read_text())
+        return outcomes
+
+    def _call(self, *args: str) -> None:
+        env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "PYTHONUNBUFFERED": "1"}
+        cmd = dpstack_command(*args)
+        self.log("  $ dpstack " + " ".join(args))
+        subprocess.run(cmd, check=True, env=env)
+
+    # ------------------------------------------------------------------ 1. collect
+    def collect_done(self) -> bool:
+        if not self.dataset.exists():
+            return False
+        from data.replay_buffer import ReplayBuffer
+        try:
+            return ReplayBuffer.open(self.dataset, mode="r").n_episodes >= self.s.episodes
+        except Exception:
+            return False  # unreadable: let collect resume or fail with its own message
+
+    def collect(self) -> None:
+        self._call("collect", "--task", self.task, "--episodes", str(self.s.episodes), "--out", str(self.dataset),
+                   "--workers", str(self.s.workers))
+
+    # ------------------------------------------------------------------ 2. train
+    def checkpoint_step(self) -> int:
+        if not self.checkpoint.exists():
+            return -1
+        from policy.checkpoint import read_checkpoint  # orchestration reads the step; no inference here
+        try:
+            return int(read_checkpoint(self.checkpoint)["step"])
+        except Exception:
+            return -1
+
+    def train_done(self) -> bool:
+        return self.checkpoint_step() >= self.s.train_steps
+
+    def train(self) -> None:
+        # The shipped Lift config (plain DP + streaming-ladder regimes, so one checkpoint
+        # serves every sampler), sized by the demo settings.
+        overrides = [f"policy.preset={self.s.preset}", f"train.steps={self.s.train_steps}",
+                     f"train.batch_size={self.s.batch_size}",
+                     f"train.warmup_steps={min(500, max(1, self.s.train_steps // 10))}",
+                     f"train.ckpt_every={max(1, min(500, self.s.train_steps))}",
+                     f"train.log_every={max(1, min(25, self.s.train_steps // 10))}",
+                     f"train.eval_every={self.s.train_eval_every}", "train.device=cpu"]
+        if 0 <= self.checkpoint_step() < self.s.train_steps:
+            # An interrupted run continues from its last checkpoint.
+            self._call("train", "--dataset", str(self.dataset), "--out", str(self.train_dir), "--resume",
+                       "--set", *overrides[1:])
+        else:
+            self._call("train", "--config", self.s.train_config, "--dataset", str(self.dataset),
+                       "--out", str(self.train_dir), "--set", *overrides)
+
+    # ------------------------------------------------------------------ 3. export
+    def export_done(self) -> bool:
+        manifest = self.policy / MANIFEST
+        if not manifest.exists() or not self.checkpoint.exists():
+            return False
+        from runtime.package import PackageError, read_manifest, verify_files
+        try:
+            m = read_manifest(self.policy)
+            verify_files(self.policy, m)
+        except (PackageError, ValueError, OSError):
+            return False
+        # Exported from THIS checkpoint (a retrained one needs a new package).
+        return (m.get("checkpoint") or {}).get("sha256") == _sha256(self.checkpoint)
+
+    def export(self) -> None:
+        self._call("export", str(self.checkpoint), "--out", str(self.policy), "--force")
+
+    # ------------------------------------------------------------------ 4. serve + evaluate
+    def package_id(self) -> str:
+        return _sha256(self.policy / MANIFEST)
+
+    def eval_done(self) -> bool:
+        path = self.eval_dir / "results.json"
+        if not path.exists() or not (self.policy / MANIFEST).exists():
+            return False
+        try:
+            results = json.loads(path.read_text())
+        except ValueError:
+            return False
+        got = {r["sampler"]: r["episodes"] for r in results.get("results", [])}
+        return (results.get("package_sha256") == self.package_id() and results.get("mode") == self.mode
+                and all(got.get(s) == self.s.eval_episodes for s in self.s.samplers))
+
+    def evaluate(self) -> None:
+        cfg = EvalConfig(policy_dir=self.policy, out=self.eval_dir, task=self.task, episodes=self.s.eval_episodes,
+                         samplers=tuple(self.s.samplers), mode=self.mode, workers=self.s.workers, video=self.s.video,
+                         seed_base=unseen_seed_base(self.dataset, DEFAULT_SEED_BASE), max_steps=self.s.max_steps)
+        run_eval(cfg, log=self.log)
+
+    # ------------------------------------------------------------------ 5. report
+    def report_done(self) -> bool:
+        report, results = self.report_dir / "report.md", self.eval_dir / "results.json"
+        return report.exists() and results.exists() and report.stat().st_mtime >= results.stat().st_mtime
+
+    def report(self) -> None:
+        from sim.report import write_report
+        write_report(self)

@@ -1,0 +1,105 @@
+"""`dpstack demo`: the whole stack end to end on the default task (Lift, state observations).
+
+    dpstack demo [--out out/demo] [--episodes 100] [--train-steps N] [--eval-episodes 20] [--quick]
+
+Stages (each skipped on a rerun when its output is already there and complete,
+so an interrupted demo resumes):
+  1. collect  scripted-expert demonstrations       -> OUT/data/lift.zarr
+  2. train    the small 1-D U-Net                   -> OUT/train/last.pt (+ loss plot)
+  3. export   to an ONNX policy package              -> OUT/policy/
+  4. serve + evaluate every sampler in closed loop   -> OUT/eval/results.json
+     (a `dpstack serve` process per sampler, simulated arms as `dpstack sim` processes)
+  5. report   table, plots and one rollout video     -> OUT/report/
+
+Every stage runs the same `dpstack` command a user would type, as a subprocess.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_OUT = Path("out/demo")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes of one demo run. The defaults aim at ~15 minutes on 2 CPU cores."""
+
+    episodes: int = 100
+    train_steps: int = 3000
+    batch_size: int = 128
+    preset: str = "small"
+    train_config: str = "lift_state_small"   # shipped policy/configs/*.yaml
+    train_eval_every: int = 0                # offline action-error checks during training (0 = off)
+    eval_episodes: int = 20
+    samplers: tuple[str, ...] = ("ddpm", "ddim", "rti", "streaming")
+    workers: int = 2
+    max_steps: int | None = None
+    video: int = 1
+
+    @classmethod
+    def quick(cls) -> "DemoSettings":
+        # A smoke run of every stage: a tiny dataset, a few dozen steps of a tiny net.
+        return cls(episodes=3, train_steps=30, batch_size=16, preset="test", eval_episodes=2, max_steps=30)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"working folder (default {DEFAULT_OUT})")
+    parser.add_argument("--task", default="lift", help="task (default: lift)")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run of every stage (a minute or two; the "
+                        "policy will not succeed)")
+    parser.add_argument("--episodes", type=int, default=None, help="demonstrations to collect (default 100)")
+    parser.add_argument("--train-steps", type=int, default=None, help="training steps (default 3000)")
+    parser.add_argument("--eval-episodes", type=int, default=None, help="evaluation episodes per sampler (default 20)")
+    parser.add_argument("--samplers", default=None, help="comma-separated samplers (default ddpm,ddim,rti,streaming)")
+    parser.add_argument("--mode", choices=("lockstep", "realtime"), default="lockstep", help="evaluation clock")
+    parser.add_argument("--workers", type=int, default=None, help="parallel collectors / simulated arms (default 2)")
+    parser.add_argument("--force", action="store_true", help="redo every stage even if its output is there")
+
+
+def settings_from(args: argparse.Namespace) -> DemoSettings:
+    from dataclasses import replace
+
+    from sim.eval_cli import parse_samplers
+
+    s = DemoSettings.quick() if args.quick else DemoSettings()
+    over = {}
+    if args.episodes is not None:
+        over["episodes"] = args.episodes
+    if args.train_steps is not None:
+        over["train_steps"] = args.train_steps
+    if args.eval_episodes is not None:
+        over["eval_episodes"] = args.eval_episodes
+    if args.samplers:
+        over["samplers"] = parse_samplers(args.samplers)
+    if args.workers is not None:
+        over["workers"] = args.workers
+    s = replace(s, **over)
+    for name in ("episodes", "train_steps", "eval_episodes", "workers"):
+        if getattr(s, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
+    return s
+
+
+def run(args: argparse.Namespace) -> int:
+    from sim.demo import Demo
+    from sim.stages import StageFailed
+
+    try:
+        settings = settings_from(args)
+    except ValueError as e:
+        print(f"dpstack demo: {e}", file=sys.stderr)
+        return 2
+    demo = Demo(args.out, settings, task=args.task, mode=args.mode)
+    try:
+        demo.run(force=args.force)
+    except (StageFailed, subprocess.CalledProcessError, RuntimeError) as e:
+        print(f"dpstack demo: {e}", file=sys.stderr)
+        print("fix the problem and run the same command again: finished stages are kept", file=sys.stderr)
+        return 1
+    return 0
