@@ -1,0 +1,102 @@
+"""The closed-loop pieces that need no processes: statistics, job splitting, sampler
+lists and the demo's resumable stage logic."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sim.eval_cli import parse_samplers
+from sim.eval_report import EpisodeRecord, load_records, summarize, wilson_interval
+from sim.evaluate import split_jobs
+from sim.stages import Stage, StageFailed, run_stages
+
+
+def test_wilson_interval_matches_known_values_and_stays_in_range():
+    lo, hi = wilson_interval(0, 2)
+    assert lo == 0.0 and hi == pytest.approx(0.6576, abs=1e-3)
+    lo, hi = wilson_interval(10, 10)
+    assert lo == pytest.approx(0.7225, abs=1e-3) and hi == pytest.approx(1.0)
+    lo, hi = wilson_interval(45, 50)
+    assert lo == pytest.approx(0.7864, abs=1e-3) and hi == pytest.approx(0.9565, abs=1e-3)
+    assert wilson_interval(5, 20) == pytest.approx(tuple(1 - x for x in reversed(wilson_interval(15, 20))))
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+
+
+def test_summary_pools_episodes():
+    records = [EpisodeRecord(0, 10_000, True, 40, step_latency_ms=[1.0] * 40, chunk_latency_ms=[10.0] * 5,
+                             evaluations=50, deadline_misses=1),
+               EpisodeRecord(1, 10_001, False, 60, step_latency_ms=[3.0] * 60, chunk_latency_ms=[30.0] * 8,
+                             evaluations=80, deadline_misses=2)]
+    s = summarize("ddim", records, "realtime", 20.0)
+    assert (s.episodes, s.successes, s.success_rate) == (2, 1, 0.5)
+    assert s.mean_episode_steps == 50.0
+    assert s.step_latency_p50_ms == 3.0 and s.chunk_latency_p99_ms == pytest.approx(30.0)
+    assert s.chunks == 13 and s.deadline_misses == 3
+    assert s.evaluations_per_step == pytest.approx(130 / 100)
+
+
+def test_records_round_trip_and_bad_records_are_named(tmp_path: Path):
+    r = EpisodeRecord(3, 10_003, True, 12, step_latency_ms=[0.5])
+    (tmp_path / "a.json").write_text(json.dumps({"episodes": [r.to_dict()]}))
+    assert load_records([tmp_path / "a.json"]) == [r]
+    (tmp_path / "b.json").write_text(json.dumps({"episodes": [{"episode": 1, "seed": 2}]}))
+    with pytest.raises(ValueError, match="success"):
+        load_records([tmp_path / "b.json"])
+
+
+def test_jobs_cover_every_episode_once_per_sampler(tmp_path: Path):
+    jobs = split_jobs(("ddpm", "rti-3,1,0"), episodes=7, workers=3, video=2, raw_dir=tmp_path)
+    for sampler in ("ddpm", "rti-3,1,0"):
+        mine = [j for j in jobs if j.sampler == sampler]
+        covered = sorted(i for j in mine for i in range(j.first, j.first + j.count))
+        assert covered == list(range(7))
+        assert sum(j.video for j in mine) == 2 and mine[0].first == 0 and mine[0].video == 2
+    assert len({j.out for j in jobs}) == len(jobs)
+    assert all("," not in j.out.parent.name for j in jobs)  # file names stay plain
+
+
+def test_sampler_lists_keep_refinement_steps_together():
+    assert parse_samplers("ddpm,ddim,rti,streaming") == ("ddpm", "ddim", "rti", "streaming")
+    assert parse_samplers("ddim-10, rti-3,1,0 ,streaming-2") == ("ddim-10", "rti-3,1,0", "streaming-2")
+
+
+class _Outputs:
+    """Stages whose output is a file; `fail_at` makes one stage crash like an interrupted run."""
+
+    def __init__(self, root: Path, names: list[str]) -> None:
+        self.root, self.names, self.ran, self.fail_at = root, names, [], None
+
+    def stages(self) -> list[Stage]:
+        def make(name: str) -> Stage:
+            def run() -> None:
+                self.ran.append(name)
+                if name == self.fail_at:
+                    raise KeyboardInterrupt
+                (self.root / name).write_text("done")
+            return Stage(name, name, lambda: (self.root / name).exists(), run)
+        return [make(n) for n in self.names]
+
+
+def test_an_interrupted_pipeline_resumes_at_the_stage_that_did_not_finish(tmp_path: Path):
+    p = _Outputs(tmp_path, ["collect", "train", "export"])
+    p.fail_at = "train"
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(p.stages(), log=lambda s: None)
+    assert p.ran == ["collect", "train"]
+    p.fail_at, p.ran = None, []
+    outcomes = run_stages(p.stages(), log=lambda s: None)
+    assert p.ran == ["train", "export"]
+    assert [o.status for o in outcomes] == ["skipped", "ran", "ran"]
+    p.ran = []
+    assert [o.status for o in run_stages(p.stages(), log=lambda s: None)] == ["skipped"] * 3 and p.ran == []
+    run_stages(p.stages(), log=lambda s: None, force=True)
+    assert p.ran == ["collect", "train", "export"]
+
+
+def test_a_stage_that_leaves_no_complete_output_fails(tmp_path: Path):
+    stage = Stage("train", "train", done=lambda: False, run=lambda: None)
+    with pytest.raises(StageFailed, match="train"):
+        run_stages([stage], log=lambda s: None)
