@@ -57,7 +57,6 @@ class FrankyOptions:
 
 @dataclass
 class MujocoArmOptions:
-    endpoint: str = ""               # empty: spawn sim/arm_process.py on a free loopback port
     command_latency_s: float = 0.004  # delay before a command reaches the simulated controller
     position_noise: float = 0.0002   # std of position sensor noise, m
     rotation_noise: float = 0.001    # std of orientation sensor noise, rad

@@ -64,8 +64,7 @@ class MujocoArm:
         raise TimeoutError(f"sim.arm_process not ready within {self.start_timeout_s} s")
 
     def connect(self) -> DriverInfo:
-        if self.opts.endpoint:
-            raise NotImplementedError("connecting to an already running arm process: start it through the driver")
+        """Start sim/arm_process.py (free loopback ports) and connect to it."""
         info = self._spawn()
         self._cmd = self._ctx.socket(zmq.PUSH)
         self._cmd.setsockopt(zmq.LINGER, 0)
