@@ -1,0 +1,150 @@
+"""End to end with real processes: `dpstack demo --quick` collects Lift demos with the
+scripted expert, trains a tiny U-Net for a few dozen steps, exports it to ONNX,
+starts `dpstack serve` per sampler and runs `dpstack sim` arms against them over
+TCP on 127.0.0.1. Success is not asserted (the policy is tiny); what ran is.
+
+The package the demo leaves is then reused for the realtime arm and the
+spec-mismatch checks, so training happens once per test session.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SAMPLERS = ("ddpm", "ddim", "rti", "streaming")
+STAGES = ("collect", "train", "export", "evaluate", "report")
+
+
+def dpstack(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MUJOCO_GL": "egl", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, **kw)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("demo")
+    result = dpstack("demo", "--quick", "--out", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+def test_demo_runs_every_stage(demo):
+    out, result = demo
+    for i, stage in enumerate(STAGES, start=1):
+        assert f"[{i}/5] {stage}: done in" in result.stdout, stage
+    assert (out / "data" / "lift.zarr").is_dir()
+    assert (out / "train" / "last.pt").is_file()
+    assert (out / "policy" / "manifest.json").is_file()
+
+
+def test_results_cover_every_sampler_with_the_agreed_fields(demo):
+    out, _ = demo
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert results["mode"] == "lockstep" and results["hz"] == 20.0
+    assert results["seed_base"] >= 10_000  # never a training seed
+    by_sampler = {r["sampler"]: r for r in results["results"]}
+    assert set(by_sampler) == set(SAMPLERS)
+    for name, r in by_sampler.items():
+        for field in ("sampler", "episodes", "success_rate", "success_ci95", "mean_episode_steps",
+                      "step_latency_p50_ms", "step_latency_p99_ms", "deadline_misses", "mode", "hz"):
+            assert field in r, (name, field)
+        assert r["episodes"] == 2
+        lo, hi = r["success_ci95"]
+        assert 0.0 <= lo <= r["success_rate"] <= hi <= 1.0
+        assert 0 < r["mean_episode_steps"] <= 30  # --quick caps episodes at 30 steps
+        assert r["chunks"] > 0 and r["chunk_latency_p50_ms"] > 0
+        assert r["step_latency_p50_ms"] <= r["step_latency_p99_ms"]
+        assert r["evaluations_per_step"] > 0
+        assert r["deadline_misses"] == 0  # lockstep waits for every chunk
+    # Full samplers replan every Ta steps; DDPM spends 100 evaluations per chunk, DDIM 10.
+    assert by_sampler["ddpm"]["evaluations_per_step"] > by_sampler["ddim"]["evaluations_per_step"]
+    # Every sampler's episodes ran on the same seeds (a paired comparison).
+    seeds = {}
+    for name in SAMPLERS:
+        raw = json.loads((out / "eval" / "raw" / f"{name}.json").read_text())
+        seeds[name] = sorted(e["seed"] for e in raw["episodes"])
+        for e in raw["episodes"]:
+            assert len(e["step_latency_ms"]) == e["steps"]
+    assert len({tuple(v) for v in seeds.values()}) == 1
+
+
+def test_report_folder_has_table_plots_and_a_rollout(demo):
+    out, result = demo
+    report = out / "report"
+    text = (report / "report.md").read_text()
+    for name in SAMPLERS:
+        assert re.search(rf"^\| {name} \|", text, re.M), name
+        assert re.search(rf"^\| {name} \|", result.stdout, re.M), name  # the table is printed too
+    for png in ("loss.png", "latency.png"):
+        assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import imageio.v2 as imageio
+    frames = imageio.mimread(report / "rollout.mp4")
+    assert len(frames) > 5 and np.asarray(frames[0]).ndim == 3
+
+
+def test_rerun_skips_every_done_stage(demo):
+    out, _ = demo
+    results = out / "eval" / "results.json"
+    before = results.stat().st_mtime_ns
+    again = dpstack("demo", "--quick", "--out", str(out), timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    for stage in STAGES:
+        assert f"{stage}: already done, skipping" in again.stdout, stage
+    assert results.stat().st_mtime_ns == before
+
+
+def _serve(policy: Path, sampler: str) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", str(policy), "--sampler", sampler,
+                             "--bind", "tcp://127.0.0.1:*"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    for line in proc.stdout:
+        m = re.search(r"serving .* on (tcp://\S+)", line)
+        if m:
+            return proc, m.group(1)
+    proc.wait()
+    raise AssertionError("server did not start")
+
+
+@pytest.fixture()
+def server(demo):
+    out, _ = demo
+    proc, endpoint = _serve(out / "policy", "ddim-4")
+    yield endpoint
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_realtime_arm_counts_deadlines_and_latency(server, tmp_path):
+    result = dpstack("sim", "--task", "lift", "--connect", server, "--mode", "realtime", "--episodes", "2",
+                     "--max-steps", "20", "--seed", "20000", "--out", str(tmp_path / "rt.json"), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads((tmp_path / "rt.json").read_text())
+    assert [e["seed"] for e in data["episodes"]] == [20000, 20001]
+    for e in data["episodes"]:
+        assert e["mode"] == "realtime" and 0 < e["steps"] <= 20
+        assert len(e["step_latency_ms"]) == e["steps"]
+        assert e["chunk_latency_ms"] and min(e["chunk_latency_ms"]) > 0
+        # a held step or an overrun is a miss; a step can be both
+        assert max(e["held_steps"], e["overruns"]) <= e["deadline_misses"] <= e["held_steps"] + e["overruns"]
+        assert e["deadline_misses"] <= e["steps"]
+    assert data["summary"]["sampler"].startswith("ddim")
+
+
+def test_arm_with_another_robot_spec_is_refused_with_a_clear_error(server, tmp_path):
+    # Can publishes a 14-D object state; the Lift policy needs 10-D: the server refuses the Hello.
+    result = dpstack("sim", "--task", "can", "--connect", server, "--episodes", "1", "--max-steps", "5",
+                     "--out", str(tmp_path / "x.json"), timeout=120)
+    assert result.returncode == 1
+    assert "object-state" in result.stderr and "spec" in result.stderr.lower()
+    assert not (tmp_path / "x.json").exists()
