@@ -11,9 +11,11 @@ below `tolerance`); a failing export leaves nothing behind.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -93,7 +95,10 @@ def export_graphs(model: DiffusionPolicyModel, out_dir: Path, opset: int | None 
     kwargs: dict[str, Any] = {"dynamo": True, "external_data": False, "verbose": False}
     if opset is not None:
         kwargs["opset_version"] = opset
-    with torch.no_grad():
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" registration chatter
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")  # dynamic-axis renaming notes
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch-internal pytree deprecations
         torch.onnx.export(_EncoderGraph(model.encoder, keys).eval(), enc_args, str(out_dir / ENCODER_FILE),
                           input_names=enc_names, output_names=["cond"],
                           dynamic_shapes=(tuple({0: batch} for _ in keys),), **kwargs)

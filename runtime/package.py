@@ -95,6 +95,9 @@ class SessionOptions:
     intra_op_threads: int = 2
     inter_op_threads: int = 1
     providers: tuple[str, ...] = ()   # empty = the preferred order above
+    # Worker threads spin between ops: lowest latency on a quiet machine, much worse when
+    # the cores are oversubscribed (measured on the shared 2-core box); turn off there.
+    spin: bool = True
 
 
 def make_session(path: str | Path, options: SessionOptions = SessionOptions()):
@@ -104,6 +107,9 @@ def make_session(path: str | Path, options: SessionOptions = SessionOptions()):
     so.intra_op_num_threads = options.intra_op_threads
     so.inter_op_num_threads = options.inter_op_threads
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not options.spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.log_severity_level = 3  # TensorRT/CUDA fallbacks are expected on CPU machines
     try:
         return ort.InferenceSession(str(path), sess_options=so, providers=choose_providers(options.providers))
