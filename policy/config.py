@@ -90,6 +90,8 @@ class TrainConfig:
     eval_ddim_steps: int = 10
     seed: int = 0
     device: str = "auto"        # auto | cpu | cuda
+    # CPU threads for torch (0 = torch's default). 1 is much faster on an oversubscribed machine.
+    cpu_threads: int = 0
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "ckpt_every", "log_every"):

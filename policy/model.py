@@ -36,6 +36,10 @@ def build_encoder(config: PolicyConfig, spec: RobotSpec) -> nn.Module:
     for k in low:
         if len(spec.obs(k).shape) != 1:
             raise ConfigError(f"observation {k!r} has shape {spec.obs(k).shape}: neither 1-D state nor an (H, W, C) image")
+    for k in images:
+        if min(spec.obs(k).shape[:2]) < 64:
+            # The ResNet downsamples 32x; below 64 px the keypoint map is 1x1 and carries no position.
+            raise ConfigError(f"image {k!r} is {spec.obs(k).shape[:2]}: the image encoder needs at least 64x64 pixels")
     if not images:
         if not low:
             raise ConfigError("the policy has no observation keys")

@@ -218,6 +218,7 @@ class TrainResult:
     interrupted: bool
     checkpoint: Path | None
     last_loss: float | None
+    model: DiffusionPolicyModel | None = None   # the trained (non-EMA) model, unwrapped from DDP
 
 
 def _to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -244,9 +245,8 @@ def train(config: Config, dataset: str | os.PathLike | TrainingData, out_dir: st
         raise ConfigError(f"train.batch_size {tc.batch_size} is not divisible by the {info.world} ranks")
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed % 2**32)
-    if info.device.type == "cpu":
-        # Tiny Adam second moments / late-cosine updates turn denormal; on CPU that is ~10x slower.
-        torch.set_flush_denormal(True)
+    if info.device.type == "cpu" and tc.cpu_threads > 0:
+        torch.set_num_threads(tc.cpu_threads)
 
     if isinstance(dataset, TrainingData):
         data = dataset
@@ -366,7 +366,7 @@ def train(config: Config, dataset: str | os.PathLike | TrainingData, out_dir: st
                 bar.close()
         ckpt = save(step, last_loss)
     interrupted = stopped or step < tc.steps
-    return TrainResult(step=step, interrupted=interrupted, checkpoint=ckpt, last_loss=last_loss)
+    return TrainResult(step=step, interrupted=interrupted, checkpoint=ckpt, last_loss=last_loss, model=model)
 
 
 def _should_stop(flag: StopFlag, info: DistInfo) -> bool:

@@ -12,7 +12,7 @@ from runtime.spec import ActionSpec, ArraySpec, RobotSpec
 def toy_spec(with_image: bool = False) -> RobotSpec:
     obs = [ArraySpec("pos", (2,), names=("x", "y"))]
     if with_image:
-        obs.append(ArraySpec("cam_image", (32, 32, 3), dtype="uint8"))
+        obs.append(ArraySpec("cam_image", (64, 64, 3), dtype="uint8"))
     return RobotSpec(task="toy", robot="ToyArm", control_hz=10.0, observations=tuple(obs),
                      action=ActionSpec(key="action", shape=(3,), names=("dx", "dy", "gripper"), gripper_dims=(2,),
                                        low=(-1.0,) * 3, high=(1.0,) * 3))
@@ -36,6 +36,20 @@ def bimodal_dataset(path: Path, n_episodes: int = 16, length: int = 24, seed: in
         pos = np.stack([0.1 * t / length, np.full(length, 0.3)], axis=1).astype(np.float32)
         ep = {"pos": pos, "action": action}
         if with_image:
-            ep["cam_image"] = rng.integers(0, 255, size=(length, 32, 32, 3), dtype=np.uint8)
+            ep["cam_image"] = rng.integers(0, 255, size=(length, 64, 64, 3), dtype=np.uint8)
         rb.add_episode(ep)
     return path
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=False)
+def one_thread():
+    """Run torch single-threaded: on a shared 2-core CI box OpenMP spin-waiting makes
+    two threads 5-10x slower than one. Restores the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,59 @@
+"""`dpstack train --config lift_state_small --dataset PATH --out DIR [--resume] [--set k=v ...]`
+
+Multi-GPU / multi-node: run this module under torchrun, e.g.
+    torchrun --nproc_per_node 4 -m policy.train_cli --config lift_state_dp --dataset d.zarr --out runs/x
+(see docs/training.md).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="lift_state_small",
+                        help="a shipped config name (policy/configs/*.yaml) or a path to a YAML file")
+    parser.add_argument("--dataset", required=True, help="dataset (zarr directory or .zarr.zip)")
+    parser.add_argument("--out", required=True, help="output directory: last.pt, metrics.jsonl, loss.png")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt at its step")
+    parser.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                        help="override config values, e.g. --set train.steps=500 policy.preset=dp")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from data.replay_buffer import DatasetError
+
+    from .checkpoint import CheckpointError, read_checkpoint
+    from .config import Config, ConfigError, apply_overrides, load_config
+    from .train import CKPT_NAME, train
+
+    try:
+        if args.resume:
+            # The checkpoint's config is authoritative; --set may still change train.* (e.g. more steps).
+            saved = read_checkpoint(Path(args.out) / CKPT_NAME)["config"]
+            config = Config.from_dict(apply_overrides(saved, list(args.overrides)))
+        else:
+            config = load_config(args.config, args.overrides)
+        result = train(config, args.dataset, args.out, resume=args.resume, progress=not args.no_progress)
+    except (ConfigError, CheckpointError, DatasetError, FileNotFoundError) as e:
+        print(f"dpstack train: {e}", file=sys.stderr)
+        return 2
+    if result.interrupted and result.step < config.train.steps:
+        print(f"dpstack train: stopped at step {result.step}; checkpoint {result.checkpoint} "
+              f"(continue with --resume)", file=sys.stderr)
+        return 130
+    print(f"trained {result.step} steps, loss {result.last_loss:.4g}; checkpoint {result.checkpoint}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dpstack train", description="train a diffusion policy on a dataset")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Checkpoints: round trip, exact resume, refusal of damaged files, Ctrl-C saves."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _policy_data import bimodal_dataset, one_thread  # noqa: F401  (fixture)
+from policy.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from policy.config import load_config
+from policy.torch_callables import torch_callables
+from policy.train import CKPT_NAME, METRICS_NAME, train
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["policy.preset=test", "policy.regime_plain=0.5", "policy.regime_ladder=0.5", "policy.ladder_rungs=15",
+        "policy.prefix_prob=0.3", "policy.prefix_max=3", "train.batch_size=16", "train.warmup_steps=2",
+        "train.log_every=2", "train.lr=1e-3"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    return bimodal_dataset(tmp_path_factory.mktemp("data") / "toy.zarr", n_episodes=6, length=20)
+
+
+def test_round_trip_same_outputs(toy, tmp_path):
+    cfg = load_config(None, FAST + ["train.steps=4"])
+    result = train(cfg, toy, tmp_path, progress=False)
+    assert result.step == 4 and not result.interrupted and (tmp_path / "loss.png").stat().st_size > 0
+    model, info = load_checkpoint(tmp_path / CKPT_NAME)
+    assert info["step"] == 4 and len(info["dataset"]["fingerprint"]) == 64
+    assert info["config"].policy.preset == "test"
+    again, _ = load_checkpoint(tmp_path / CKPT_NAME)
+    fns_a, fns_b = torch_callables(model), torch_callables(again)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 16, 3)).astype(np.float32)
+    t = rng.integers(-1, 100, (3, 16))
+    obs = {"pos": rng.standard_normal((3, 2, 2)).astype(np.float32)}
+    assert np.array_equal(fns_a.encode(obs), fns_b.encode(obs))
+    cond = fns_a.encode(obs)
+    assert np.array_equal(fns_a.denoise(x, t, cond), fns_b.denoise(x, t, cond))
+    # The EMA weights (deployed) and the raw weights are both there and differ after training.
+    raw, _ = load_checkpoint(tmp_path / CKPT_NAME, use_ema=False)
+    assert not np.array_equal(torch_callables(raw).denoise(x, t, cond), fns_a.denoise(x, t, cond))
+
+
+def test_resume_equals_straight_run(toy, tmp_path):
+    cfg = load_config(None, FAST + ["train.steps=8", "train.ckpt_every=100"])
+    train(cfg, toy, tmp_path / "straight", progress=False)
+    first = train(cfg, toy, tmp_path / "split", progress=False, stop_at=4)
+    assert first.step == 4 and first.interrupted
+    assert read_checkpoint(tmp_path / "split" / CKPT_NAME)["step"] == 4
+    second = train(cfg, toy, tmp_path / "split", resume=True, progress=False)
+    assert second.step == 8 and not second.interrupted
+    a = read_checkpoint(tmp_path / "straight" / CKPT_NAME)
+    b = read_checkpoint(tmp_path / "split" / CKPT_NAME)
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k}"
+    oa, ob = a["train_state"]["optimizer"], b["train_state"]["optimizer"]
+    for pid, state in oa["state"].items():
+        assert torch.equal(state["exp_avg_sq"], ob["state"][pid]["exp_avg_sq"])
+        assert torch.equal(state["step"], ob["state"][pid]["step"])
+    assert a["train_state"]["scheduler"] == b["train_state"]["scheduler"]
+    assert a["train_state"]["ema"] == b["train_state"]["ema"]
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (tmp_path / "split" / METRICS_NAME).read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]                                                     # metrics continue, no duplicates
+
+
+def test_resume_refuses_another_dataset(toy, tmp_path):
+    cfg = load_config(None, FAST + ["train.steps=4"])
+    train(cfg, toy, tmp_path, progress=False, stop_at=2)
+    other = bimodal_dataset(tmp_path / "other.zarr", n_episodes=4, length=20, seed=1)
+    with pytest.raises(ValueError, match="not the one the checkpoint was trained on"):
+        train(cfg, other, tmp_path, resume=True, progress=False)
+
+
+def test_damaged_checkpoints_are_refused(toy, tmp_path):
+    cfg = load_config(None, FAST + ["train.steps=2"])
+    train(cfg, toy, tmp_path, progress=False)
+    good = (tmp_path / CKPT_NAME).read_bytes()
+    cases = {
+        "truncated.pt": good[: len(good) // 2],
+        "garbage.pt": os.urandom(4096),
+        "empty.pt": b"",
+        "tensor.pt": None,
+    }
+    flipped = bytearray(good)
+    # Flip bytes inside the largest stored tensor (the zip keeps data uncompressed).
+    payload = read_checkpoint(tmp_path / CKPT_NAME)
+    biggest = max(payload["model"].values(), key=lambda v: v.numel())
+    needle = biggest.contiguous().view(torch.uint8).numpy().tobytes()[:64]
+    at = good.find(needle)
+    assert at > 0
+    flipped[at + 10] ^= 0xFF
+    cases["bitflip.pt"] = bytes(flipped)
+    for name, data in cases.items():
+        path = tmp_path / name
+        if data is None:
+            torch.save({"format": "something else", "weights": torch.zeros(3)}, path)
+        else:
+            path.write_bytes(data)
+        with pytest.raises(CheckpointError, match=str(path.name)):
+            load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.slow
+def test_sigint_saves_a_resumable_checkpoint(toy, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "policy.train_cli", "--config", "lift_state_small", "--dataset", str(toy),
+           "--out", str(out), "--no-progress", "--set", *FAST, "policy.obs_keys=[pos]", "train.steps=100000",
+           "train.log_every=1", "train.ckpt_every=100000"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / METRICS_NAME
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    saved = read_checkpoint(out / CKPT_NAME)
+    assert saved["step"] >= 2 and "--resume" in err
+    # And it continues from there.
+    rc = subprocess.run(cmd[:-3] + [f"train.steps={saved['step'] + 2}", "train.log_every=1"] + ["--resume"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rc.returncode == 0, rc.stderr
+    assert read_checkpoint(out / CKPT_NAME)["step"] == saved["step"] + 2
