@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video", type=int, default=0, metavar="N", help="MP4s of the first N episodes per sampler")
     parser.add_argument("--seed", type=int, default=None,
                         help="first episode seed (default: 10000, or above the seeds --dataset's collection used)")
-    parser.add_argument("--dataset", type=Path, default=None, help="training dataset, to keep evaluation seeds unseen")
+    parser.add_argument("--dataset", type=Path, default=None, help="training dataset, to keep evaluation seeds unseen (default: the one the package's manifest names)")
     parser.add_argument("--max-steps", type=int, default=None, help="episode length limit (default: the task's)")
 
 
@@ -50,7 +50,7 @@ def parse_samplers(text: str) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sim.evaluate import EvalConfig, EvalError, run_eval, unseen_seed_base
+    from sim.evaluate import EvalConfig, EvalError, run_eval, training_dataset, unseen_seed_base
     from sim.eval_report import markdown_table
 
     if not (args.policy_dir / "manifest.json").is_file():
@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
               "make one with `dpstack export CHECKPOINT --out DIR`", file=sys.stderr)
         return 2
     try:
-        seed = args.seed if args.seed is not None else unseen_seed_base(args.dataset)
+        dataset = args.dataset or training_dataset(args.policy_dir)
+        seed = args.seed if args.seed is not None else unseen_seed_base(dataset)
         cfg = EvalConfig(policy_dir=args.policy_dir, out=args.out, task=args.task, episodes=args.episodes,
                          samplers=parse_samplers(args.samplers), mode=args.mode, hz=args.hz, workers=args.workers,
                          video=args.video, seed_base=seed, max_steps=args.max_steps)

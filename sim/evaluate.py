@@ -38,6 +38,15 @@ def dpstack_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "runtime.cli", *args]
 
 
+def training_dataset(policy_dir: Path) -> Path | None:
+    """The dataset a package was trained on, as its manifest records it (if still there)."""
+    try:
+        source = json.loads((Path(policy_dir) / "manifest.json").read_text()).get("dataset", {}).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(source) if source and Path(source).exists() else None
+
+
 def unseen_seed_base(dataset: Path | None, default: int = DEFAULT_SEED_BASE) -> int:
     """First evaluation seed: `default`, or above every seed the dataset's collection tried."""
     if dataset is None or not Path(dataset).exists():

@@ -100,3 +100,22 @@ def test_a_stage_that_leaves_no_complete_output_fails(tmp_path: Path):
     stage = Stage("train", "train", done=lambda: False, run=lambda: None)
     with pytest.raises(StageFailed, match="train"):
         run_stages([stage], log=lambda s: None)
+
+
+def test_evaluation_seeds_start_above_every_seed_the_collection_tried(tmp_path: Path):
+    import numpy as np
+
+    from data.replay_buffer import DatasetAttrs, ReplayBuffer
+    from runtime.spec import ActionSpec, ArraySpec, RobotSpec
+    from sim.evaluate import training_dataset, unseen_seed_base
+
+    spec = RobotSpec("lift", "Panda", 20.0, (ArraySpec("state", (2,)),), ActionSpec(shape=(7,)))
+    rb = ReplayBuffer.create(tmp_path / "d.zarr", DatasetAttrs("lift", 20.0, spec, "scripted_expert",
+                                                               extra={"seed_start": 0, "next_seed": 12_345}))
+    rb.add_episode({"state": np.zeros((3, 2), np.float32), "action": np.zeros((3, 7), np.float32)})
+    assert unseen_seed_base(tmp_path / "d.zarr") == 12_345
+    assert unseen_seed_base(tmp_path / "d.zarr", default=20_000) == 20_000
+    assert unseen_seed_base(None) == 10_000
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "manifest.json").write_text(json.dumps({"dataset": {"source": str(tmp_path / "d.zarr")}}))
+    assert training_dataset(tmp_path / "policy") == tmp_path / "d.zarr"
