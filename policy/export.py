@@ -27,6 +27,8 @@ from torch import nn
 from runtime.package import (DENOISER_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, MANIFEST, PackageError, PolicyPackage,
                              SessionOptions, load_package, read_manifest, sha256_file, verify_files)
 
+from runtime.verify import VerifyError, random_denoiser_inputs, random_observations, verify_onnx_only
+
 from .model import DiffusionPolicyModel
 from .regimes import n_rungs
 from .torch_callables import torch_callables
@@ -34,7 +36,7 @@ from .torch_callables import torch_callables
 PARITY_TOLERANCE = 1e-4
 
 
-class ExportError(RuntimeError):
+class ExportError(VerifyError):
     """The export (or a verification) failed; nothing was written or the package is unfit."""
 
 
@@ -61,24 +63,6 @@ class _DenoiserGraph(nn.Module):
 
 def onnx_input_name(key: str) -> str:
     return "obs_" + "".join(c if c.isalnum() else "_" for c in key)
-
-
-# -- random inputs (shared by export-time parity and --verify) -------------------------------------
-
-def random_observations(model_like: PolicyPackage | DiffusionPolicyModel, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Normalised observation windows in [-1, 1] (what the encoder sees)."""
-    spec, to = model_like.spec, model_like.n_obs_steps
-    keys = model_like.obs_keys if isinstance(model_like, PolicyPackage) else spec.obs_keys
-    return {k: rng.uniform(-1, 1, (batch, to, *spec.obs(k).shape)).astype(np.float32) for k in keys}
-
-
-def random_denoiser_inputs(horizon: int, action_dim: int, cond_dim: int, num_levels: int, batch: int,
-                           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    x = rng.standard_normal((batch, horizon, action_dim)).astype(np.float32)
-    t = rng.integers(0, num_levels, (batch, horizon)).astype(np.int64)  # a different level per position
-    t[0] = rng.integers(0, num_levels)  # and one sample with a single level, as full denoising uses
-    cond = rng.standard_normal((batch, cond_dim)).astype(np.float32)
-    return x, t, cond
 
 
 # -- ONNX --------------------------------------------------------------------------------------------
@@ -175,24 +159,6 @@ def check_parity(model: DiffusionPolicyModel, package: PolicyPackage, seed: int 
     return Parity(enc_err, den_err)
 
 
-def check_self_consistency(package: PolicyPackage, seed: int = 0) -> dict[str, float]:
-    """Without torch: outputs finite, right shapes, and a batch equals its samples run one by one."""
-    rng = np.random.default_rng(seed)
-    obs = random_observations(package, 3, rng)
-    cond = package.encode(obs)
-    cond_dim = int(package.manifest.get("cond_dim", cond.shape[-1]))
-    if cond.shape != (3, cond_dim) or not np.all(np.isfinite(cond)):
-        raise ExportError(f"encoder output shape {cond.shape} (expected (3, {cond_dim})) or not finite")
-    one = np.concatenate([package.encode({k: v[i:i + 1] for k, v in obs.items()}) for i in range(3)])
-    x, t, c = random_denoiser_inputs(package.horizon, package.action_dim, cond_dim, package.schedule.num_train_steps, 3, rng)
-    eps = package.denoise(x, t, c)
-    if eps.shape != x.shape or not np.all(np.isfinite(eps)):
-        raise ExportError(f"denoiser output shape {eps.shape} (expected {x.shape}) or not finite")
-    eps1 = np.concatenate([package.denoise(x[i:i + 1], t[i:i + 1], c[i:i + 1]) for i in range(3)])
-    return {"encoder_batch_vs_single": float(np.max(np.abs(one - cond))),
-            "denoiser_batch_vs_single": float(np.max(np.abs(eps1 - eps)))}
-
-
 # -- the two commands ------------------------------------------------------------------------------
 
 def _replace_dir(tmp: Path, out: Path, force: bool) -> None:
@@ -248,30 +214,24 @@ def verify_package(policy_dir: str | Path, checkpoint: str | Path | None = None,
     (given, or the manifest's path with a matching sha256), else onnx-only self-consistency."""
     manifest = read_manifest(policy_dir)
     verify_files(policy_dir, manifest)
-    package = load_package(policy_dir, options=SessionOptions(providers=("CPUExecutionProvider",)))
-    report: dict[str, Any] = {"hashes": "ok"}
     ckpt = Path(checkpoint) if checkpoint else None
     recorded = manifest.get("checkpoint") or {}
+    note = ""
     if ckpt is None and recorded.get("path") and Path(recorded["path"]).is_file():
         if sha256_file(recorded["path"]) == recorded.get("sha256"):
             ckpt = Path(recorded["path"])
         else:
-            report["note"] = f"checkpoint {recorded['path']} changed since export; checked onnx self-consistency only"
-    if ckpt is not None:
-        from .checkpoint import load_checkpoint
+            note = f"checkpoint {recorded['path']} changed since export; checked onnx self-consistency only"
+    if ckpt is None:
+        return verify_onnx_only(policy_dir, tolerance, note or "no checkpoint available; checked onnx self-consistency only")
+    from .checkpoint import load_checkpoint
 
-        model, _ = load_checkpoint(ckpt)
-        parity = check_parity(model, package)
-        report["parity"] = parity.as_dict()
-        report["checkpoint"] = str(ckpt)
-        if max(parity.encoder, parity.denoiser) >= tolerance:
-            raise ExportError(f"{policy_dir}: onnxruntime differs from {ckpt}: {parity.as_dict()} (tolerance {tolerance:.0e})")
-    else:
-        consistency = check_self_consistency(package)
-        report["self_consistency"] = consistency
-        if max(consistency.values()) >= tolerance:
-            raise ExportError(f"{policy_dir}: batched and single-sample outputs differ: {consistency}")
-    return report
+    package = load_package(policy_dir, options=SessionOptions(providers=("CPUExecutionProvider",)))
+    model, _ = load_checkpoint(ckpt)
+    parity = check_parity(model, package)
+    if max(parity.encoder, parity.denoiser) >= tolerance:
+        raise ExportError(f"{policy_dir}: onnxruntime differs from {ckpt}: {parity.as_dict()} (tolerance {tolerance:.0e})")
+    return {"hashes": "ok", "parity": parity.as_dict(), "checkpoint": str(ckpt)}
 
 
 __all__ = ["ExportError", "PackageError", "export_model", "export_checkpoint", "verify_package", "check_parity"]

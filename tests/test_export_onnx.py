@@ -1,6 +1,8 @@
 """Export to ONNX: parity with torch for every sampler, atomic refusal, --verify, the CLI."""
 import json
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -117,3 +119,14 @@ def test_failed_parity_writes_nothing_then_transformer_exports(tmp_path):
     assert m["model"]["type"] == "transformer" and max(m["export"]["parity_max_abs_error"].values()) < 1e-4
     with pytest.raises(ExportError, match="exists"):
         export_model(model, out)
+
+
+def test_verify_on_a_machine_without_torch(exported):
+    """A robot computer has no torch: --verify still checks hashes and onnx self-consistency."""
+    _, _, out = exported
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from runtime.cli import main\n"
+            f"sys.exit(main(['export', '--verify', {str(out)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "torch not installed" in proc.stdout and '"self_consistency"' in proc.stdout
