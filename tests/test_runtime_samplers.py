@@ -124,14 +124,15 @@ def test_streaming_levels_seen_by_the_network_and_kept_between_steps(evals):
         np.testing.assert_allclose(out.actions, 0.2, atol=1e-5)  # executed positions are clean
 
 
-def test_streaming_with_exact_denoiser_keeps_every_position_at_its_level():
+@pytest.mark.parametrize("rungs,evals", [(14, 1), (4, 3)])  # 4 rungs of 3 positions: the top rung has 2 more to lift
+def test_streaming_with_exact_denoiser_keeps_every_position_at_its_level(rungs, evals):
     """If any position's level were wrong (e.g. executed history not re-noised), its
     standardised residual (x - sqrt(ab) mu) / sqrt(1 - ab) would not be N(0, 1)."""
     schedule = NoiseSchedule()
     tp, to = 16, 3
     mu = np.tile(np.array([0.6, -0.4], np.float32), (1, tp, 1))  # constant along the horizon: contents move with the shift
-    s = StreamingSampler(point_mass_denoiser(schedule, mu), schedule, ChunkGeometry(tp, to, 2), n_rungs=14,
-                         evals_per_step=1, startup_steps=10, seed=1)
+    s = StreamingSampler(point_mass_denoiser(schedule, mu), schedule, ChunkGeometry(tp, to, 2), n_rungs=rungs,
+                         evals_per_step=evals, startup_steps=10, seed=1)
     res = []
     for _ in range(400):
         s.step(np.zeros(1, np.float32))
