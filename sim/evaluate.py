@@ -197,17 +197,18 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[Sample
     # Each process gets one intra-op thread's worth of CPU: several share the cores.
     env.setdefault("OMP_NUM_THREADS", "1")
     jobs = split_jobs(cfg.samplers, cfg.episodes, cfg.workers, cfg.video, raw_dir)
-    for job in jobs:
-        job.out.parent.mkdir(parents=True, exist_ok=True)
-        job.out.unlink(missing_ok=True)
+    todo = _jobs_to_run(cfg, jobs, raw_dir)
+    if len(todo) < len(jobs):
+        log(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} episode jobs already done for this package")
 
     servers: dict[str, _Process] = {}
     try:
-        for s in cfg.samplers:
+        for s in dict.fromkeys(j.sampler for j in todo):
             servers[s] = start_server(cfg, s, env, log_dir)
         endpoints = {s: p.wait_endpoint(cfg.startup_timeout_s) for s, p in servers.items()}
-        log("servers up: " + ", ".join(f"{s} at {e}" for s, e in endpoints.items()))
-        _run_jobs(cfg, jobs, endpoints, list(servers.values()), env, video_dir, log_dir)
+        if endpoints:
+            log("servers up: " + ", ".join(f"{s} at {e}" for s, e in endpoints.items()))
+        _run_jobs(cfg, todo, endpoints, list(servers.values()), env, video_dir, log_dir)
     finally:
         for p in servers.values():
             p.stop()
@@ -228,6 +229,43 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[Sample
         write_json_atomic(raw_dir / f"{_safe(s)}.json", {"sampler": s, "episodes": [r.to_dict() for r in records]})
     write_results(out, cfg, summaries, latencies)
     return summaries
+
+
+def _package_sha256(policy_dir: Path) -> str | None:
+    from runtime.package import sha256_file
+
+    manifest = Path(policy_dir) / "manifest.json"
+    return sha256_file(manifest) if manifest.exists() else None
+
+
+def _jobs_to_run(cfg: EvalConfig, jobs: list[_Job], raw_dir: Path) -> list[_Job]:
+    """Jobs without a finished output. Finished ones are kept only when they come from
+    the same package and settings (raw/run.json says which), so an interrupted
+    evaluation resumes and a changed one starts over."""
+    run_key = {"package_sha256": _package_sha256(cfg.policy_dir), "task": cfg.task, "mode": cfg.mode,
+               "hz": cfg.hz, "max_steps": cfg.max_steps, "seed_base": cfg.seed_base, "episodes": cfg.episodes,
+               "workers": cfg.workers, "video": cfg.video}
+    key_path = raw_dir / "run.json"
+    try:
+        same = json.loads(key_path.read_text()) == run_key
+    except (OSError, ValueError):
+        same = False
+    todo = []
+    for job in jobs:
+        job.out.parent.mkdir(parents=True, exist_ok=True)
+        if same and _finished(job):
+            continue
+        job.out.unlink(missing_ok=True)
+        todo.append(job)
+    write_json_atomic(key_path, run_key)
+    return todo
+
+
+def _finished(job: _Job) -> bool:
+    try:
+        return len(json.loads(job.out.read_text())["episodes"]) == job.count
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def _run_jobs(cfg: EvalConfig, jobs: list[_Job], endpoints: dict[str, str], servers: Sequence[_Process],
@@ -267,11 +305,8 @@ def _run_jobs(cfg: EvalConfig, jobs: list[_Job], endpoints: dict[str, str], serv
 
 def write_results(out: Path, cfg: EvalConfig, summaries: Sequence[SamplerSummary],
                   latencies: dict[str, dict[str, list[float]]]) -> None:
-    from runtime.package import sha256_file
-
-    manifest = Path(cfg.policy_dir) / "manifest.json"
     write_json_atomic(out / "results.json", {
-        "policy": str(cfg.policy_dir), "package_sha256": sha256_file(manifest) if manifest.exists() else None,
+        "policy": str(cfg.policy_dir), "package_sha256": _package_sha256(cfg.policy_dir),
         "task": cfg.task, "mode": cfg.mode, "hz": summaries[0].hz if summaries else cfg.hz,
         "seed_base": cfg.seed_base, "episodes_per_sampler": cfg.episodes,
         "results": [s.to_dict() for s in summaries]})

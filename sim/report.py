@@ -25,7 +25,9 @@ def pick_video(raw_dir: Path) -> Path | None:
     candidates = []
     for f in sorted(raw_dir.glob("*.json")):
         data = json.loads(f.read_text())
-        for ep in data.get("episodes", []):
+        if "sampler" not in data:
+            continue  # raw/run.json: the run's settings, not a sampler's episodes
+        for ep in data["episodes"]:
             if ep.get("video") and Path(ep["video"]).exists():
                 candidates.append((not ep["success"], ep["steps"], Path(ep["video"])))
     return min(candidates)[2] if candidates else None

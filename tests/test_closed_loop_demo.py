@@ -148,3 +148,19 @@ def test_arm_with_another_robot_spec_is_refused_with_a_clear_error(server, tmp_p
     assert result.returncode == 1
     assert "object-state" in result.stderr and "spec" in result.stderr.lower()
     assert not (tmp_path / "x.json").exists()
+
+
+def test_an_interrupted_evaluation_reruns_only_its_missing_episodes(demo):
+    out, _ = demo
+    (out / "eval" / "results.json").unlink()
+    missing = out / "eval" / "raw" / "ddim" / "episodes_0001.json"
+    missing.unlink()
+    again = dpstack("demo", "--quick", "--out", str(out), timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming: 7 of 8 episode jobs already done" in again.stdout
+    assert "servers up: ddim at" in again.stdout and "ddpm at" not in again.stdout
+    for stage in ("collect", "train", "export"):
+        assert f"{stage}: already done, skipping" in again.stdout
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert {r["sampler"]: r["episodes"] for r in results["results"]} == {s: 2 for s in SAMPLERS}
+    assert missing.exists()
