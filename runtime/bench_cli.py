@@ -143,10 +143,10 @@ def time_sampler(package, sampler: str, steps: int, max_seconds: float, seed: in
                 st = package.normalizer[k]
                 o[k] = rng.uniform(st.min, st.max).astype(np.float32)
         pool.append(o)
-    start = time.perf_counter()
     s = time.perf_counter()
     runner.control_step(pool[0])
     first_ms = (time.perf_counter() - s) * 1e3
+    start = time.perf_counter()  # the cap counts the timed steps only, not the episode start
     nfe0 = runner.last_chunk.nfe
     ms, nfe = [], 0
     truncated = False
@@ -260,6 +260,7 @@ def run_latency(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     records: list[Record] = []
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     options = SessionOptions(intra_op_threads=args.threads, providers=("CPUExecutionProvider",), spin=not args.no_spin)
     with tempfile.TemporaryDirectory(prefix="dpstack-bench-") as tmp:
         jobs: list[tuple[str, Any, Any]] = []  # (name, package dir, torch model or None)
@@ -305,6 +306,9 @@ def run_latency(args: argparse.Namespace) -> int:
                         extra={"episode_start_nfe": res["first_nfe"], "actions_per_call": res["actions_per_call"],
                                "cond_dim": cond_dim, "horizon": pkg.horizon}))
                     bar.update(1)
+                    # keep what is measured so far if the run is interrupted
+                    partial = {"context": "partial run", "records": [asdict(r) for r in records]}
+                    Path(args.out).with_suffix(".partial.json").write_text(json.dumps(partial, indent=2))
         bar.close()
     targets = check_targets(records)
     context = (f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, load average "
@@ -317,6 +321,7 @@ def run_latency(args: argparse.Namespace) -> int:
     out.write_text(json.dumps({"context": context, "records": [asdict(r) for r in records], "targets": targets}, indent=2))
     table = markdown_table(records, targets, context)
     out.with_suffix(".md").write_text(table)
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
     print(table)
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
