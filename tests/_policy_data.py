@@ -20,18 +20,17 @@ def toy_spec(with_image: bool = False) -> RobotSpec:
 
 def bimodal_dataset(path: Path, n_episodes: int = 16, length: int = 24, seed: int = 0,
                     with_image: bool = False) -> Path:
-    """Same observations in every episode; half the demos go left (dx = -0.8), half right (+0.8).
-
-    dy follows a slow ramp and the gripper closes halfway, so the other channels are learnable.
-    """
+    """Same observations in every episode; half the demos go left (dx = -0.8, dy = -0.5),
+    half right (dx = +0.8, dy = +0.5). dy also drifts slowly and the gripper closes
+    halfway through (both readable from the observation's time ramp)."""
     rng = np.random.default_rng(seed)
     spec = toy_spec(with_image)
     rb = ReplayBuffer.create(path, DatasetAttrs(task="toy", control_hz=10.0, spec=spec, source="scripted_expert"))
     t = np.arange(length, dtype=np.float32)
     for e in range(n_episodes):
         side = -0.8 if e % 2 == 0 else 0.8
-        action = np.stack([side + 0.02 * rng.standard_normal(length),
-                           0.5 * t / length - 0.25,
+        action = np.stack([side + 0.01 * rng.standard_normal(length),
+                           np.sign(side) * 0.5 + 0.2 * t / length,
                            np.where(t < length // 2, -1.0, 1.0)], axis=1).astype(np.float32)
         pos = np.stack([0.1 * t / length, np.full(length, 0.3)], axis=1).astype(np.float32)
         ep = {"pos": pos, "action": action}
