@@ -106,8 +106,8 @@ class Demo:
         # The shipped Lift config (plain DP + streaming-ladder regimes, so one checkpoint
         # serves every sampler), sized by the demo settings.
         overrides = [f"policy.preset={self.s.preset}", f"train.steps={self.s.train_steps}",
-                     f"train.batch_size={self.s.batch_size}",
-                     f"train.warmup_steps={min(500, max(1, self.s.train_steps // 10))}",
+                     f"train.batch_size={self.s.batch_size}", f"train.lr={self.s.lr}",
+                     f"train.warmup_steps={min(200, max(1, self.s.train_steps // 10))}",
                      f"train.ckpt_every={max(1, min(500, self.s.train_steps))}",
                      f"train.log_every={max(1, min(25, self.s.train_steps // 10))}",
                      f"train.eval_every={self.s.train_eval_every}", "train.device=cpu"]

@@ -31,9 +31,13 @@ class DemoSettings:
     """Sizes of one demo run. The defaults aim at ~15 minutes on 2 CPU cores."""
 
     episodes: int = 100
-    train_steps: int = 3000
+    # The "test" U-Net (16-32-64 channels, ~0.3 M parameters) at a higher learning rate
+    # than DP's 1e-4: "small" (~5 M) costs ~1.5 s per batch-128 step on 2 cores, far
+    # beyond a 15-minute demo.
+    train_steps: int = 2000
     batch_size: int = 128
-    preset: str = "small"
+    preset: str = "test"
+    lr: float = 1e-3
     train_config: str = "lift_state_small"   # shipped policy/configs/*.yaml
     train_eval_every: int = 0                # offline action-error checks during training (0 = off)
     eval_episodes: int = 20
@@ -45,7 +49,7 @@ class DemoSettings:
     @classmethod
     def quick(cls) -> "DemoSettings":
         # A smoke run of every stage: a tiny dataset, a few dozen steps of a tiny net.
-        return cls(episodes=3, train_steps=30, batch_size=16, preset="test", eval_episodes=2, max_steps=30)
+        return cls(episodes=3, train_steps=30, batch_size=16, eval_episodes=2, max_steps=30)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny smoke run of every stage (a minute or two; the "
                         "policy will not succeed)")
     parser.add_argument("--episodes", type=int, default=None, help="demonstrations to collect (default 100)")
-    parser.add_argument("--train-steps", type=int, default=None, help="training steps (default 3000)")
+    parser.add_argument("--train-steps", type=int, default=None, help="training steps (default 2000)")
     parser.add_argument("--eval-episodes", type=int, default=None, help="evaluation episodes per sampler (default 20)")
     parser.add_argument("--samplers", default=None, help="comma-separated samplers (default ddpm,ddim,rti,streaming)")
     parser.add_argument("--mode", choices=("lockstep", "realtime"), default="lockstep", help="evaluation clock")

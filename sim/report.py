@@ -64,7 +64,8 @@ def write_report(demo: Any) -> Path:
         "## Settings",
         "",
         f"- demonstrations: {s.episodes} scripted-expert episodes ({demo.dataset})",
-        f"- policy: 1-D U-Net, preset `{s.preset}`, {s.train_steps} training steps, batch {s.batch_size} ({demo.checkpoint})",
+        f"- policy: 1-D U-Net, preset `{s.preset}`, {s.train_steps} training steps, batch {s.batch_size}, "
+        f"lr {s.lr} ({demo.checkpoint})",
         f"- package: {demo.policy}",
         f"- evaluation: {s.eval_episodes} episodes per sampler, seeds from {results.get('seed_base')} "
         "(never used in training), the same seeds for every sampler",

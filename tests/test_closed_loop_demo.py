@@ -134,10 +134,14 @@ def test_realtime_arm_counts_deadlines_and_latency(server, tmp_path):
     for e in data["episodes"]:
         assert e["mode"] == "realtime" and 0 < e["steps"] <= 20
         assert len(e["step_latency_ms"]) == e["steps"]
-        assert e["chunk_latency_ms"] and min(e["chunk_latency_ms"]) > 0
+        assert all(x > 0 for x in e["chunk_latency_ms"])
+        if not e["chunk_latency_ms"]:
+            # No chunk came back within the episode (a badly overloaded machine): every tick held.
+            assert e["held_steps"] == e["steps"]
         # a held step or an overrun is a miss; a step can be both
         assert max(e["held_steps"], e["overruns"]) <= e["deadline_misses"] <= e["held_steps"] + e["overruns"]
         assert e["deadline_misses"] <= e["steps"]
+    assert sum(len(e["chunk_latency_ms"]) for e in data["episodes"]) > 0
     assert data["summary"]["sampler"].startswith("ddim")
 
 
