@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lat.add_argument("--steps", type=int, default=500, help="control steps timed per (model, sampler, backend)")
     lat.add_argument("--max-seconds", type=float, default=60.0,
                      help="stop a record early after this long (noted in the JSON; default %(default)s)")
-    lat.add_argument("--forward-reps", type=int, default=300, help="single-forward timings per model/backend")
+    lat.add_argument("--forward-reps", type=int, default=50, help="warm-up forwards per model/backend before timing")
     lat.add_argument("--threads", type=int, default=2, help="intra-op threads for onnxruntime and torch (default 2)")
     lat.add_argument("--no-spin", action="store_true",
                      help="onnxruntime threads do not spin-wait (better on an oversubscribed machine)")
@@ -94,7 +94,7 @@ class Record:
     mean_ms: float
     steps: int                    # control steps timed (after the episode-start call)
     episode_start_ms: float       # first call of the episode (full denoise for rti/streaming), not in the stats
-    forward_median_ms: float      # one denoiser forward, batch 1, same model and backend
+    forward_median_ms: float      # one denoiser forward, batch 1, same model and backend, timed after each step
     forward_p99_ms: float
     ratio_p99_to_forward_p99: float
     ratio_median_to_forward_median: float
@@ -109,22 +109,22 @@ def percentiles(ms: list[float]) -> tuple[float, float, float, float]:
     return float(np.median(a)), float(np.percentile(a, 99)), float(a.max()), float(a.mean())
 
 
-def time_forward(denoise: Callable, horizon: int, action_dim: int, cond_dim: int, reps: int, rng: np.random.Generator) -> tuple[float, float]:
+def forward_timer(denoise: Callable, horizon: int, action_dim: int, cond_dim: int, rng: np.random.Generator) -> Callable[[], float]:
+    """A function timing one batch-1 denoiser forward (ms) on fixed random inputs."""
     x = rng.standard_normal((1, horizon, action_dim)).astype(np.float32)
     t = rng.integers(0, 100, (1, horizon)).astype(np.int64)
     c = rng.standard_normal((1, cond_dim)).astype(np.float32)
-    for _ in range(max(5, reps // 20)):
-        denoise(x, t, c)
-    ms = []
-    for _ in range(reps):
+
+    def once() -> float:
         s = time.perf_counter()
         denoise(x, t, c)
-        ms.append((time.perf_counter() - s) * 1e3)
-    med, p99, _, _ = percentiles(ms)
-    return med, p99
+        return (time.perf_counter() - s) * 1e3
+    return once
 
 
-def time_sampler(package, sampler: str, steps: int, max_seconds: float, seed: int) -> dict[str, Any]:
+def time_sampler(package, sampler: str, steps: int, max_seconds: float, seed: int, forward: Callable[[], float]) -> dict[str, Any]:
+    """Time `steps` control steps; after each, one bare denoiser forward, so the reference
+    forward is measured in the same time window as the steps (fair ratios on a busy machine)."""
     from runtime.policy import PolicyRunner
 
     runner = PolicyRunner(package, sampler)
@@ -148,19 +148,20 @@ def time_sampler(package, sampler: str, steps: int, max_seconds: float, seed: in
     first_ms = (time.perf_counter() - s) * 1e3
     start = time.perf_counter()  # the cap counts the timed steps only, not the episode start
     nfe0 = runner.last_chunk.nfe
-    ms, nfe = [], 0
+    ms, fwd, nfe = [], [], 0
     truncated = False
     for i in range(steps):
         before = runner.last_chunk
         s = time.perf_counter()
         runner.control_step(pool[(i + 1) % len(pool)])
         ms.append((time.perf_counter() - s) * 1e3)
+        fwd.append(forward())
         if runner.last_chunk is not before:
             nfe += runner.last_chunk.nfe
         if time.perf_counter() - start > max_seconds and i + 1 < steps:
             truncated = True
             break
-    return {"ms": ms, "nfe": nfe, "first_ms": first_ms, "first_nfe": nfe0, "truncated": truncated,
+    return {"ms": ms, "fwd": fwd, "nfe": nfe, "first_ms": first_ms, "first_nfe": nfe0, "truncated": truncated,
             "name": runner.sampler.name, "actions_per_call": runner.sampler.actions_per_call}
 
 
@@ -288,10 +289,13 @@ def run_latency(args: argparse.Namespace) -> int:
                 else:
                     pkg = package
                 rng = np.random.default_rng(args.seed)
-                fmed, fp99 = time_forward(pkg.denoise, pkg.horizon, pkg.action_dim, cond_dim, args.forward_reps, rng)
+                forward = forward_timer(pkg.denoise, pkg.horizon, pkg.action_dim, cond_dim, rng)
+                for _ in range(args.forward_reps):  # warm-up (allocations, thread pools)
+                    forward()
                 for sampler in samplers:
-                    res = time_sampler(pkg, sampler, args.steps, args.max_seconds, args.seed)
+                    res = time_sampler(pkg, sampler, args.steps, args.max_seconds, args.seed, forward)
                     med, p99, mx, mean = percentiles(res["ms"])
+                    fmed, fp99, _, _ = percentiles(res["fwd"])
                     note = ""
                     if res["truncated"]:
                         note = f"records marked (capped) stopped at --max-seconds {args.max_seconds:g} before {args.steps} steps"
@@ -314,7 +318,8 @@ def run_latency(args: argparse.Namespace) -> int:
     context = (f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, load average "
                f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end, {args.threads} threads"
                f"{' (onnxruntime spinning off)' if args.no_spin else ''}, batch 1; "
-               f"latency = PolicyRunner.control_step (normalise + encoder + sampler + unnormalise); "
+               f"latency = PolicyRunner.control_step (normalise + encoder + sampler + unnormalise); the reference forward "
+               f"(batch 1) is timed right after every control step, in the same time window; "
                f"the episode-start call (full denoise for rti/streaming) is excluded and recorded as episode_start_ms.")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
