@@ -32,9 +32,9 @@ class DemoSettings:
 
     episodes: int = 100
     # The "test" U-Net (16-32-64 channels, ~0.3 M parameters) at a higher learning rate
-    # than DP's 1e-4: "small" (~5 M) costs ~1.5 s per batch-128 step on 2 cores, far
-    # beyond a 15-minute demo.
-    train_steps: int = 2000
+    # than DP's 1e-4: ~2000 samples/s on 2 idle cores, so 5000 batch-128 steps take ~5
+    # minutes; "small" (~5 M) is ~17x the compute per sample, far beyond a 15-minute demo.
+    train_steps: int = 5000
     batch_size: int = 128
     preset: str = "test"
     lr: float = 1e-3
@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny smoke run of every stage (a minute or two; the "
                         "policy will not succeed)")
     parser.add_argument("--episodes", type=int, default=None, help="demonstrations to collect (default 100)")
-    parser.add_argument("--train-steps", type=int, default=None, help="training steps (default 2000)")
+    parser.add_argument("--train-steps", type=int, default=None, help="training steps (default 5000)")
     parser.add_argument("--eval-episodes", type=int, default=None, help="evaluation episodes per sampler (default 20)")
     parser.add_argument("--samplers", default=None, help="comma-separated samplers (default ddpm,ddim,rti,streaming)")
     parser.add_argument("--mode", choices=("lockstep", "realtime"), default="lockstep", help="evaluation clock")
