@@ -28,7 +28,7 @@ COMMANDS: dict[str, Command] = {
     "serve": Command("runtime.serve_cli", "serve a policy package over ZeroMQ", "runtime"),
     "sim": Command("sim.arm_cli", "run a simulated arm against a policy server", "sim"),
     "eval": Command("sim.eval_cli", "closed-loop evaluation of a policy package", "sim"),
-    "bench": Command("runtime.bench_cli", "benchmarks: latency, training throughput", "runtime"),
+    "bench": Command("runtime.bench_cli", "benchmarks: sampler latency, training throughput, transport, servo jitter", "train"),
     "bridge": Command("deploy.bridge_cli", "run the real-robot bridge", "deploy"),
     "keys": Command("deploy.keys_cli", "generate CurveZMQ keys for authenticated links", "deploy"),
     "demo": Command("sim.demo_cli", "end-to-end demo: collect, train, export, serve, evaluate", "all"),

@@ -1,0 +1,320 @@
+"""`dpstack bench latency`: sampler speed figures as JSON + a markdown table.
+
+latency: per-control-step compute latency of every sampler (PolicyRunner.control_step:
+normalisation + encoder + sampler + unnormalisation), onnxruntime CPU vs the same
+sampler driving the torch model eagerly, plus a single denoiser forward per
+model/backend as the reference for the ratio targets. Models are built with random
+weights from the policy code and exported to a temporary directory (or pass
+--package DIR to time an existing package with onnxruntime only, no torch).
+
+It lives in policy/ because it builds and drives torch models; the runtime
+itself never imports torch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+DEFAULT_MODELS = "small,dp,transformer"
+DEFAULT_SAMPLERS = "ddpm-100,ddim-10,rti-3,1,0,streaming-1,streaming-3"
+# model name -> (PolicyConfig.model, preset)
+MODELS = {"test": ("unet", "test"), "small": ("unet", "small"), "dp": ("unet", "dp"),
+          "transformer": ("transformer", "dp"), "transformer-small": ("transformer", "small")}
+# Targets from the issue, checked on the ratios measured within one run.
+STREAM_TARGET, RTI_TARGET, ORT_SPEEDUP_TARGET, DP_STREAM_P99_MS = 1.3, 3.5, 2.5, 15.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    lat = argparse.ArgumentParser(prog="dpstack bench latency",
+                                  description="per-control-step latency of every sampler, onnxruntime vs torch eager")
+    lat.add_argument("--out", required=True, help="JSON file to write (a .md table is written next to it)")
+    lat.add_argument("--models", default=DEFAULT_MODELS, help=f"comma list of {sorted(MODELS)} (default {DEFAULT_MODELS})")
+    lat.add_argument("--package", action="append", default=[], help="time an exported package dir instead (onnx only); repeatable")
+    lat.add_argument("--samplers", default=DEFAULT_SAMPLERS,
+                     help="semicolon or comma list: ddpm-N, ddim-N, rti-K1,K2,.., streaming-E (default %(default)s)")
+    lat.add_argument("--backends", default="onnx,torch", help="onnx and/or torch (default %(default)s)")
+    lat.add_argument("--steps", type=int, default=500, help="control steps timed per (model, sampler, backend)")
+    lat.add_argument("--max-seconds", type=float, default=60.0,
+                     help="stop a record early after this long (noted in the JSON; default %(default)s)")
+    lat.add_argument("--forward-reps", type=int, default=50, help="warm-up forwards per model/backend before timing")
+    lat.add_argument("--threads", type=int, default=2, help="intra-op threads for onnxruntime and torch (default 2)")
+    lat.add_argument("--no-spin", action="store_true",
+                     help="onnxruntime threads do not spin-wait (better on an oversubscribed machine)")
+    lat.add_argument("--seed", type=int, default=0)
+    return lat
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_latency(build_parser().parse_args(argv))
+
+
+@dataclass
+class Record:
+    model: str
+    sampler: str
+    backend: str
+    nfe_per_step: float           # mean denoiser evaluations per control step (steady state)
+    median_ms: float
+    p99_ms: float
+    max_ms: float
+    mean_ms: float
+    steps: int                    # control steps timed (after the episode-start call)
+    episode_start_ms: float       # first call of the episode (full denoise for rti/streaming), not in the stats
+    forward_median_ms: float      # one denoiser forward, batch 1, same model and backend, timed after each step
+    forward_p99_ms: float
+    ratio_p99_to_forward_p99: float
+    ratio_median_to_forward_median: float
+    threads: int
+    truncated: bool = False
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def percentiles(ms: list[float]) -> tuple[float, float, float, float]:
+    a = np.asarray(ms)
+    return float(np.median(a)), float(np.percentile(a, 99)), float(a.max()), float(a.mean())
+
+
+def forward_timer(denoise: Callable, horizon: int, action_dim: int, cond_dim: int, rng: np.random.Generator) -> Callable[[], float]:
+    """A function timing one batch-1 denoiser forward (ms) on fixed random inputs."""
+    x = rng.standard_normal((1, horizon, action_dim)).astype(np.float32)
+    t = rng.integers(0, 100, (1, horizon)).astype(np.int64)
+    c = rng.standard_normal((1, cond_dim)).astype(np.float32)
+
+    def once() -> float:
+        s = time.perf_counter()
+        denoise(x, t, c)
+        return (time.perf_counter() - s) * 1e3
+    return once
+
+
+def time_sampler(package, sampler: str, steps: int, max_seconds: float, seed: int, forward: Callable[[], float]) -> dict[str, Any]:
+    """Time `steps` control steps; after each, one bare denoiser forward, so the reference
+    forward is measured in the same time window as the steps (fair ratios on a busy machine)."""
+    from runtime.policy import PolicyRunner
+
+    runner = PolicyRunner(package, sampler)
+    runner.reset(seed)
+    rng = np.random.default_rng(seed)
+    spec = package.spec
+    # A small pool of plausible observations (inside the normaliser's range), cycled.
+    pool = []
+    for _ in range(16):
+        o = {}
+        for k in package.obs_keys:
+            s = spec.obs(k)
+            if s.is_image:
+                o[k] = rng.integers(0, 256, s.shape).astype(np.uint8)
+            else:
+                st = package.normalizer[k]
+                o[k] = rng.uniform(st.min, st.max).astype(np.float32)
+        pool.append(o)
+    s = time.perf_counter()
+    runner.control_step(pool[0])
+    first_ms = (time.perf_counter() - s) * 1e3
+    start = time.perf_counter()  # the cap counts the timed steps only, not the episode start
+    nfe0 = runner.last_chunk.nfe
+    ms, fwd, nfe = [], [], 0
+    truncated = False
+    for i in range(steps):
+        before = runner.last_chunk
+        s = time.perf_counter()
+        runner.control_step(pool[(i + 1) % len(pool)])
+        ms.append((time.perf_counter() - s) * 1e3)
+        fwd.append(forward())
+        if runner.last_chunk is not before:
+            nfe += runner.last_chunk.nfe
+        if time.perf_counter() - start > max_seconds and i + 1 < steps:
+            truncated = True
+            break
+    return {"ms": ms, "fwd": fwd, "nfe": nfe, "first_ms": first_ms, "first_nfe": nfe0, "truncated": truncated,
+            "name": runner.sampler.name, "actions_per_call": runner.sampler.actions_per_call}
+
+
+# -- models -------------------------------------------------------------------------------------------
+
+def bench_spec():
+    """A Lift-like state spec (robosuite Panda proprio + object state); only shapes matter here."""
+    from runtime.spec import ActionSpec, ArraySpec, RobotSpec
+
+    return RobotSpec("lift", "Panda", 20.0,
+                     (ArraySpec("robot0_eef_pos", (3,)), ArraySpec("robot0_eef_quat", (4,)),
+                      ArraySpec("robot0_gripper_qpos", (2,)), ArraySpec("object-state", (10,))),
+                     ActionSpec(shape=(7,), gripper_dims=(6,), low=(-1,) * 7, high=(1,) * 7))
+
+
+def build_and_export(name: str, out: Path, seed: int):
+    import torch
+
+    from policy.config import PolicyConfig
+    from policy.export import export_model
+    from policy.model import DiffusionPolicyModel
+    from runtime.normalizer import Normalizer
+
+    kind, preset = MODELS[name]
+    torch.manual_seed(seed)
+    spec = bench_spec()
+    rng = np.random.default_rng(seed)
+    data = {o.key: rng.uniform(-1, 1, (256, *o.shape)) for o in spec.observations}
+    data["action"] = np.concatenate([rng.uniform(-1, 1, (256, 6)), rng.choice([-1.0, 1.0], (256, 1))], axis=1)
+    config = PolicyConfig(model=kind, preset=preset)  # DP's horizons: Tp 16, To 2, Ta 8
+    model = DiffusionPolicyModel(config, spec, Normalizer.fit(data)).eval()
+    export_model(model, out, {"dataset": {"fingerprint": "random-weights"}}, force=True)
+    return model
+
+
+def markdown_table(records: list[Record], targets: list[dict[str, Any]], context: str) -> str:
+    lines = [f"# dpstack bench latency\n\n{context}\n",
+             "| model | sampler | backend | nfe/step | median ms | p99 ms | max ms | fwd median ms | fwd p99 ms | p99 / fwd p99 | steps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        steps = f"{r.steps}{' (capped)' if r.truncated else ''}"
+        lines.append(f"| {r.model} | {r.sampler} | {r.backend} | {r.nfe_per_step:.2f} | {r.median_ms:.2f} | {r.p99_ms:.2f} | "
+                     f"{r.max_ms:.2f} | {r.forward_median_ms:.2f} | {r.forward_p99_ms:.2f} | {r.ratio_p99_to_forward_p99:.2f} | {steps} |")
+    if targets:
+        lines += ["", "| target | model | measured | limit | met |", "|---|---|---|---|---|"]
+        for t in targets:
+            lines.append(f"| {t['target']} | {t['model']} | {t['value']:.2f} | {t['limit']} | {'yes' if t['met'] else 'NO'} |")
+    notes = sorted({r.note for r in records if r.note})
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def check_targets(records: list[Record]) -> list[dict[str, Any]]:
+    out = []
+    by = {(r.model, r.sampler, r.backend): r for r in records}
+    for r in records:
+        if r.backend != "onnx":
+            continue
+        if r.sampler.startswith("streaming") and r.nfe_per_step == 1:
+            out.append({"target": "streaming 1 nfe/step: step p99 / forward p99", "model": r.model,
+                        "value": r.ratio_p99_to_forward_p99, "limit": f"<= {STREAM_TARGET}", "met": r.ratio_p99_to_forward_p99 <= STREAM_TARGET})
+            if r.model == "dp":
+                out.append({"target": f"dp U-Net streaming p99 ms ({r.threads} threads)", "model": r.model, "value": r.p99_ms,
+                            "limit": f"< {DP_STREAM_P99_MS}", "met": r.p99_ms < DP_STREAM_P99_MS})
+        if r.sampler.startswith("rti") and round(r.nfe_per_step) == 3:
+            out.append({"target": "RTI 3 refinements: step p99 / forward p99", "model": r.model,
+                        "value": r.ratio_p99_to_forward_p99, "limit": f"<= {RTI_TARGET}", "met": r.ratio_p99_to_forward_p99 <= RTI_TARGET})
+    seen = set()
+    for r in records:
+        t = by.get((r.model, r.sampler, "torch"))
+        if r.backend == "onnx" and t is not None and MODELS.get(r.model, ("",))[0] == "unet" and r.model not in seen:
+            seen.add(r.model)
+            speedup = t.forward_median_ms / r.forward_median_ms
+            out.append({"target": "onnxruntime speed-up over torch eager (forward median)", "model": r.model,
+                        "value": speedup, "limit": f">= {ORT_SPEEDUP_TARGET}", "met": speedup >= ORT_SPEEDUP_TARGET})
+    return out
+
+
+def run_latency(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+
+    from runtime.package import SessionOptions, load_package
+
+    samplers = split_samplers(args.samplers)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for b in backends:
+        if b not in ("onnx", "torch"):
+            print(f"dpstack bench: unknown backend {b!r}; use onnx,torch", file=sys.stderr)
+            return 2
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if not args.package else []
+    for m in models:
+        if m not in MODELS:
+            print(f"dpstack bench: unknown model {m!r}; have {sorted(MODELS)}", file=sys.stderr)
+            return 2
+    from tqdm import tqdm
+
+    records: list[Record] = []
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    options = SessionOptions(intra_op_threads=args.threads, providers=("CPUExecutionProvider",), spin=not args.no_spin)
+    with tempfile.TemporaryDirectory(prefix="dpstack-bench-") as tmp:
+        jobs: list[tuple[str, Any, Any]] = []  # (name, package dir, torch model or None)
+        for m in models:
+            print(f"building and exporting {m} (random weights) ...", file=sys.stderr, flush=True)
+            model = build_and_export(m, Path(tmp) / m, args.seed)
+            jobs.append((m, Path(tmp) / m, model))
+        jobs += [(Path(p).name, Path(p), None) for p in args.package]
+        total = sum(len(samplers) * len([b for b in backends if b == "onnx" or model is not None]) for _, _, model in jobs)
+        bar = tqdm(total=total, desc="bench latency", unit="record")
+        for name, pdir, model in jobs:
+            package = load_package(pdir, options=options)
+            cond_dim = int(package.manifest["cond_dim"])
+            for backend in backends:
+                if backend == "torch":
+                    if model is None:
+                        continue
+                    import torch
+
+                    from policy.torch_callables import torch_callables
+
+                    torch.set_num_threads(args.threads)
+                    ref = torch_callables(model)
+                    pkg = package.with_backend(ref.encode, ref.denoise)
+                else:
+                    pkg = package
+                rng = np.random.default_rng(args.seed)
+                forward = forward_timer(pkg.denoise, pkg.horizon, pkg.action_dim, cond_dim, rng)
+                for _ in range(args.forward_reps):  # warm-up (allocations, thread pools)
+                    forward()
+                for sampler in samplers:
+                    res = time_sampler(pkg, sampler, args.steps, args.max_seconds, args.seed, forward)
+                    med, p99, mx, mean = percentiles(res["ms"])
+                    fmed, fp99, _, _ = percentiles(res["fwd"])
+                    note = ""
+                    if res["truncated"]:
+                        note = f"records marked (capped) stopped at --max-seconds {args.max_seconds:g} before {args.steps} steps"
+                    if res["actions_per_call"] > 1:
+                        note = note or f"chunked samplers run the full denoise once every Ta={res['actions_per_call']} steps; p99/max are that call"
+                    records.append(Record(
+                        model=name, sampler=res["name"], backend=backend, nfe_per_step=res["nfe"] / len(res["ms"]),
+                        median_ms=med, p99_ms=p99, max_ms=mx, mean_ms=mean, steps=len(res["ms"]),
+                        episode_start_ms=res["first_ms"], forward_median_ms=fmed, forward_p99_ms=fp99,
+                        ratio_p99_to_forward_p99=p99 / fp99, ratio_median_to_forward_median=med / fmed, threads=args.threads,
+                        truncated=res["truncated"], note=note,
+                        extra={"episode_start_nfe": res["first_nfe"], "actions_per_call": res["actions_per_call"],
+                               "cond_dim": cond_dim, "horizon": pkg.horizon}))
+                    bar.update(1)
+                    # keep what is measured so far if the run is interrupted
+                    partial = {"context": "partial run", "records": [asdict(r) for r in records]}
+                    Path(args.out).with_suffix(".partial.json").write_text(json.dumps(partial, indent=2))
+        bar.close()
+    targets = check_targets(records)
+    context = (f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, load average "
+               f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end, {args.threads} threads"
+               f"{' (onnxruntime spinning off)' if args.no_spin else ''}, batch 1; "
+               f"latency = PolicyRunner.control_step (normalise + encoder + sampler + unnormalise); the reference forward "
+               f"(batch 1) is timed right after every control step, in the same time window; "
+               f"the episode-start call (full denoise for rti/streaming) is excluded and recorded as episode_start_ms.")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"context": context, "records": [asdict(r) for r in records], "targets": targets}, indent=2))
+    table = markdown_table(records, targets, context)
+    out.with_suffix(".md").write_text(table)
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
+    print(table)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+def split_samplers(text: str) -> list[str]:
+    """'ddpm-100,ddim-10,rti-3,1,0,streaming-1' -> names (commas inside rti's list kept)."""
+    if ";" in text:
+        return [s.strip() for s in text.split(";") if s.strip()]
+    out: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if part.lstrip("-").isdigit() and out and out[-1].startswith("rti"):
+            out[-1] += "," + part
+        else:
+            out.append(part)
+    return out
