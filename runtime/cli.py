@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpstack {args.command}: missing dependency {e.name!r}; "
               f"install it with: pip install 'dpstack[{args._extra}]'", file=sys.stderr)
         return 3
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"dpstack {args.command}: interrupted", file=sys.stderr)
         return 130
