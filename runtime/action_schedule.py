@@ -9,7 +9,12 @@ Action i of a chunk is meant for robot time start_time + i * dt. At each tick:
   current one at once, skipping any slot already commanded;
 - actions whose time has passed (t_i < now - tolerance) are dropped as stale;
 - with no fresh chunk the current one simply continues;
-- when it is exhausted (or everything is stale) the decision is a Hold.
+- a fresh chunk whose actions are ALL stale on arrival, but whose last action is
+  at most `late_periods` control periods late, executes that last action once at
+  this slot (the Diffusion Policy / UMI real-stack rule): a one-action chunk
+  (streaming) timed for its observation always arrives after that time, and
+  dropping it would hold the robot forever;
+- when it is exhausted (or everything is older than that) the decision is a Hold.
 
 Hold means "do not move": for a robot commanded in deltas (robosuite OSC_POSE,
 DROID-style velocity) it is a ZERO motion command with the gripper channels
@@ -48,10 +53,12 @@ class Decision:
 
 class ActionSchedule:
     def __init__(self, action: ActionSpec, mode: ActionMode | str = ActionMode.DELTA,
-                 tolerance_s: float = 0.01, initial: np.ndarray | None = None) -> None:
+                 tolerance_s: float = 0.01, initial: np.ndarray | None = None,
+                 late_periods: float = 1.5) -> None:
         self.spec = action
         self.mode = ActionMode(mode)
         self.tolerance_s = float(tolerance_s)
+        self.late_periods = float(late_periods)
         self._initial = None if initial is None else np.asarray(initial, dtype=np.float32).reshape(action.shape)
         self.reset()
 
@@ -59,6 +66,7 @@ class ActionSchedule:
         """Forget chunks and the last command (new episode)."""
         self._chunk: ActionReply | None = None
         self._cursor = 0
+        self._fresh = False  # no action of the current chunk executed yet
         self._last_action: np.ndarray | None = None if self._initial is None else self._initial.copy()
         self._last_time = -np.inf
         self.n_executed = 0
@@ -79,6 +87,7 @@ class ActionSchedule:
             return False
         self._chunk = reply
         self._cursor = 0
+        self._fresh = True
         return True
 
     def remaining(self, now: float) -> int:
@@ -103,10 +112,14 @@ class ActionSchedule:
                     dropped += 1
                 else:
                     break
+            late_last = self._late_last_index(c, now) if self._cursor == len(c.actions) and dropped else None
+            if late_last is not None:
+                dropped -= 1
             self.n_stale += dropped
-            if self._cursor < len(c.actions):
-                i = self._cursor
-                self._cursor += 1
+            if self._cursor < len(c.actions) or late_last is not None:
+                i = self._cursor if late_last is None else late_last
+                self._cursor = i + 1
+                self._fresh = False
                 t = c.start_time + i * c.dt
                 action = c.actions[i].astype(np.float32, copy=True)
                 self._last_action = action
@@ -115,6 +128,14 @@ class ActionSchedule:
                 return Decision(action.copy(), hold=False, seq=c.seq, index=i, target_time=t, dropped=dropped)
         self.n_hold += 1
         return Decision(self.hold_action(), hold=True, dropped=dropped)
+
+    def _late_last_index(self, c: ActionReply, now: float) -> int | None:
+        """Index of a fresh chunk's last action if it may still run one slot late."""
+        i = len(c.actions) - 1
+        t = c.start_time + i * c.dt
+        if self._fresh and t > self._last_time + 0.5 * c.dt and now - t <= self.late_periods * c.dt:
+            return i
+        return None
 
     def hold_action(self) -> np.ndarray | None:
         """The "do not move" command for this robot's action mode (see module doc)."""

@@ -55,13 +55,13 @@ def package(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bridge_package")
     spec = robot_spec(sim_config())
     synthetic_dataset(tmp / "synthetic.zarr", spec)
-    # 3 ladder rungs: the streaming sampler then returns 5 actions per call. With the
-    # config's 15 rungs it returns one action, due at the observation's own step, which
-    # the bridge always finds stale by the next control tick (it holds instead).
+    # The config's 15 ladder rungs: streaming returns ONE action per call, due at the
+    # observation's own step, so it is always a little late by the next control tick;
+    # the ActionSchedule runs it one slot late instead of holding the arm forever.
     obs_keys = "[" + ",".join(o.key for o in spec.observations) + "]"
     assert cli.main(["train", "--config", "lift_state_small", "--dataset", str(tmp / "synthetic.zarr"),
                      "--out", str(tmp / "train"), "--no-progress", "--set", "policy.preset=test",
-                     f"policy.obs_keys={obs_keys}", "policy.ladder_rungs=3", "train.steps=20", "train.batch_size=32",
+                     f"policy.obs_keys={obs_keys}", "train.steps=20", "train.batch_size=32",
                      "train.warmup_steps=2", "train.ckpt_every=20", "train.log_every=10", "train.eval_every=0",
                      "train.device=cpu"]) == 0
     assert cli.main(["export", str(tmp / "train" / "last.pt"), "--out", str(tmp / "policy")]) == 0
@@ -101,7 +101,9 @@ def test_bridge_runs_an_exported_package_and_holds_when_its_server_is_killed(pac
     assert "killed" in events, summary
     # The package drove the arm: its chunks arrived and commands were sent every tick.
     assert events["chunks_at_kill"] >= 20 and summary["commands_sent"] == summary["ticks"]
-    assert summary["actions_executed"] > 20 and summary["safety"]["rejected_nan"] == 0
+    # One action per chunk (15 rungs): nearly every chunk before the kill runs, one slot late.
+    assert summary["actions_executed"] >= events["chunks_at_kill"] - 3, summary
+    assert summary["safety"]["rejected_nan"] == 0
     assert summary["chunks"] == events["chunks_at_kill"]   # nothing arrives from a dead server
     s = cfg.safety
     dt = 1.0 / cfg.driver.servo_hz
@@ -127,4 +129,6 @@ def test_bridge_runs_an_exported_package_and_holds_when_its_server_is_killed(pac
     assert window.sum() > 20
     assert np.all(speed[window] == 0.0), "the commanded motion must be stopped by the watchdog deadline"
     assert np.all(cpos[window] == cpos[window][0])
-    assert summary["safety"]["watchdog_hold"] > 0
+    # With one action per chunk the schedule runs dry at once and the bridge holds
+    # before the watchdog would have to; either way the arm is at rest by the deadline.
+    assert summary["holds"] > 0

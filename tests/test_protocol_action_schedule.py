@@ -123,3 +123,17 @@ def test_reset_forgets_chunk_and_last_command() -> None:
     assert d.hold
     np.testing.assert_array_equal(d.action, [0, 0, 0])
     assert s.offer(chunk(1, start=0.0))  # seq numbering may restart after a reset
+
+
+def test_fresh_all_stale_chunk_runs_its_last_action_once_if_only_one_period_late() -> None:
+    # A one-action chunk (streaming) is timed for its observation and always arrives
+    # after that time; it runs at the next slot instead of holding the robot forever.
+    s = ActionSchedule(SPEC, tolerance_s=0.01)
+    for k in range(3):
+        s.offer(chunk(k + 1, start=k * DT, n=1, base=float(k)))
+        d = s.next((k + 1) * DT + 0.003)
+        assert not d.hold and d.seq == k + 1 and d.index == 0
+    assert s.next(4 * DT).hold  # no new chunk: the same action is not replayed
+    s.offer(chunk(9, start=0.5, n=2))  # last action for 0.6, now 1.0: four periods late
+    assert s.next(10 * DT).hold  # far too late: dropped, never replayed
+    assert s.n_executed == 3
