@@ -1,0 +1,42 @@
+"""The export's Conv1d -> MatMul rewrite computes the same function as nn.Conv1d."""
+import pytest
+import torch
+from torch import nn
+
+from policy.nets.matmul_conv import MatMulConv1d, convs_as_matmul
+from policy.nets.unet import ConditionalUnet1D
+
+
+@pytest.mark.parametrize("c_in,c_out,k,stride,pad,t", [
+    (7, 16, 5, 1, 2, 16),    # the U-Net's blocks
+    (32, 32, 3, 2, 1, 16),   # its stride-2 downsampling
+    (8, 4, 1, 1, 0, 4),      # 1x1 residual / output projections
+    (6, 10, 4, 1, 0, 9),     # even kernel, no padding, odd length
+    (5, 5, 3, 3, 2, 11),     # stride that does not divide the length
+])
+def test_matches_conv1d(c_in, c_out, k, stride, pad, t):
+    torch.manual_seed(0)
+    conv = nn.Conv1d(c_in, c_out, k, stride=stride, padding=pad)
+    x = torch.randn(3, c_in, t)
+    y = MatMulConv1d(conv)(x)
+    ref = conv(x)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_refuses_what_it_cannot_express():
+    for conv in (nn.Conv1d(4, 4, 3, groups=2), nn.Conv1d(4, 4, 3, dilation=2), nn.Conv1d(4, 4, 3, padding="same"),
+                 nn.Conv1d(4, 4, 3, padding=1, padding_mode="reflect")):
+        with pytest.raises(ValueError):
+            MatMulConv1d(conv)
+
+
+def test_unet_copy_is_rewritten_and_equal():
+    torch.manual_seed(0)
+    net = ConditionalUnet1D(7, 12, (16, 32, 64), level_dim=32).eval()
+    fast = convs_as_matmul(net).eval()
+    assert not any(type(m) is nn.Conv1d for m in fast.modules())
+    assert any(type(m) is nn.Conv1d for m in net.modules())  # the original is untouched
+    x, t, c = torch.randn(2, 16, 7), torch.randint(-1, 100, (2, 16)), torch.randn(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, t, c), net(x, t, c), rtol=1e-5, atol=1e-5)
