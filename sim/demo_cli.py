@@ -50,7 +50,7 @@ class DemoSettings:
     @classmethod
     def quick(cls) -> "DemoSettings":
         # A smoke run of every stage: a tiny dataset, a few dozen steps of a tiny net.
-        return cls(episodes=3, train_steps=30, batch_size=16, eval_episodes=2, max_steps=30)
+        return cls(episodes=3, train_steps=30, batch_size=16, preset="test", lr=1e-3, eval_episodes=2, max_steps=30)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
