@@ -63,11 +63,30 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
         outcomes = run_stages(self.stages(), self.log, force=force)
-        self.log(f"demo finished in {time.monotonic() - start:.0f} s; report: {self.report_dir / 'report.md'}")
+        seconds = time.monotonic() - start
+        peaks = [o.peak_mb for o in outcomes if o.peak_mb is not None]
+        peak = f", peak memory {max(peaks):.0f} MB (largest stage, all its processes)" if peaks else ""
+        self.log(f"demo finished in {seconds:.0f} s{peak}; report: {self.report_dir / 'report.md'}")
+        self.write_run_record(outcomes, seconds)
         table = self.report_dir / "table.md"
         if table.exists():
             self.log("\n" + table.read_text())
         return outcomes
+
+    def write_run_record(self, outcomes: list, seconds: float) -> None:
+        """REPORT/run.json: this invocation's wall-clock time and per-stage time and peak memory."""
+        if not self.report_dir.exists():
+            return
+        record = {"seconds": seconds, "stages": [vars(o) for o in outcomes]}
+        (self.report_dir / "run.json").write_text(json.dumps(record, indent=2))
+        report = self.report_dir / "report.md"
+        if report.exists() and any(o.name == "report" and o.status == "ran" for o in outcomes):
+            rows = [f"| {o.name} | {o.status} | {o.seconds:.0f} | "
+                    f"{'' if o.peak_mb is None else f'{o.peak_mb:.0f}'} |" for o in outcomes]
+            report.write_text(report.read_text() + "\n".join([
+                "## This run", "", f"Wall clock {seconds:.0f} s. Peak memory: resident memory of the stage's "
+                "processes summed (servers and arms run at once).", "",
+                "| stage | status | seconds | peak memory (MB) |", "|---|---|---|---|", *rows, ""]))
 
     def _call(self, *args: str) -> None:
         env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "PYTHONUNBUFFERED": "1"}

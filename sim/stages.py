@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from sim.peak_memory import PeakMemory
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -26,6 +28,7 @@ class StageOutcome:
     name: str
     status: str  # "skipped" (already done) or "ran"
     seconds: float
+    peak_mb: float | None = None  # resident memory of this process and its children, summed (Linux)
 
 
 class StageFailed(RuntimeError):
@@ -43,10 +46,12 @@ def run_stages(stages: list[Stage], log: Callable[[str], None] = print, force: b
             continue
         log(f"{head}: {stage.description}")
         start = time.monotonic()
-        stage.run()
+        with PeakMemory() as memory:
+            stage.run()
         seconds = time.monotonic() - start
         if not stage.done():
             raise StageFailed(f"stage {stage.name!r} finished but its output is not complete")
-        log(f"{head}: done in {seconds:.1f} s")
-        outcomes.append(StageOutcome(stage.name, "ran", seconds))
+        peak = f", peak memory {memory.peak_mb:.0f} MB" if memory.peak_mb is not None else ""
+        log(f"{head}: done in {seconds:.1f} s{peak}")
+        outcomes.append(StageOutcome(stage.name, "ran", seconds, memory.peak_mb))
     return outcomes

@@ -119,3 +119,20 @@ def test_evaluation_seeds_start_above_every_seed_the_collection_tried(tmp_path: 
     (tmp_path / "policy").mkdir()
     (tmp_path / "policy" / "manifest.json").write_text(json.dumps({"dataset": {"source": str(tmp_path / "d.zarr")}}))
     assert training_dataset(tmp_path / "policy") == tmp_path / "d.zarr"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak memory reads /proc (Linux)")
+def test_a_stage_reports_the_peak_memory_of_its_subprocesses(tmp_path: Path):
+    import subprocess
+    import sys
+
+    # A child holding ~300 MB for a second: the stage's peak must include it (the parent alone is far smaller).
+    hold = "import numpy as np, time; a = np.ones(300 * 2**20 // 8); time.sleep(1.0)"
+    done = tmp_path / "done"
+
+    def run() -> None:
+        subprocess.run([sys.executable, "-c", hold], check=True)
+        done.touch()
+
+    (outcome,) = run_stages([Stage("hold", "hold memory", done=done.exists, run=run)], log=lambda s: None)
+    assert outcome.peak_mb is not None and outcome.peak_mb > 300
