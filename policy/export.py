@@ -30,7 +30,7 @@ from runtime.package import (DENOISER_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION
 from runtime.verify import VerifyError, random_denoiser_inputs, random_observations, verify_onnx_only
 
 from .model import DiffusionPolicyModel
-from .nets.matmul_conv import convs_as_matmul
+from .nets.export_form import export_form
 from .regimes import n_rungs
 from .torch_callables import torch_callables
 
@@ -89,8 +89,8 @@ def export_graphs(model: DiffusionPolicyModel, out_dir: Path, opset: int | None 
                           dynamic_shapes=(tuple({0: batch} for _ in keys),), **kwargs)
         x, t, cond = random_denoiser_inputs(model.horizon, model.action_dim, model.cond_dim,
                                             model.schedule.num_train_steps, 2, rng)
-        # Convolutions as MatMuls: same function, much faster in onnxruntime at batch 1 (nets/matmul_conv.py).
-        torch.onnx.export(_DenoiserGraph(convs_as_matmul(model.denoiser)).eval(), (torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(cond)),
+        # The same function in ops onnxruntime runs fast at batch 1 (nets/export_form.py).
+        torch.onnx.export(_DenoiserGraph(export_form(model.denoiser)).eval(), (torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(cond)),
                           str(out_dir / DENOISER_FILE), input_names=["x", "t", "cond"], output_names=["eps"],
                           dynamic_shapes=({0: batch}, {0: batch}, {0: batch}), **kwargs)
     return {"encoder_inputs": enc_names}

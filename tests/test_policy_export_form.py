@@ -1,9 +1,9 @@
-"""The export's Conv1d -> MatMul rewrite computes the same function as nn.Conv1d."""
+"""The exported form of the denoiser (Conv1d as MatMul, Mish through Exp) computes the same function."""
 import pytest
 import torch
 from torch import nn
 
-from policy.nets.matmul_conv import MatMulConv1d, convs_as_matmul
+from policy.nets.export_form import ExpMish, MatMulConv1d, export_form
 from policy.nets.unet import ConditionalUnet1D
 
 
@@ -34,9 +34,16 @@ def test_refuses_what_it_cannot_express():
 def test_unet_copy_is_rewritten_and_equal():
     torch.manual_seed(0)
     net = ConditionalUnet1D(7, 12, (16, 32, 64), level_dim=32).eval()
-    fast = convs_as_matmul(net).eval()
-    assert not any(type(m) is nn.Conv1d for m in fast.modules())
+    fast = export_form(net).eval()
+    assert not any(type(m) in (nn.Conv1d, nn.Mish) for m in fast.modules())
     assert any(type(m) is nn.Conv1d for m in net.modules())  # the original is untouched
     x, t, c = torch.randn(2, 16, 7), torch.randint(-1, 100, (2, 16)), torch.randn(2, 12)
     with torch.no_grad():
         torch.testing.assert_close(fast(x, t, c), net(x, t, c), rtol=1e-5, atol=1e-5)
+
+
+def test_exp_mish_matches_mish_over_the_float32_range():
+    x = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([-1e30, -88.0, 19.99, 20.0, 20.01, 1e30])])
+    y, ref = ExpMish()(x), nn.functional.mish(x)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
