@@ -218,6 +218,16 @@ class SimArm:
         # Robot time is in the task's seconds (what the policy's chunk times mean);
         # --hz sets how fast it runs on the wall clock (hz below the task rate = slow motion).
         scale = self.hz / self.spec.control_hz
+        # Episode start: the arm is at rest after the reset, so its first chunk (a full
+        # denoise for RTI and streaming) is waited for before the clock starts, as a real
+        # arm would wait before moving; its latency is recorded, not counted as a miss.
+        start = time.perf_counter()
+        reply = self.client.request(self._observation(obs), 0.0, self.config.reply_timeout_s)
+        if reply is None:
+            raise ArmError(self._link_problem("the episode's first observation got no reply"))
+        record.start_latency_ms = (time.perf_counter() - start) * 1e3
+        record.evaluations += reply.nfe
+        self.schedule.offer(reply)
         wall0 = time.perf_counter()
         in_flight: dict[int, float] = {}  # seq -> wall time sent
         recent: collections.deque[float] = collections.deque(maxlen=20)  # chunk latencies, robot seconds
@@ -252,7 +262,9 @@ class SimArm:
             # out (lead = recent latency in ticks); otherwise history only.
             lead = math.ceil(max(recent, default=0.0) / self.sim_dt)
             arrays = self._observation(obs)
-            if not self.client.busy and self.schedule.remaining(tick) <= lead:
+            if k == 0:
+                pass  # this observation was the episode-start request
+            elif not self.client.busy and self.schedule.remaining(tick) <= lead:
                 seq = self.client.send_observation(arrays, tick)
                 if seq is not None:
                     in_flight = {seq: time.perf_counter()}

@@ -35,6 +35,9 @@ class EpisodeRecord:
     overruns: int = 0
     # Denoiser evaluations the server reported, summed over the episode.
     evaluations: int = 0
+    # realtime: the episode's first chunk (RTI and streaming fully denoise there), waited
+    # for with the arm at rest before the clock starts (ms; 0 in lockstep).
+    start_latency_ms: float = 0.0
     sampler: str = ""
     mode: str = "lockstep"
     hz: float = 20.0
@@ -71,6 +74,8 @@ class SamplerSummary:
     evaluations_per_step: float
     mode: str
     hz: float
+    # realtime: median wait for the episode's first chunk, before the clock starts
+    start_latency_p50_ms: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -113,7 +118,7 @@ def summarize(sampler: str, records: Sequence[EpisodeRecord], mode: str, hz: flo
         chunks=sum(len(r.chunk_latency_ms) for r in records),
         deadline_misses=sum(r.deadline_misses for r in records),
         evaluations_per_step=(sum(r.evaluations for r in records) / steps) if steps else 0.0,
-        mode=mode, hz=hz)
+        mode=mode, hz=hz, start_latency_p50_ms=float(np.median([r.start_latency_ms for r in records])))
 
 
 def load_records(paths: Iterable[Path]) -> list[EpisodeRecord]:

@@ -134,6 +134,8 @@ def test_realtime_arm_counts_deadlines_and_latency(server, tmp_path):
     for e in data["episodes"]:
         assert e["mode"] == "realtime" and 0 < e["steps"] <= 20
         assert len(e["step_latency_ms"]) == e["steps"]
+        # The episode's first chunk is waited for before the clock starts (the arm is at rest).
+        assert e["start_latency_ms"] > 0 and e["evaluations"] > 0
         assert all(x > 0 for x in e["chunk_latency_ms"])
         if not e["chunk_latency_ms"]:
             # No chunk came back within the episode (a badly overloaded machine): every tick held.
