@@ -32,10 +32,10 @@ class DemoSettings:
 
     episodes: int = 200
     # The small U-Net (64-128-256 channels, ~5 M parameters) at 5x DP's learning rate:
-    # ~750 samples/s on 2 idle cores, so 1200 batch-256 steps take ~7 minutes. Measured on
+    # ~750 samples/s on 2 idle cores, so 1000 batch-256 steps take ~6 minutes. Measured on
     # Lift: DDIM 18/20 after only 500 such steps. The 0.3 M "test" U-Net trains 2-3x faster
     # per sample but plateaus far higher (DDPM 2/20 after 5000 batch-128 steps).
-    train_steps: int = 1200
+    train_steps: int = 1000
     batch_size: int = 256
     preset: str = "small"
     lr: float = 5e-4
@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny smoke run of every stage (a minute or two; the "
                         "policy will not succeed)")
     parser.add_argument("--episodes", type=int, default=None, help="demonstrations to collect (default 200)")
-    parser.add_argument("--train-steps", type=int, default=None, help="training steps (default 1200)")
+    parser.add_argument("--train-steps", type=int, default=None, help="training steps (default 1000)")
     parser.add_argument("--eval-episodes", type=int, default=None, help="evaluation episodes per sampler (default 20)")
     parser.add_argument("--samplers", default=None, help="comma-separated samplers (default ddpm,ddim,rti,streaming)")
     parser.add_argument("--mode", choices=("lockstep", "realtime"), default="lockstep", help="evaluation clock")
