@@ -34,7 +34,7 @@ def test_refuses_what_it_cannot_express():
 def test_unet_copy_is_rewritten_and_equal():
     torch.manual_seed(0)
     net = ConditionalUnet1D(7, 12, (16, 32, 64), level_dim=32).eval()
-    fast = export_form(net).eval()
+    fast = export_form(net, matmul_min_conv_weights=0).eval()
     assert not any(type(m) in (nn.Conv1d, nn.Mish) for m in fast.modules())
     assert any(type(m) is nn.Conv1d for m in net.modules())  # the original is untouched
     x, t, c = torch.randn(2, 16, 7), torch.randint(-1, 100, (2, 16)), torch.randn(2, 12)
@@ -47,3 +47,13 @@ def test_exp_mish_matches_mish_over_the_float32_range():
     y, ref = ExpMish()(x), nn.functional.mish(x)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_convolutions_become_matmuls_only_in_a_large_net():
+    net = ConditionalUnet1D(7, 12, (16, 32, 64), level_dim=32)
+    total = sum(m.weight.numel() for m in net.modules() if type(m) is nn.Conv1d)
+    kept = export_form(net, matmul_min_conv_weights=total + 1)
+    assert any(type(m) is nn.Conv1d for m in kept.modules()) and not any(type(m) is MatMulConv1d for m in kept.modules())
+    assert not any(type(m) is nn.Mish for m in kept.modules())  # Mish is rewritten at any size
+    swapped = export_form(net, matmul_min_conv_weights=total)
+    assert not any(type(m) is nn.Conv1d for m in swapped.modules())
