@@ -43,23 +43,19 @@ def denoise_step(denoise: Denoise, x: np.ndarray, cond: np.ndarray, schedule: No
     draws its noise from `rng` on every call (also for the last step, where it is
     unused) so the random stream does not depend on which positions finish.
     """
+    if method not in ("ddpm", "ddim"):
+        raise ValueError(f"unknown method {method!r}; use 'ddpm' or 'ddim'")
     b, tp = x.shape[:2]
     t = _as_levels(t, b, tp)
     t_next = _as_levels(t_next, b, tp)
-    if np.any(t_next > t):
-        raise ValueError("denoise_step goes to lower levels only; use schedule.renoise to go up")
-    if np.any(t[t != t_next] < 0):
-        raise ValueError("cannot denoise a clean position")
+    schedule.check_descent(t, t_next)
     eps = np.asarray(denoise(x.astype(np.float32), t, cond), dtype=np.float32)
     if eps.shape != x.shape:
         raise ValueError(f"denoiser returned shape {eps.shape}, expected {x.shape}")
-    with np.errstate(divide="ignore", invalid="ignore"):  # finished positions (t == t_next == -1) divide by 0, then are masked
-        if method == "ddpm":
-            noise = rng.standard_normal(x.shape).astype(np.float32)
-            return schedule.ddpm_step(x, eps, t, t_next, noise)
-        if method == "ddim":
-            return schedule.ddim_step(x, eps, t, t_next)
-    raise ValueError(f"unknown method {method!r}; use 'ddpm' or 'ddim'")
+    if method == "ddpm":
+        noise = rng.standard_normal(x.shape).astype(np.float32)
+        return schedule.ddpm_step(x, eps, t, t_next, noise)
+    return schedule.ddim_step(x, eps, t, t_next)
 
 
 def denoise_along(denoise: Denoise, x: np.ndarray, cond: np.ndarray, schedule: NoiseSchedule,

@@ -71,21 +71,17 @@ class NoiseSchedule:
 
     # -- forward process -----------------------------------------------------
     def add_noise(self, x0: np.ndarray, noise: np.ndarray, t: np.ndarray) -> np.ndarray:
-        ab = self._per_position(self.alpha_bar(t), x0)
-        return (np.sqrt(ab) * x0 + np.sqrt(1.0 - ab) * noise).astype(x0.dtype)
+        return self.renoise(x0, noise, np.full(np.shape(t), -1, dtype=np.int64), t)
 
     def renoise(self, x: np.ndarray, noise: np.ndarray, t_from: np.ndarray, t_to: np.ndarray) -> np.ndarray:
         """Take a sample at level t_from to the higher level t_to (q(x_to | x_from))."""
-        ratio = self._per_position(self.alpha_bar(t_to) / self.alpha_bar(t_from), x)
-        return (np.sqrt(ratio) * x + np.sqrt(1.0 - ratio) * noise).astype(x.dtype)
+        keep, add = self._coefficients("renoise", t_from, t_to)
+        return (keep * x + add * noise).astype(x.dtype)
 
     # -- reverse process -----------------------------------------------------
     def predict_x0(self, x: np.ndarray, eps: np.ndarray, t: np.ndarray) -> np.ndarray:
-        ab = self._per_position(self.alpha_bar(t), x)
-        x0 = (x - np.sqrt(1.0 - ab) * eps) / np.sqrt(ab)
-        if self.clip_sample:
-            x0 = np.clip(x0, -self.clip_range, self.clip_range)
-        return x0
+        inv_sqrt_ab, sqrt_1m_ab = self._coefficients("x0", t, t)
+        return self._clip((x - sqrt_1m_ab * eps) * inv_sqrt_ab)
 
     def ddpm_step(self, x: np.ndarray, eps: np.ndarray, t: np.ndarray, t_prev: np.ndarray,
                   noise: np.ndarray | None) -> np.ndarray:
@@ -93,33 +89,76 @@ class NoiseSchedule:
 
         Positions where t_prev == t are left as they are.
         """
-        t = np.asarray(t)
-        t_prev = np.asarray(t_prev)
-        ab_t = self._per_position(self.alpha_bar(t), x)
-        ab_prev = self._per_position(self.alpha_bar(t_prev), x)
-        x0 = self.predict_x0(x, eps, t)
-        alpha_t = ab_t / ab_prev
-        beta_t = 1.0 - alpha_t
-        mean = (np.sqrt(ab_prev) * beta_t * x0 + np.sqrt(alpha_t) * (1.0 - ab_prev) * x) / (1.0 - ab_t)
+        inv_sqrt_ab, sqrt_1m_ab, c_x0, c_x, sigma, stay = self._coefficients("ddpm", t, t_prev)
+        x0 = self._clip((x - sqrt_1m_ab * eps) * inv_sqrt_ab)
+        out = c_x0 * x0 + c_x * x
         if noise is not None:
-            var = np.clip((1.0 - ab_prev) / (1.0 - ab_t) * beta_t, 1e-20, None)
-            live = self._per_position((t_prev >= 0).astype(x.dtype), x)
-            mean = mean + live * np.sqrt(var) * noise
-        stay = self._per_position(t_prev == t, x)
-        return np.where(stay, x, mean).astype(x.dtype)
+            out = out + sigma * noise
+        if stay is not None:
+            out = np.where(stay, x, out)
+        return out.astype(x.dtype)
 
     def ddim_step(self, x: np.ndarray, eps: np.ndarray, t: np.ndarray, t_prev: np.ndarray) -> np.ndarray:
         """Deterministic (eta = 0) DDIM step from level t to t_prev."""
-        ab_prev = self._per_position(self.alpha_bar(np.asarray(t_prev)), x)
-        x0 = self.predict_x0(x, eps, t)
-        out = np.sqrt(ab_prev) * x0 + np.sqrt(1.0 - ab_prev) * eps
-        stay = self._per_position(np.asarray(t_prev) == np.asarray(t), x)
-        return np.where(stay, x, out).astype(x.dtype)
+        inv_sqrt_ab, sqrt_1m_ab, c_x0, c_eps, stay = self._coefficients("ddim", t, t_prev)
+        x0 = self._clip((x - sqrt_1m_ab * eps) * inv_sqrt_ab)
+        out = c_x0 * x0 + c_eps * eps
+        if stay is not None:
+            out = np.where(stay, x, out)
+        return out.astype(x.dtype)
 
-    @staticmethod
-    def _per_position(v: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """Broadcast per-(batch, position) values over the action axis of x."""
-        v = np.asarray(v, dtype=np.float64) if v.dtype != bool else np.asarray(v)
-        if v.ndim == 0:
-            return v
-        return v[..., None]
+    def check_descent(self, t: np.ndarray, t_next: np.ndarray) -> None:
+        """Raise unless every position goes down (or stays) and no clean position is denoised."""
+        self._coefficients("check", t, t_next)
+
+    def _clip(self, x0: np.ndarray) -> np.ndarray:
+        return np.clip(x0, -self.clip_range, self.clip_range) if self.clip_sample else x0
+
+    # -- per-level coefficients, cached: a streaming or RTI sampler asks for the same
+    #    level pattern every control step, so the arithmetic on levels is done once.
+    def _coefficients(self, kind: str, t: Any, t_to: Any) -> tuple:
+        t = np.asarray(t, dtype=np.int64)
+        t_to = np.asarray(t_to, dtype=np.int64)
+        key = (kind, t.shape, t.tobytes(), t_to.shape, t_to.tobytes())
+        cache = self.__dict__.setdefault("_cache", {})
+        hit = cache.get(key)
+        if hit is None:
+            if len(cache) > 4096:  # many distinct level patterns (e.g. random levels in tests): start over
+                cache.clear()
+            hit = cache[key] = self._compute_coefficients(kind, t, t_to)
+        return hit
+
+    def _compute_coefficients(self, kind: str, t: np.ndarray, t_to: np.ndarray) -> tuple:
+        def per_position(v: np.ndarray) -> np.ndarray:
+            """float32, broadcast over the action axis (a scalar level covers the whole array)."""
+            v = np.asarray(v)
+            v = v.astype(np.float32) if v.dtype != bool else v
+            return v if v.ndim == 0 else v[..., None]
+
+        if kind == "check":
+            if np.any(t_to > t):
+                raise ValueError("denoise_step goes to lower levels only; use schedule.renoise to go up")
+            if np.any(np.broadcast_to(t, np.broadcast_shapes(t.shape, t_to.shape))[t != t_to] < 0):
+                raise ValueError("cannot denoise a clean position")
+            return ()
+        ab_t = self.alpha_bar(t)
+        ab_to = self.alpha_bar(t_to)
+        if kind == "renoise":
+            ratio = ab_to / ab_t
+            return per_position(np.sqrt(ratio)), per_position(np.sqrt(1.0 - ratio))
+        with np.errstate(divide="ignore", invalid="ignore"):  # clean positions (t = -1) are masked by `stay`
+            x0 = (per_position(1.0 / np.sqrt(ab_t)), per_position(np.sqrt(1.0 - ab_t)))
+            if kind == "x0":
+                return x0
+            stay_mask = np.broadcast_to(t_to == t, np.broadcast_shapes(t.shape, t_to.shape))
+            stay = per_position(stay_mask) if stay_mask.any() else None
+            if kind == "ddim":
+                return (*x0, per_position(np.sqrt(ab_to)), per_position(np.sqrt(1.0 - ab_to)), stay)
+            alpha_t = ab_t / ab_to
+            beta_t = 1.0 - alpha_t
+            c_x0 = np.sqrt(ab_to) * beta_t / (1.0 - ab_t)
+            c_x = np.sqrt(alpha_t) * (1.0 - ab_to) / (1.0 - ab_t)
+            var = np.clip((1.0 - ab_to) / (1.0 - ab_t) * beta_t, 1e-20, None)
+            sigma = np.where(t_to >= 0, np.sqrt(var), 0.0)
+        return (*x0, per_position(np.nan_to_num(c_x0)), per_position(np.nan_to_num(c_x)),
+                per_position(np.nan_to_num(sigma)), stay)
