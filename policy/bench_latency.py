@@ -22,11 +22,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-DEFAULT_MODELS = "small,dp,transformer"
+DEFAULT_MODELS = "small,dp,dp-int8,transformer"
 DEFAULT_SAMPLERS = "ddpm-100,ddim-10,rti-3,1,0,streaming-1,streaming-3"
 # model name -> (PolicyConfig.model, preset)
 MODELS = {"test": ("unet", "test"), "small": ("unet", "small"), "dp": ("unet", "dp"),
           "transformer": ("transformer", "dp"), "transformer-small": ("transformer", "small")}
+INT8 = "-int8"  # a model name with this suffix: the same model exported with int8 MatMul weights (policy/quantize.py)
+MODELS.update({name + INT8: MODELS[name] for name in ("dp", "transformer")})
 # Targets from the issue, checked on the ratios measured within one run.
 STREAM_TARGET, RTI_TARGET, ORT_SPEEDUP_TARGET, DP_STREAM_P99_MS = 1.3, 3.5, 2.5, 15.0
 
@@ -151,6 +153,8 @@ def bench_spec():
 
 
 def build_and_export(name: str, out: Path, seed: int):
+    """A model with random weights, exported to `out`; returns the torch model (None for an
+    int8 export, which has no torch twin to compare with)."""
     import torch
 
     from policy.config import PolicyConfig
@@ -166,8 +170,9 @@ def build_and_export(name: str, out: Path, seed: int):
     data["action"] = np.concatenate([rng.uniform(-1, 1, (256, 6)), rng.choice([-1.0, 1.0], (256, 1))], axis=1)
     config = PolicyConfig(model=kind, preset=preset)  # DP's horizons: Tp 16, To 2, Ta 8
     model = DiffusionPolicyModel(config, spec, Normalizer.fit(data)).eval()
-    export_model(model, out, {"dataset": {"fingerprint": "random-weights"}}, force=True)
-    return model
+    weights = "int8" if name.endswith(INT8) else "fp32"
+    export_model(model, out, {"dataset": {"fingerprint": "random-weights"}}, force=True, weights=weights)
+    return model if weights == "fp32" else None
 
 
 def markdown_table(records: list[Record], targets: list[dict[str, Any]], context: str) -> str:
@@ -197,7 +202,7 @@ def check_targets(records: list[Record]) -> list[dict[str, Any]]:
         if r.sampler.startswith("streaming") and r.nfe_per_step == 1:
             out.append({"target": "streaming 1 nfe/step: step p99 / forward p99", "model": r.model,
                         "value": r.ratio_p99_to_forward_p99, "limit": f"<= {STREAM_TARGET}", "met": r.ratio_p99_to_forward_p99 <= STREAM_TARGET})
-            if r.model == "dp":
+            if r.model in ("dp", "dp" + INT8):
                 out.append({"target": f"dp U-Net streaming p99 ms ({r.threads} threads)", "model": r.model, "value": r.p99_ms,
                             "limit": f"< {DP_STREAM_P99_MS}", "met": r.p99_ms < DP_STREAM_P99_MS})
         if r.sampler.startswith("rti") and round(r.nfe_per_step) == 3:

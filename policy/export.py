@@ -31,6 +31,7 @@ from runtime.verify import VerifyError, random_denoiser_inputs, random_observati
 
 from .model import DiffusionPolicyModel
 from .nets.export_form import export_form
+from .quantize import QUANT_TOLERANCE, WEIGHTS, QuantConfig, quantize_matmuls
 from .regimes import n_rungs
 from .torch_callables import torch_callables
 
@@ -99,7 +100,8 @@ def export_graphs(model: DiffusionPolicyModel, out_dir: Path, opset: int | None 
 # -- manifest ----------------------------------------------------------------------------------------
 
 def build_manifest(model: DiffusionPolicyModel, info: Mapping[str, Any], out_dir: Path,
-                   encoder_inputs: list[str], parity: Mapping[str, float]) -> dict[str, Any]:
+                   encoder_inputs: list[str], parity: Mapping[str, float], tolerance: float = PARITY_TOLERANCE,
+                   weights: str = "fp32") -> dict[str, Any]:
     cfg = model.config
     spec = model.spec
     dataset = dict(info.get("dataset") or {})
@@ -132,7 +134,8 @@ def build_manifest(model: DiffusionPolicyModel, info: Mapping[str, Any], out_dir
                        "sha256": sha256_file(ckpt) if ckpt and Path(ckpt).is_file() else None,
                        "step": info.get("step")},
         "export": {"torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                   "parity_max_abs_error": dict(parity), "parity_tolerance": PARITY_TOLERANCE},
+                   "parity_max_abs_error": dict(parity), "parity_tolerance": tolerance,
+                   "weights": weights, **({"quantization": QuantConfig().to_dict()} if weights != "fp32" else {})},
         "files": {name: {"sha256": sha256_file(out_dir / name)} for name in (ENCODER_FILE, DENOISER_FILE)},
     }
 
@@ -175,9 +178,21 @@ def _replace_dir(tmp: Path, out: Path, force: bool) -> None:
         os.replace(tmp, out)
 
 
+def default_tolerance(weights: str) -> float:
+    return PARITY_TOLERANCE if weights == "fp32" else QUANT_TOLERANCE
+
+
 def export_model(model: DiffusionPolicyModel, out: str | Path, info: Mapping[str, Any] | None = None,
-                 tolerance: float = PARITY_TOLERANCE, force: bool = False, opset: int | None = None) -> Path:
-    """Export `model` to the package directory `out` (atomic; parity-checked)."""
+                 tolerance: float | None = None, force: bool = False, opset: int | None = None,
+                 weights: str = "fp32") -> Path:
+    """Export `model` to the package directory `out` (atomic; parity-checked).
+
+    weights="int8" quantizes the denoiser's MatMul weights (policy/quantize.py) and checks
+    parity against QUANT_TOLERANCE unless `tolerance` is given.
+    """
+    if weights not in WEIGHTS:
+        raise ExportError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    tolerance = default_tolerance(weights) if tolerance is None else tolerance
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"{out} exists; pass --force to replace it")
@@ -187,6 +202,9 @@ def export_model(model: DiffusionPolicyModel, out: str | Path, info: Mapping[str
     tmp.mkdir()
     try:
         names = export_graphs(model, tmp, opset)
+        if weights == "int8" and quantize_matmuls(tmp / DENOISER_FILE) == 0:
+            raise ExportError("--weights int8: the denoiser has no MatMul with constant weights to quantize "
+                              "(only the dp-size U-Net and the transformer export their layers as MatMul)")
         # A provisional manifest so the package can be loaded through the runtime's own loader for the check.
         (tmp / MANIFEST).write_text(json.dumps(build_manifest(model, info or {}, tmp, names["encoder_inputs"], {}), indent=2))
         package = load_package(tmp, options=SessionOptions(providers=("CPUExecutionProvider",)))
@@ -194,7 +212,7 @@ def export_model(model: DiffusionPolicyModel, out: str | Path, info: Mapping[str
         if max(parity.encoder, parity.denoiser) >= tolerance:
             raise ExportError(f"onnxruntime differs from torch: max abs error encoder {parity.encoder:.2e}, "
                               f"denoiser {parity.denoiser:.2e} (tolerance {tolerance:.0e}); package not written")
-        manifest = build_manifest(model, info or {}, tmp, names["encoder_inputs"], parity.as_dict())
+        manifest = build_manifest(model, info or {}, tmp, names["encoder_inputs"], parity.as_dict(), tolerance, weights)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _replace_dir(tmp, out, force)
     finally:
@@ -202,20 +220,23 @@ def export_model(model: DiffusionPolicyModel, out: str | Path, info: Mapping[str
     return out
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, tolerance: float = PARITY_TOLERANCE,
-                      force: bool = False) -> Path:
+def export_checkpoint(checkpoint: str | Path, out: str | Path, tolerance: float | None = None,
+                      force: bool = False, weights: str = "fp32") -> Path:
     from .checkpoint import load_checkpoint
 
     model, info = load_checkpoint(checkpoint)
-    return export_model(model, out, info, tolerance, force)
+    return export_model(model, out, info, tolerance, force, weights=weights)
 
 
 def verify_package(policy_dir: str | Path, checkpoint: str | Path | None = None,
-                   tolerance: float = PARITY_TOLERANCE) -> dict[str, Any]:
+                   tolerance: float | None = None) -> dict[str, Any]:
     """Re-check a package: hashes, then parity against the checkpoint if it can be found
-    (given, or the manifest's path with a matching sha256), else onnx-only self-consistency."""
+    (given, or the manifest's path with a matching sha256), else onnx-only self-consistency.
+    Without `tolerance`, the one the package was exported under (an int8 package's is looser)."""
     manifest = read_manifest(policy_dir)
     verify_files(policy_dir, manifest)
+    if tolerance is None:
+        tolerance = default_tolerance((manifest.get("export") or {}).get("weights", "fp32"))
     ckpt = Path(checkpoint) if checkpoint else None
     recorded = manifest.get("checkpoint") or {}
     note = ""

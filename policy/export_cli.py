@@ -11,7 +11,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="policy package directory to write")
     parser.add_argument("--verify", metavar="POLICY_DIR", help="re-check an existing package instead of exporting")
     parser.add_argument("--force", action="store_true", help="replace an existing package directory")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs error allowed between torch and onnxruntime")
+    parser.add_argument("--weights", choices=("fp32", "int8"), default="fp32",
+                        help="int8: quantize the denoiser's MatMul weights (faster on CPU for the dp U-Net; "
+                             "held to a looser parity tolerance, so check it in closed loop)")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="max abs error allowed between torch and onnxruntime (default 1e-4; 0.1 for --weights int8; "
+                             "with --verify, what the package was exported under)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
             raise
         # A robot computer: what can be checked without torch.
         try:
-            print(json.dumps(verify_onnx_only(args.verify, args.tolerance, "torch not installed; checked onnx self-consistency only"), indent=2))
+            print(json.dumps(verify_onnx_only(args.verify, args.tolerance or 1e-4, "torch not installed; checked onnx self-consistency only"), indent=2))
         except (VerifyError, PackageError, ValueError) as e:
             print(f"dpstack export: {e}", file=sys.stderr)
             return 1
@@ -43,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.checkpoint or not args.out:
             print("dpstack export: need CHECKPOINT and --out POLICY_DIR (or --verify POLICY_DIR)", file=sys.stderr)
             return 2
-        out = export_checkpoint(args.checkpoint, args.out, args.tolerance, args.force)
+        out = export_checkpoint(args.checkpoint, args.out, args.tolerance, args.force, args.weights)
         manifest = json.loads((out / "manifest.json").read_text())
         print(f"wrote {out}: parity max abs error {manifest['export']['parity_max_abs_error']}")
         return 0
