@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 import json
+import gc
 import logging
 import time
 import uuid
@@ -168,6 +169,10 @@ class PolicyServer:
     # ------------------------------------------------------------------ loop
     def serve(self, should_stop: Callable[[], bool], poll_ms: int = 100) -> None:
         """Serve until `should_stop()` is true (checked at least every `poll_ms`)."""
+        # Everything loaded so far (the policy, onnxruntime sessions) stays put: later full
+        # collections then scan only what serving allocates, not stall a control step.
+        gc.collect()
+        gc.freeze()
         while not should_stop():
             self.process(poll_ms)
 

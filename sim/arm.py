@@ -19,6 +19,7 @@ Two ways to run the clock:
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 import math
 import time
@@ -144,6 +145,8 @@ class SimArm:
         self.connect()
         records = []
         try:
+            if self.config.mode == "realtime":
+                self._warm_up(self.config.seed)
             for i in range(self.config.episodes):
                 record = self.run_episode(i, self.config.seed + i)
                 records.append(record)
@@ -167,12 +170,32 @@ class SimArm:
                                mode=self.config.mode, hz=self.hz)
         if recorder is not None:
             recorder.capture()
-        step = self._lockstep if self.config.mode == "lockstep" else self._realtime
-        step(obs, record, recorder)
+        if self.config.mode == "lockstep":
+            self._lockstep(obs, record, recorder)
+        else:
+            gc.collect()  # between episodes, untimed, instead of at a random tick
+            gc.disable()
+            try:
+                self._realtime(obs, record, recorder)
+            finally:
+                gc.enable()
         if recorder is not None:
             name = f"{self.config.sampler_label or 'policy'}_ep{episode:03d}_seed{seed}.mp4"
             record.video = str(recorder.write(Path(self.config.video_dir) / name, self.spec.control_hz))
         return record
+
+    def _warm_up(self, seed: int) -> None:
+        """One untimed chunk and a few physics steps before the first realtime episode, so
+        first-call costs (allocations, lazy initialisation in the env and the server) do
+        not land on a timed tick."""
+        obs = self._reset(seed)
+        reply = self.client.request(self._observation(obs), 0.0, self.config.reply_timeout_s)
+        if reply is None:
+            raise ArmError(self._link_problem("the warm-up observation got no reply"))
+        for action in reply.actions[:3]:
+            self.env.step(action)
+        gc.collect()
+        gc.freeze()  # the env and the link stay put: later collections scan only what episodes allocate
 
     def _observation(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _policy_obs(obs, self.spec.obs_keys)
