@@ -17,8 +17,8 @@ def test_every_shipped_config_loads_and_validates():
     for name in ("lift_state_small", "can_state_small", "stack_state_small"):
         cfg = load_config(name)
         assert (cfg.policy.preset, cfg.train.lr, cfg.policy.regime_plain, cfg.policy.regime_ladder) == ("small", 5e-4, 0.5, 0.5)
-    # Can trains with RTI-DP's scaled gripper, so an RTI warm start can open and close it.
-    assert load_config("can_state_small").policy.gripper_scale == 10.0
+    # Multi-phase tasks train with RTI-DP's scaled gripper, so an RTI warm start can open and close it.
+    assert load_config("can_state_small").policy.gripper_scale == load_config("stack_state_small").policy.gripper_scale == 10.0
     assert load_config("lift_state_small").policy.gripper_scale == 1.0
 
 
