@@ -79,10 +79,6 @@ class NoiseSchedule:
         return (keep * x + add * noise).astype(x.dtype)
 
     # -- reverse process -----------------------------------------------------
-    def predict_x0(self, x: np.ndarray, eps: np.ndarray, t: np.ndarray) -> np.ndarray:
-        inv_sqrt_ab, sqrt_1m_ab = self._coefficients("x0", t, t)
-        return self._clip((x - sqrt_1m_ab * eps) * inv_sqrt_ab)
-
     def ddpm_step(self, x: np.ndarray, eps: np.ndarray, t: np.ndarray, t_prev: np.ndarray,
                   noise: np.ndarray | None) -> np.ndarray:
         """One ancestral step from level t to t_prev < t (t_prev = -1: clean).
@@ -90,8 +86,7 @@ class NoiseSchedule:
         Positions where t_prev == t are left as they are.
         """
         inv_sqrt_ab, sqrt_1m_ab, c_x0, c_x, sigma, stay = self._coefficients("ddpm", t, t_prev)
-        x0 = self._clip((x - sqrt_1m_ab * eps) * inv_sqrt_ab)
-        out = c_x0 * x0 + c_x * x
+        out = c_x0 * self._x0(x, eps, inv_sqrt_ab, sqrt_1m_ab) + c_x * x
         if noise is not None:
             out = out + sigma * noise
         if stay is not None:
@@ -101,8 +96,7 @@ class NoiseSchedule:
     def ddim_step(self, x: np.ndarray, eps: np.ndarray, t: np.ndarray, t_prev: np.ndarray) -> np.ndarray:
         """Deterministic (eta = 0) DDIM step from level t to t_prev."""
         inv_sqrt_ab, sqrt_1m_ab, c_x0, c_eps, stay = self._coefficients("ddim", t, t_prev)
-        x0 = self._clip((x - sqrt_1m_ab * eps) * inv_sqrt_ab)
-        out = c_x0 * x0 + c_eps * eps
+        out = c_x0 * self._x0(x, eps, inv_sqrt_ab, sqrt_1m_ab) + c_eps * eps
         if stay is not None:
             out = np.where(stay, x, out)
         return out.astype(x.dtype)
@@ -111,7 +105,9 @@ class NoiseSchedule:
         """Raise unless every position goes down (or stays) and no clean position is denoised."""
         self._coefficients("check", t, t_next)
 
-    def _clip(self, x0: np.ndarray) -> np.ndarray:
+    def _x0(self, x: np.ndarray, eps: np.ndarray, inv_sqrt_ab: np.ndarray, sqrt_1m_ab: np.ndarray) -> np.ndarray:
+        """The clean sample the predicted noise implies (clipped like DP's sampler)."""
+        x0 = (x - sqrt_1m_ab * eps) * inv_sqrt_ab
         return np.clip(x0, -self.clip_range, self.clip_range) if self.clip_sample else x0
 
     # -- per-level coefficients, cached: a streaming or RTI sampler asks for the same
@@ -148,8 +144,6 @@ class NoiseSchedule:
             return per_position(np.sqrt(ratio)), per_position(np.sqrt(1.0 - ratio))
         with np.errstate(divide="ignore", invalid="ignore"):  # clean positions (t = -1) are masked by `stay`
             x0 = (per_position(1.0 / np.sqrt(ab_t)), per_position(np.sqrt(1.0 - ab_t)))
-            if kind == "x0":
-                return x0
             stay_mask = np.broadcast_to(t_to == t, np.broadcast_shapes(t.shape, t_to.shape))
             stay = per_position(stay_mask) if stay_mask.any() else None
             if kind == "ddim":
