@@ -200,9 +200,15 @@ def binarize_grippers(actions: np.ndarray, gripper_dims: Sequence[int], level: f
 class RTISampler(Sampler):
     """RTI-DP warm start: full DDPM once, then shift the last clean chunk and refine it with a few DDPM steps.
 
-    The shifted guess is treated as a sample at refine_levels[0] and taken down
-    through the list to clean (one evaluation per entry); the guess is not
-    re-noised (as in RTI-DP). Gripper treatment:
+    The shifted guess is taken down through refine_levels to clean, one evaluation
+    per entry. With renoise=False (RTI-DP as published) the clean guess is treated
+    as a sample at refine_levels[0]. That only matches what the network was trained
+    on at low levels, and a low level moves the guess by about its noise scale per
+    call (0.06 in normalised units at level 3): too little to stop an approach the
+    guess carries past the object (Can). With renoise=True the guess is first taken
+    to refine_levels[0] by the forward process, q(x_k | guess), so the network sees
+    a genuine level-k sample and a start level of 20 (noise scale 0.3) lets the
+    observation overrule the guess where they disagree. Gripper treatment:
       "clip":  clip the kept chunk's gripper entries to +-1/factor (any checkpoint),
       "scale": the model was trained with gripper/factor; nothing is clipped.
     In both, the executed gripper command is the sign: +-1 in normalised space for
@@ -212,7 +218,8 @@ class RTISampler(Sampler):
 
     def __init__(self, denoise: Denoise, schedule: NoiseSchedule, geometry: ChunkGeometry, refine_levels: Sequence[int] = (3, 1, 0),
                  full_steps: int = 100, n_action_steps: int = 1, gripper_dims: Sequence[int] = (),
-                 gripper_mode: str = "clip", gripper_factor: float = 1.0, seed: int = 0) -> None:
+                 gripper_mode: str = "clip", gripper_factor: float = 1.0, renoise: bool = False,
+                 seed: int = 0) -> None:
         super().__init__(denoise, schedule, geometry, seed)
         refine = [int(k) for k in refine_levels]
         if not refine or any(a <= b for a, b in zip(refine, refine[1:])) or refine[-1] < 0 or refine[0] >= schedule.num_train_steps:
@@ -227,7 +234,8 @@ class RTISampler(Sampler):
         self.gripper_mode = gripper_mode
         self.gripper_factor = float(gripper_factor)
         self.actions_per_call = n_action_steps
-        self.name = "rti-" + ",".join(map(str, refine))
+        self.renoise = renoise
+        self.name = ("rti-renoise-" if renoise else "rti-") + ",".join(map(str, refine))
         self.guess: np.ndarray | None = None
 
     def reset(self, seed: int | None = None) -> None:
@@ -240,6 +248,9 @@ class RTISampler(Sampler):
             nfe = len(self.full_levels)
         else:
             x = shift_chunk(self.guess, self.actions_per_call)[None]
+            if self.renoise:
+                clean, start = _as_levels(CLEAN, 1, x.shape[1]), _as_levels(self.refine_levels[0], 1, x.shape[1])
+                x = self.schedule.renoise(x, self.rng.standard_normal(x.shape).astype(np.float32), clean, start)
             traj = denoise_along(self.denoise, x, cond, self.schedule, self.refine_levels, self.rng, "ddpm")[0]
             nfe = len(self.refine_levels)
         if self.gripper_mode == "clip" and self.gripper_dims:
@@ -347,13 +358,16 @@ class SamplerConfig:
     """Which sampler and its knobs; `parse` reads the short names used on command lines.
 
     ddpm-100, ddim-10           full denoise with that many steps, Ta actions per chunk
-    rti-3,1,0                   RTI warm start with that refinement list
+    rti-3,1,0                   RTI-DP warm start with that refinement list (the clean guess enters at 3)
+    rti-renoise-20,8,0          the same, with the guess first re-noised to the list's first level
+    rti                         = rti-renoise-20,8,0, the form that also solves multi-phase tasks (Can)
     streaming-1 / streaming-2   streaming ladder with that many evaluations per control step
     """
 
     kind: str = "ddim"
     steps: int = 10                   # ddpm/ddim steps; full steps of RTI's and streaming's start-up
-    refine: tuple[int, ...] = (3, 1, 0)
+    refine: tuple[int, ...] = (20, 8, 0)
+    renoise: bool = True              # rti: re-noise the warm start to refine[0] first
     evals_per_step: int = 1
     n_rungs: int = 0                  # streaming: 0 = what the model was trained with (else one per position)
     chunk_len: int = 0                # streaming: 0 = the ladder's default
@@ -369,13 +383,17 @@ class SamplerConfig:
             if kind in ("ddpm", "ddim"):
                 cfg = cls(kind=kind, steps=int(arg) if arg else (100 if kind == "ddpm" else 10))
             elif kind == "rti":
-                cfg = cls(kind=kind, steps=100, refine=tuple(int(k) for k in arg.split(",")) if arg else (3, 1, 0))
+                renoise = arg.startswith("renoise") or not arg
+                arg = arg.removeprefix("renoise").removeprefix("-")
+                cfg = cls(kind=kind, steps=100, renoise=renoise)
+                if arg:
+                    cfg.refine = tuple(int(k) for k in arg.split(","))
             elif kind == "streaming":
                 cfg = cls(kind=kind, steps=100, evals_per_step=int(arg) if arg else 1)
             else:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"cannot parse sampler {text!r}; use ddpm-N, ddim-N, rti-K1,K2,.. or streaming-E") from None
+            raise ValueError(f"cannot parse sampler {text!r}; use ddpm-N, ddim-N, rti[-renoise]-K1,K2,.. or streaming-E") from None
         for k, v in over.items():
             setattr(cfg, k, v)
         return cfg
@@ -403,7 +421,7 @@ def build_sampler(cfg: SamplerConfig, denoise: Denoise, schedule: NoiseSchedule,
         mode = cfg.gripper_mode if cfg.gripper_mode != "auto" else ("scale" if trained.gripper_scale != 1 else "clip")
         factor = cfg.gripper_factor or trained.gripper_scale or 1.0
         return RTISampler(denoise, schedule, geometry, cfg.refine, cfg.steps, cfg.n_action_steps or 1,
-                          trained.gripper_dims, mode, max(factor, 1.0), cfg.seed)
+                          trained.gripper_dims, mode, max(factor, 1.0), cfg.renoise, cfg.seed)
     if cfg.kind == "streaming":
         from runtime.ladder import ladder_span
 

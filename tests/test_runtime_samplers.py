@@ -213,6 +213,45 @@ def test_rti_warm_start_refinement_and_gripper(mode):
     assert s.step(close).nfe == 10  # a new episode starts with a full denoise
 
 
+def gaussian_denoiser(schedule: NoiseSchedule, spread: float):
+    """Exact eps when clean actions are N(m, spread^2) per entry, m = cond[0, 0]: a task phase set by the observation."""
+    def denoise(x, t, cond):
+        m, ab = cond[0, 0], schedule.alpha_bar(t)[..., None]
+        x0 = m + np.sqrt(ab) * spread ** 2 / (ab * spread ** 2 + 1 - ab) * (x - np.sqrt(ab) * m)
+        return ((x - np.sqrt(ab) * x0) / np.sqrt(1 - ab)).astype(np.float32)
+    return denoise
+
+
+@pytest.mark.parametrize("levels,follows", [((3, 1, 0), False), ((20, 8, 0), True)])
+def test_rti_start_level_decides_whether_a_new_phase_overrules_the_warm_start(levels, follows):
+    schedule = NoiseSchedule()
+    s = RTISampler(gaussian_denoiser(schedule, 0.05), schedule, ChunkGeometry(16, 2, 3), levels, full_steps=10, seed=0)
+    s.step(np.array([0.5], np.float32))
+    np.testing.assert_allclose(s.guess.mean(), 0.5, atol=0.05)
+    s.step(np.array([-0.5], np.float32))  # the observation now asks for -0.5 everywhere
+    off = float(np.abs(s.guess + 0.5).max())
+    assert (off < 0.1) if follows else (off > 0.25), off
+
+
+def test_rti_renoise_takes_the_shifted_guess_to_the_first_level():
+    schedule = NoiseSchedule()
+    calls = []
+    mu = np.full((1, 16, 3), 0.4, np.float32)
+    s = RTISampler(point_mass_denoiser(schedule, mu, calls), schedule, ChunkGeometry(16, 2, 3), (20, 8, 0),
+                   full_steps=10, renoise=True, seed=0)
+    assert s.name == "rti-renoise-20,8,0"
+    s.step(np.zeros(1, np.float32))
+    kept = s.guess.copy()
+    calls.clear()
+    s.step(np.zeros(1, np.float32))
+    x, t = calls[0]
+    assert (t == 20).all()
+    ab = schedule.alpha_bar(np.array(20))
+    z = (x[0] - np.sqrt(ab) * shift_chunk(kept, 1)) / np.sqrt(1 - ab)  # the noise that was added
+    assert 0.7 < z.std() < 1.3 and abs(z.mean()) < 0.3
+    np.testing.assert_allclose(s.guess, kept, atol=1e-4)  # exact denoiser: back on the point mass
+
+
 def test_sampler_config_parse_and_build():
     schedule = NoiseSchedule()
     trained = TrainedRegimes(horizon=16, n_obs_steps=2, n_action_steps=8, gripper_scale=10.0, gripper_dims=(6,))
@@ -220,6 +259,11 @@ def test_sampler_config_parse_and_build():
     assert build_sampler(SamplerConfig.parse("ddim-16"), den, schedule, 7, trained).actions_per_call == 8
     rti = build_sampler(SamplerConfig.parse("rti-5,2,0"), den, schedule, 7, trained)
     assert rti.refine_levels == [5, 2, 0] and rti.gripper_mode == "scale" and rti.actions_per_call == 1
+    assert not rti.renoise and rti.name == "rti-5,2,0"
+    for text in ("rti", "rti-renoise", "rti-renoise-20,8,0"):
+        default = build_sampler(SamplerConfig.parse(text), den, schedule, 7, trained)
+        assert default.refine_levels == [20, 8, 0] and default.renoise, text
+    assert build_sampler(SamplerConfig.parse("rti-renoise-30,5,0"), den, schedule, 7, trained).refine_levels == [30, 5, 0]
     st = build_sampler(SamplerConfig.parse("streaming-2"), den, schedule, 7, trained)
     assert st.n_rungs == 15 and st.evals_per_step == 2 and st.actions_per_call == 1
     with pytest.raises(ValueError, match="cannot parse"):
