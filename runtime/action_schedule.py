@@ -8,7 +8,9 @@ Action i of a chunk is meant for robot time start_time + i * dt. At each tick:
 - the newest chunk (highest seq) is the one executed; a newer chunk replaces the
   current one at once, skipping any slot already commanded;
 - actions whose time has passed (t_i < now - tolerance) are dropped as stale;
-- with no fresh chunk the current one simply continues;
+- with no fresh chunk the current one simply continues (for a chunk with a
+  `replan_after`, its look-ahead past that point is what runs while the next
+  chunk is late);
 - a fresh chunk whose actions are ALL stale on arrival, but whose last action is
   at most `late_periods` control periods late, executes that last action once at
   this slot (the Diffusion Policy / UMI real-stack rule): a one-action chunk
@@ -90,12 +92,14 @@ class ActionSchedule:
         self._fresh = True
         return True
 
-    def remaining(self, now: float) -> int:
-        """Actions of the current chunk still usable at `now`."""
+    def remaining(self, now: float, before_replan: bool = False) -> int:
+        """Actions of the current chunk still usable at `now`; with before_replan, only
+        those before the chunk's replan point (the rest is look-ahead)."""
         if self._chunk is None:
             return 0
         c = self._chunk
-        times = c.start_time + np.arange(self._cursor, len(c.actions)) * c.dt
+        end = len(c.actions) if not before_replan or c.replan_after is None else min(c.replan_after, len(c.actions))
+        times = c.start_time + np.arange(self._cursor, end) * c.dt
         return int(np.count_nonzero((times >= now - self.tolerance_s) & (times > self._last_time + 0.5 * c.dt)))
 
     def next(self, now: float) -> Decision:

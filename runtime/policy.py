@@ -9,7 +9,8 @@ Two ways to drive it:
   at their offsets. Call observe(obs) for control steps in between so the history
   stays at control rate.
 - control_step(obs) -> action: one call per control step; the runner infers
-  only when the previous chunk is used up (no network calls in between).
+  only when the previous chunk is used up, or its replan_after actions are
+  (no network calls in between).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class ActionChunk:
     nfe: int                 # denoiser evaluations spent
     compute_ms: float        # encoder + sampler + (un)normalisation
     step: int                # control step of the observation within the episode
+    replan_after: int | None = None  # infer again after this many actions; the rest is look-ahead (None: all)
 
     @property
     def times(self) -> np.ndarray:
@@ -47,6 +49,7 @@ class PolicyRunner:
         self.sampler: Sampler = build_sampler(self.config, package.denoise, package.schedule, package.action_dim, package.trained)
         self.history: deque[dict[str, np.ndarray]] = deque(maxlen=package.n_obs_steps)
         self.t = 0                       # control steps seen this episode
+        self._t_inferred: int | None = None  # self.t at the last inference
         self.pending: deque[np.ndarray] = deque()
         self.last_chunk: ActionChunk | None = None
         a = package.spec.action
@@ -58,6 +61,7 @@ class PolicyRunner:
         self.history.clear()
         self.pending.clear()
         self.t = 0
+        self._t_inferred = None
         self.last_chunk = None
         self.sampler.reset(seed)
 
@@ -93,12 +97,16 @@ class PolicyRunner:
         start = time.perf_counter()
         window = {k: np.stack([h[k] for h in self.history])[None] for k in self.package.obs_keys}
         cond = np.asarray(self.package.encode(window), dtype=np.float32)
-        out = self.sampler.step(cond)
+        # A robot that was late to ask has executed more than one action since: RTI shifts by that.
+        elapsed = None if self._t_inferred is None else self.t - self._t_inferred
+        self._t_inferred = self.t
+        out = self.sampler.step(cond, elapsed)
         actions = self.to_robot_units(out.actions)
         offsets = out.indices - (self.package.n_obs_steps - 1)
         chunk = ActionChunk(actions=actions, offsets=offsets, dt=1.0 / self.package.spec.control_hz,
                             sampler=self.sampler.name, nfe=out.nfe,
-                            compute_ms=(time.perf_counter() - start) * 1e3, step=self.t - 1)
+                            compute_ms=(time.perf_counter() - start) * 1e3, step=self.t - 1,
+                            replan_after=out.replan_after)
         self.last_chunk = chunk
         return chunk
 
@@ -110,7 +118,8 @@ class PolicyRunner:
         """One control step: record obs, infer only if no action is queued, return this step's action."""
         self.observe(obs)
         if not self.pending:
-            self.pending.extend(self.infer().actions)
+            chunk = self.infer()
+            self.pending.extend(chunk.actions[:chunk.replan_after])
         return self.pending.popleft()
 
     def to_robot_units(self, normalised: np.ndarray) -> np.ndarray:

@@ -251,7 +251,11 @@ class Observation(Message):
 @dataclass(frozen=True)
 class ActionReply(Message):
     """Server -> robot: the chunk for observation `seq`. Action i is meant for
-    robot time start_time + i * dt."""
+    robot time start_time + i * dt.
+
+    replan_after: the policy wants a new observation after this many actions (RTI:
+    1); the rest of the chunk is its look-ahead, executed only if the next chunk is
+    late. None: after the whole chunk."""
 
     TYPE: ClassVar[str] = "actions"
     seq: int
@@ -261,8 +265,9 @@ class ActionReply(Message):
     sampler: str = ""
     compute_ms: float = 0.0
     nfe: int = 0
+    replan_after: int | None = None
     FIELDS: ClassVar = {"seq": _uint, "start_time": _float, "dt": _float, "sampler": _str,
-                        "compute_ms": _float, "nfe": _uint}
+                        "compute_ms": _float, "nfe": _uint, "replan_after": _optional(_uint)}
 
     def array_fields(self) -> dict[str, np.ndarray]:
         return {"actions": self.actions}
@@ -472,6 +477,9 @@ def _decode(frames: Sequence[Frame], limits: Limits, accept: Sequence[type[Messa
         if a.ndim != 2 or a.shape[0] == 0 or a.dtype.kind != "f":
             raise ProtocolError(ErrorCode.BAD_SHAPE, f"array 'actions' must be float (n>0, A), got {a.shape} {a.dtype}")
         values["actions"] = a
+        r = values["replan_after"]
+        if r is not None and not 1 <= r <= len(a):
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"field 'replan_after': {r} is not in 1..{len(a)} (the chunk's length)")
     elif arrays:
         raise ProtocolError(ErrorCode.UNEXPECTED_KEY, f"message {cls.TYPE!r} carries no arrays, got {sorted(arrays)}")
     return cls(**values)

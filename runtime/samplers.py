@@ -97,6 +97,7 @@ class SamplerStep:
     indices: np.ndarray      # (n,) horizon positions executed from this call, in order
     actions: np.ndarray      # (n, A): the actions to execute (trajectory[indices], gripper post-processed)
     nfe: int                 # denoiser evaluations spent in this call
+    replan_after: int | None = None  # call again after this many actions; the rest is look-ahead (None: all n)
 
 
 @dataclass
@@ -140,7 +141,8 @@ class Sampler:
             self.seed = seed
         self.rng = np.random.default_rng(self.seed)
 
-    def step(self, cond: np.ndarray) -> SamplerStep:
+    def step(self, cond: np.ndarray, elapsed: int | None = None) -> SamplerStep:
+        """One call. `elapsed`: control steps since the previous call (None: actions_per_call)."""
         raise NotImplementedError
 
     def _executed(self, traj: np.ndarray, n: int, nfe: int) -> SamplerStep:
@@ -161,7 +163,7 @@ class FullSampler(Sampler):
         self.name = f"{method}-{num_steps}"
         self.actions_per_call = n_action_steps
 
-    def step(self, cond: np.ndarray) -> SamplerStep:
+    def step(self, cond: np.ndarray, elapsed: int | None = None) -> SamplerStep:
         traj = sample_full(self.denoise, cond, self.schedule, self.levels, self.geometry.shape, self.rng, self.method)[0]
         return self._executed(traj, self.actions_per_call, len(self.levels))
 
@@ -242,12 +244,12 @@ class RTISampler(Sampler):
         super().reset(seed)
         self.guess = None
 
-    def step(self, cond: np.ndarray) -> SamplerStep:
+    def step(self, cond: np.ndarray, elapsed: int | None = None) -> SamplerStep:
         if self.guess is None:
             traj = sample_full(self.denoise, cond, self.schedule, self.full_levels, self.geometry.shape, self.rng, "ddpm")[0]
             nfe = len(self.full_levels)
         else:
-            x = shift_chunk(self.guess, self.actions_per_call)[None]
+            x = shift_chunk(self.guess, self.actions_per_call if elapsed is None else elapsed)[None]
             if self.renoise:
                 clean, start = _as_levels(CLEAN, 1, x.shape[1]), _as_levels(self.refine_levels[0], 1, x.shape[1])
                 x = self.schedule.renoise(x, self.rng.standard_normal(x.shape).astype(np.float32), clean, start)
@@ -257,7 +259,10 @@ class RTISampler(Sampler):
             g = list(self.gripper_dims)
             traj[:, g] = np.clip(traj[:, g], -1.0 / self.gripper_factor, 1.0 / self.gripper_factor)
         self.guess = traj
-        out = self._executed(traj, self.actions_per_call, nfe)
+        # The whole refined rest of the chunk goes out, so a robot whose next chunk is
+        # late continues this plan instead of holding; it still replans after Ta actions.
+        out = self._executed(traj, self.geometry.horizon - self.geometry.now, nfe)
+        out.replan_after = self.actions_per_call
         level = 1.0 / self.gripper_factor if self.gripper_mode == "scale" else 1.0
         out.actions = binarize_grippers(out.actions, self.gripper_dims, level)
         return out
@@ -320,7 +325,9 @@ class StreamingSampler(Sampler):
         self.buffer_levels = self.ladder.copy()
         return len(self.startup_levels)
 
-    def step(self, cond: np.ndarray) -> SamplerStep:
+    def step(self, cond: np.ndarray, elapsed: int | None = None) -> SamplerStep:
+        # The ladder moves one chunk per call (`elapsed` is not used): a late call's
+        # buffer is a step behind, which the next observation corrects.
         nfe = self.start(cond) if self.buffer is None else 0
         x = self.buffer[None]
         cond = _as_cond(cond)

@@ -322,7 +322,7 @@ class PolicyServer:
             offset = int(offsets[0])
         return ActionReply(seq=msg.seq, start_time=msg.timestamp + offset * self._dt, dt=self._dt, actions=actions,
                            sampler=str(getattr(result, "sampler", self.info.sampler)), compute_ms=compute_ms,
-                           nfe=int(getattr(result, "nfe", 0) or 0))
+                           nfe=int(getattr(result, "nfe", 0) or 0), replan_after=getattr(result, "replan_after", None))
 
     def _drop(self, session: Session, why: str) -> None:
         self.sessions.pop(session.identity, None)

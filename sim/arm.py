@@ -13,8 +13,10 @@ Two ways to run the clock:
 - realtime: the sim steps on a wall-clock grid at the control rate. Each tick
   it sends the current observation (if the previous one was answered), waits at
   most until the tick's action deadline for a chunk, and executes whatever the
-  ActionSchedule says is current. A tick with no valid action holds; a tick
-  that holds or overruns its period is a deadline miss.
+  ActionSchedule says is current. When the policy asked to replan at this tick
+  (RTI's replan_after) and its chunk is late, the previous chunk's look-ahead
+  runs. A tick with no valid action holds; a tick that holds or overruns its
+  period is a deadline miss.
 """
 from __future__ import annotations
 
@@ -219,8 +221,8 @@ class SimArm:
             now = record.steps * self.sim_dt  # robot clock = sim clock
             arrays = self._observation(obs)
             start = time.perf_counter()
-            if self.schedule.remaining(now) == 0:
-                # Chunk used up: this observation asks for the next one (DP executes Ta, then replans).
+            if self.schedule.remaining(now, before_replan=True) == 0:
+                # Chunk used up (or at its replan point): this observation asks for the next one.
                 reply = self.client.request(arrays, now, self.config.reply_timeout_s)
                 if reply is None:
                     raise ArmError(self._link_problem("lockstep observation got no reply"))
@@ -285,18 +287,30 @@ class SimArm:
             # out (lead = recent latency in ticks); otherwise history only.
             lead = math.ceil(max(recent, default=0.0) / self.sim_dt)
             arrays = self._observation(obs)
+            due = self.schedule.remaining(tick, before_replan=True)
+            asked = None  # seq of a chunk asked for this tick that this tick's action should come from
             if k == 0:
                 pass  # this observation was the episode-start request
-            elif not self.client.busy and self.schedule.remaining(tick) <= lead:
+            elif not self.client.busy and due <= lead:
                 seq = self.client.send_observation(arrays, tick)
                 if seq is not None:
                     in_flight = {seq: time.perf_counter()}
+                    asked = seq if due == 0 else None
             else:
                 self.client.send_history(arrays, tick)
-            # No action for this tick yet: wait for a chunk until the action deadline, then hold.
+            # Wait, until the action deadline, for an action for this tick, and for the chunk
+            # just asked for when the policy wanted to replan now (RTI). Past the deadline, a
+            # chunk's look-ahead runs if it has one; with nothing left the arm holds.
             deadline = tick + self.config.action_deadline * self.sim_dt
-            while self.schedule.remaining(tick) == 0 and clock() < deadline:
+
+            def waiting() -> bool:
+                fresh = asked is None or (self.schedule.current_seq or -1) >= asked
+                return self.schedule.remaining(tick) == 0 or not fresh
+
+            while waiting() and clock() < deadline:
                 receive(deadline)
+            if asked is not None and (self.schedule.current_seq or -1) < asked:
+                record.lookahead_steps += int(self.schedule.remaining(tick) > 0)
             decision = self.schedule.next(tick)
             record.step_latency_ms.append(max(0.0, clock() - tick) / scale * 1e3)
             missed = decision.hold

@@ -33,6 +33,9 @@ class EpisodeRecord:
     deadline_misses: int = 0
     held_steps: int = 0
     overruns: int = 0
+    # realtime: steps run from the previous chunk's look-ahead because the chunk asked
+    # for at that tick came after its deadline (not misses: the arm kept moving on plan).
+    lookahead_steps: int = 0
     # Denoiser evaluations the server reported, summed over the episode.
     evaluations: int = 0
     # realtime: the episode's first chunk (RTI and streaming fully denoise there), waited
@@ -76,6 +79,7 @@ class SamplerSummary:
     hz: float
     # realtime: median wait for the episode's first chunk, before the clock starts
     start_latency_p50_ms: float = 0.0
+    lookahead_steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -117,6 +121,7 @@ def summarize(sampler: str, records: Sequence[EpisodeRecord], mode: str, hz: flo
         step_latency_p50_ms=p50, step_latency_p99_ms=p99, chunk_latency_p50_ms=c50, chunk_latency_p99_ms=c99,
         chunks=sum(len(r.chunk_latency_ms) for r in records),
         deadline_misses=sum(r.deadline_misses for r in records),
+        lookahead_steps=sum(r.lookahead_steps for r in records),
         evaluations_per_step=(sum(r.evaluations for r in records) / steps) if steps else 0.0,
         mode=mode, hz=hz, start_latency_p50_ms=float(np.median([r.start_latency_ms for r in records])))
 

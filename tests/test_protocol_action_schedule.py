@@ -137,3 +137,18 @@ def test_fresh_all_stale_chunk_runs_its_last_action_once_if_only_one_period_late
     s.offer(chunk(9, start=0.5, n=2))  # last action for 0.6, now 1.0: four periods late
     assert s.next(10 * DT).hold  # far too late: dropped, never replayed
     assert s.n_executed == 3
+
+
+def test_a_chunk_with_replan_after_asks_early_and_its_look_ahead_covers_a_late_reply() -> None:
+    s = ActionSchedule(SPEC, ActionMode.DELTA)
+    c = chunk(1, start=0.0, n=5)
+    s.offer(ActionReply(seq=1, start_time=0.0, dt=DT, actions=c.actions, replan_after=1))
+    assert s.remaining(0.0, before_replan=True) == 1 and s.remaining(0.0) == 5
+    assert s.next(0.0).index == 0
+    assert s.remaining(DT, before_replan=True) == 0  # time to replan...
+    assert s.remaining(DT) == 4                        # ...but the look-ahead is there
+    late = [s.next(k * DT) for k in (1, 2)]            # the next chunk is late: the plan continues
+    assert [d.index for d in late] == [1, 2] and not any(d.hold for d in late)
+    s.offer(ActionReply(seq=2, start_time=2 * DT, dt=DT, actions=chunk(2, 0.0, n=5, base=10.0).actions, replan_after=1))
+    d = s.next(3 * DT)  # the late chunk's action for this tick (its first is stale)
+    assert (d.seq, d.index) == (2, 1) and d.action[0] == 11.0

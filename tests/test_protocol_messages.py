@@ -32,6 +32,7 @@ def all_messages() -> list:
         Observation(4, 0.0, {}, infer=False),
         ActionReply(3, 12.25, 0.05, rng.normal(size=(8, 3)).astype(np.float32), "streaming", 1.5, 1),
         ActionReply(9, 1.0, 0.1, rng.normal(size=(1, 7)), "ddim", 0.0, 10),
+        ActionReply(10, 1.0, 0.05, rng.normal(size=(15, 7)).astype(np.float32), "rti-renoise-20,8,0", 2.0, 3, replan_after=1),
         Reset(seed=5), Reset(), ResetAck(2),
         Heartbeat(123.5), HeartbeatAck(123.5, 1.7e9),
         Error(ErrorCode.BAD_SHAPE.value, "state: shape (3,)", seq=4), Error("internal", "x"),
@@ -140,6 +141,12 @@ BAD_CASES = {
                              "arrays": [{"name": "actions", "dtype": "float32", "shape": [4], "frame": 1}]}, GOOD), ErrorCode.BAD_SHAPE),
     "actions integer": (_frames({"v": 1, "type": "actions", "seq": 1, "start_time": 0.0, "dt": 0.1, "sampler": "", "compute_ms": 0.0, "nfe": 0,
                                  "arrays": [{"name": "actions", "dtype": "int32", "shape": [1, 4], "frame": 1}]}, GOOD), ErrorCode.BAD_SHAPE),
+    "replan_after past the chunk": (_frames({"v": 1, "type": "actions", "seq": 1, "start_time": 0.0, "dt": 0.1, "sampler": "", "compute_ms": 0.0,
+                                             "nfe": 0, "replan_after": 2,
+                                             "arrays": [{"name": "actions", "dtype": "float32", "shape": [1, 4], "frame": 1}]}, GOOD), ErrorCode.BAD_HEADER),
+    "replan_after zero": (_frames({"v": 1, "type": "actions", "seq": 1, "start_time": 0.0, "dt": 0.1, "sampler": "", "compute_ms": 0.0,
+                                   "nfe": 0, "replan_after": 0,
+                                   "arrays": [{"name": "actions", "dtype": "float32", "shape": [1, 4], "frame": 1}]}, GOOD), ErrorCode.BAD_HEADER),
     "long string": (_frames({"v": 1, "type": "bye", "reason": "x" * 5000}), ErrorCode.TOO_LARGE),
 }
 

@@ -89,6 +89,23 @@ def test_control_step_calls_the_networks_only_when_the_chunk_is_used_up(pkg_dir)
     assert runner.t == 0 and not runner.pending
 
 
+def test_rti_replans_every_step_and_shifts_by_the_steps_that_ran(pkg_dir):
+    p = load_package(pkg_dir)
+    runner = PolicyRunner(p, "rti")
+    seen = []
+    step = runner.sampler.step
+    runner.sampler.step = lambda cond, elapsed=None: seen.append(elapsed) or step(cond, elapsed)
+    for i in range(3):
+        runner.control_step(obs(i))  # one inference per control step, though each chunk has look-ahead
+    chunk = runner.last_chunk
+    assert chunk.replan_after == 1 and len(chunk.actions) == p.horizon - p.n_obs_steps + 1
+    assert chunk.offsets.tolist() == list(range(len(chunk.actions)))
+    runner.observe(obs(3))
+    runner.observe(obs(4))  # a late robot: two steps ran from the look-ahead before it asked again
+    runner.act(obs(5))
+    assert seen == [None, 1, 1, 3]
+
+
 def test_same_seed_same_actions_and_reset_reseeds(pkg_dir):
     p = load_package(pkg_dir)
     a, b = PolicyRunner(p, "rti-3,1,0"), PolicyRunner(p, "rti-3,1,0")

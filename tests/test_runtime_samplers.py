@@ -194,7 +194,9 @@ def test_rti_warm_start_refinement_and_gripper(mode):
                    gripper_dims=(2,), gripper_mode=mode, gripper_factor=10.0, seed=0)
     close, open_ = np.array([0.8], np.float32), np.array([-0.05], np.float32)
     first = s.step(close)
-    assert first.nfe == 10 and first.indices.tolist() == [to - 1]
+    # the executed action is at To-1; the refined rest goes out as look-ahead, replanned after 1
+    assert first.nfe == 10 and first.indices.tolist() == list(range(to - 1, tp)) and first.replan_after == 1
+    assert np.isin(first.actions[:, 2], [-0.1 if mode == "scale" else -1.0, 0.1 if mode == "scale" else 1.0]).all()
     kept = s.guess.copy()
     if mode == "clip":
         np.testing.assert_allclose(kept[:, 2], 0.1)  # clipped to 1/factor
@@ -206,6 +208,10 @@ def test_rti_warm_start_refinement_and_gripper(mode):
     second = s.step(close)
     assert second.nfe == 3 and [int(t[0, 0]) for _, t in calls] == [3, 1, 0]
     np.testing.assert_array_equal(calls[0][0][0], shift_chunk(kept, 1))  # refinement starts from the shifted chunk
+    kept = s.guess.copy()
+    calls.clear()
+    s.step(close, elapsed=3)  # the robot asked late: three actions ran since the last call
+    np.testing.assert_array_equal(calls[0][0][0], shift_chunk(kept, 3))
     out = s.step(open_)
     assert np.isclose(out.actions[0, 2], -level)  # a small negative target opens the gripper: the warm start does not lock it in
     np.testing.assert_allclose(out.actions[0, :2], [0.3, -0.2], atol=1e-3)
