@@ -136,14 +136,14 @@ def load_records(paths: Iterable[Path]) -> list[EpisodeRecord]:
 
 def markdown_table(summaries: Sequence[SamplerSummary]) -> str:
     lines = ["| sampler | success | 95% CI | episodes | mean steps | step latency p50 / p99 (ms) "
-             "| chunk latency p50 / p99 (ms) | evals/step | deadline misses |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| chunk latency p50 / p99 (ms) | evals/step | deadline misses | look-ahead steps |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         lo, hi = s.success_ci95
         lines.append(f"| {s.sampler} | {s.success_rate:.2f} | [{lo:.2f}, {hi:.2f}] | {s.episodes} | "
                      f"{s.mean_episode_steps:.1f} | {s.step_latency_p50_ms:.2f} / {s.step_latency_p99_ms:.2f} | "
                      f"{s.chunk_latency_p50_ms:.2f} / {s.chunk_latency_p99_ms:.2f} | "
-                     f"{s.evaluations_per_step:.2f} | {s.deadline_misses} |")
+                     f"{s.evaluations_per_step:.2f} | {s.deadline_misses} | {s.lookahead_steps} |")
     return "\n".join(lines) + "\n"
 
 

@@ -147,6 +147,24 @@ def test_realtime_arm_counts_deadlines_and_latency(server, tmp_path):
     assert data["summary"]["sampler"].startswith("ddim")
 
 
+def test_realtime_arm_replans_rti_every_tick_and_keeps_its_look_ahead_for_late_answers(demo, tmp_path):
+    out, _ = demo
+    proc, endpoint = _serve(out / "policy", "rti")
+    try:
+        result = dpstack("sim", "--task", "lift", "--connect", endpoint, "--mode", "realtime", "--episodes", "1",
+                         "--max-steps", "30", "--seed", "20000", "--out", str(tmp_path / "rt.json"), timeout=300)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert result.returncode == 0, result.stdout + result.stderr
+    e = json.loads((tmp_path / "rt.json").read_text())["episodes"][0]
+    # Each chunk has 15 actions but asks for a new observation after one: the arm asks
+    # nearly every tick (a tick with an answer still in flight sends history only).
+    assert len(e["chunk_latency_ms"]) >= e["steps"] // 2, (len(e["chunk_latency_ms"]), e["steps"])
+    # A late answer runs the look-ahead; with 14 spare actions nothing short of a stall holds.
+    assert 0 <= e["lookahead_steps"] <= e["steps"] and e["held_steps"] == 0
+
+
 def test_arm_with_another_robot_spec_is_refused_with_a_clear_error(server, tmp_path):
     # Can publishes a 14-D object state; the Lift policy needs 10-D: the server refuses the Hello.
     result = dpstack("sim", "--task", "can", "--connect", server, "--episodes", "1", "--max-steps", "5",
