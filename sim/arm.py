@@ -55,6 +55,9 @@ class ArmConfig:
     cameras: tuple[str, ...] = ()        # cameras the policy observes
     reply_timeout_s: float = 30.0        # lockstep: a reply slower than this fails the run
     action_deadline: float = 0.8         # realtime: wait for a chunk until this fraction of the period
+    # realtime: when the current chunk still has a (look-ahead) action for this tick, wait
+    # for the chunk just asked for only this long, so the tick still fits its period
+    fresh_deadline: float = 0.5
     video_episodes: int = 0              # render the first N episodes to MP4
     video_dir: Path | None = None
     video_size: int = 160
@@ -66,8 +69,9 @@ class ArmConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.episodes < 1:
             raise ValueError(f"episodes must be >= 1, got {self.episodes}")
-        if not 0.0 < self.action_deadline <= 1.0:
-            raise ValueError(f"action_deadline is a fraction of the period in (0, 1], got {self.action_deadline}")
+        for name in ("action_deadline", "fresh_deadline"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a fraction of the period in (0, 1], got {getattr(self, name)}")
         if self.video_episodes and self.video_dir is None:
             raise ValueError("video_episodes needs a video_dir")
 
@@ -302,13 +306,18 @@ class SimArm:
             # just asked for when the policy wanted to replan now (RTI). Past the deadline, a
             # chunk's look-ahead runs if it has one; with nothing left the arm holds.
             deadline = tick + self.config.action_deadline * self.sim_dt
+            fresh_deadline = tick + min(self.config.fresh_deadline, self.config.action_deadline) * self.sim_dt
 
-            def waiting() -> bool:
+            def wait_until() -> float | None:
+                if self.schedule.remaining(tick) == 0:
+                    return deadline
                 fresh = asked is None or (self.schedule.current_seq or -1) >= asked
-                return self.schedule.remaining(tick) == 0 or not fresh
+                return None if fresh else fresh_deadline
 
-            while waiting() and clock() < deadline:
-                receive(deadline)
+            until = wait_until()
+            while until is not None and clock() < until:
+                receive(until)
+                until = wait_until()
             if asked is not None and (self.schedule.current_seq or -1) < asked:
                 record.lookahead_steps += int(self.schedule.remaining(tick) > 0)
             decision = self.schedule.next(tick)

@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reply-timeout", type=float, default=30.0, help="seconds before a missing reply fails the run")
     parser.add_argument("--action-deadline", type=float, default=0.8,
                         help="realtime: fraction of the period to wait for a chunk before holding")
+    parser.add_argument("--fresh-deadline", type=float, default=0.5,
+                        help="realtime: fraction of the period to wait for a replan (RTI) chunk before running the look-ahead")
     parser.add_argument("--video", type=int, default=0, metavar="N", help="record the first N episodes to MP4")
     parser.add_argument("--video-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the episode records here (JSON)")
@@ -48,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
                            seed=args.seed, max_steps=args.max_steps, robot_id=args.robot_id,
                            cameras=tuple(c for c in args.cameras.split(",") if c),
                            reply_timeout_s=args.reply_timeout, action_deadline=args.action_deadline,
+                           fresh_deadline=args.fresh_deadline,
                            video_episodes=args.video, video_dir=video_dir if args.video else None)
     except ValueError as e:
         print(f"dpstack sim: {e}", file=sys.stderr)

@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="first episode seed (default: 10000, or above the seeds --dataset's collection used)")
     parser.add_argument("--dataset", type=Path, default=None, help="training dataset, to keep evaluation seeds unseen (default: the one the package's manifest names)")
     parser.add_argument("--max-steps", type=int, default=None, help="episode length limit (default: the task's)")
+    parser.add_argument("--server-threads", type=int, default=0,
+                        help="onnxruntime threads per policy server (default: realtime, the cores the arms leave free; lockstep, 2)")
 
 
 def parse_samplers(text: str) -> tuple[str, ...]:
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         seed = args.seed if args.seed is not None else unseen_seed_base(dataset)
         cfg = EvalConfig(policy_dir=args.policy_dir, out=args.out, task=args.task, episodes=args.episodes,
                          samplers=parse_samplers(args.samplers), mode=args.mode, hz=args.hz, workers=args.workers,
-                         video=args.video, seed_base=seed, max_steps=args.max_steps)
+                         video=args.video, seed_base=seed, max_steps=args.max_steps, server_threads=args.server_threads)
     except ValueError as e:
         print(f"dpstack eval: {e}", file=sys.stderr)
         return 2

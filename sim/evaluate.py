@@ -72,6 +72,9 @@ class EvalConfig:
     seed_base: int = DEFAULT_SEED_BASE
     max_steps: int | None = None
     serve_args: tuple[str, ...] = ()   # extra `dpstack serve` options
+    # onnxruntime threads per server; 0 = realtime: the cores the arms leave free (at
+    # least 1), so physics and policy do not fight over cores; lockstep: 2
+    server_threads: int = 0
     startup_timeout_s: float = 120.0
     env: dict[str, str] = field(default_factory=dict)
 
@@ -168,9 +171,17 @@ class _Process:
         return f"{self.name} exited with {self.proc.returncode}:\n" + "\n".join(self.lines[-20:])
 
 
+def server_threads(cfg: EvalConfig) -> int:
+    if cfg.server_threads:
+        return cfg.server_threads
+    if cfg.mode == "realtime":
+        return max(1, (os.cpu_count() or 1) - cfg.workers)
+    return 2
+
+
 def start_server(cfg: EvalConfig, sampler: str, env: dict[str, str], log_dir: Path) -> _Process:
     argv = dpstack_command("serve", str(cfg.policy_dir), "--sampler", sampler, "--bind", "tcp://127.0.0.1:*",
-                           *cfg.serve_args)
+                           "--threads", str(server_threads(cfg)), *cfg.serve_args)
     return _Process(argv, f"serve {sampler}", env, log_path=log_dir / f"serve_{_safe(sampler)}.log")
 
 

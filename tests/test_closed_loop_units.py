@@ -136,3 +136,14 @@ def test_a_stage_reports_the_peak_memory_of_its_subprocesses(tmp_path: Path):
 
     (outcome,) = run_stages([Stage("hold", "hold memory", done=done.exists, run=run)], log=lambda s: None)
     assert outcome.peak_mb is not None and outcome.peak_mb > 300
+
+
+def test_realtime_servers_leave_the_arms_their_cores(monkeypatch, tmp_path: Path):
+    from sim.evaluate import EvalConfig, server_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    cfg = lambda **kw: EvalConfig(policy_dir=tmp_path, out=tmp_path, **kw)  # noqa: E731
+    assert server_threads(cfg(mode="realtime", workers=3)) == 5
+    assert server_threads(cfg(mode="realtime", workers=8)) == 1  # never zero
+    assert server_threads(cfg(mode="lockstep", workers=3)) == 2
+    assert server_threads(cfg(mode="realtime", workers=3, server_threads=4)) == 4
