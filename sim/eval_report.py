@@ -79,6 +79,9 @@ class SamplerSummary:
     hz: float
     # realtime: median wait for the episode's first chunk, before the clock starts
     start_latency_p50_ms: float = 0.0
+    # the two kinds of deadline miss (a step can be both): no action to run, loop past its period
+    held_steps: int = 0
+    overruns: int = 0
     lookahead_steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,6 +124,8 @@ def summarize(sampler: str, records: Sequence[EpisodeRecord], mode: str, hz: flo
         step_latency_p50_ms=p50, step_latency_p99_ms=p99, chunk_latency_p50_ms=c50, chunk_latency_p99_ms=c99,
         chunks=sum(len(r.chunk_latency_ms) for r in records),
         deadline_misses=sum(r.deadline_misses for r in records),
+        held_steps=sum(r.held_steps for r in records),
+        overruns=sum(r.overruns for r in records),
         lookahead_steps=sum(r.lookahead_steps for r in records),
         evaluations_per_step=(sum(r.evaluations for r in records) / steps) if steps else 0.0,
         mode=mode, hz=hz, start_latency_p50_ms=float(np.median([r.start_latency_ms for r in records])))
@@ -136,14 +141,14 @@ def load_records(paths: Iterable[Path]) -> list[EpisodeRecord]:
 
 def markdown_table(summaries: Sequence[SamplerSummary]) -> str:
     lines = ["| sampler | success | 95% CI | episodes | mean steps | step latency p50 / p99 (ms) "
-             "| chunk latency p50 / p99 (ms) | evals/step | deadline misses | look-ahead steps |",
+             "| chunk latency p50 / p99 (ms) | evals/step | deadline misses (held / overran) | look-ahead steps |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         lo, hi = s.success_ci95
         lines.append(f"| {s.sampler} | {s.success_rate:.2f} | [{lo:.2f}, {hi:.2f}] | {s.episodes} | "
                      f"{s.mean_episode_steps:.1f} | {s.step_latency_p50_ms:.2f} / {s.step_latency_p99_ms:.2f} | "
                      f"{s.chunk_latency_p50_ms:.2f} / {s.chunk_latency_p99_ms:.2f} | "
-                     f"{s.evaluations_per_step:.2f} | {s.deadline_misses} | {s.lookahead_steps} |")
+                     f"{s.evaluations_per_step:.2f} | {s.deadline_misses} ({s.held_steps} / {s.overruns}) | {s.lookahead_steps} |")
     return "\n".join(lines) + "\n"
 
 

@@ -27,14 +27,15 @@ def test_wilson_interval_matches_known_values_and_stays_in_range():
 
 def test_summary_pools_episodes():
     records = [EpisodeRecord(0, 10_000, True, 40, step_latency_ms=[1.0] * 40, chunk_latency_ms=[10.0] * 5,
-                             evaluations=50, deadline_misses=1),
+                             evaluations=50, deadline_misses=1, held_steps=1, lookahead_steps=4),
                EpisodeRecord(1, 10_001, False, 60, step_latency_ms=[3.0] * 60, chunk_latency_ms=[30.0] * 8,
-                             evaluations=80, deadline_misses=2)]
+                             evaluations=80, deadline_misses=2, overruns=2, lookahead_steps=1)]
     s = summarize("ddim", records, "realtime", 20.0)
     assert (s.episodes, s.successes, s.success_rate) == (2, 1, 0.5)
     assert s.mean_episode_steps == 50.0
     assert s.step_latency_p50_ms == 3.0 and s.chunk_latency_p99_ms == pytest.approx(30.0)
     assert s.chunks == 13 and s.deadline_misses == 3
+    assert (s.held_steps, s.overruns, s.lookahead_steps) == (1, 2, 5)
     assert s.evaluations_per_step == pytest.approx(130 / 100)
 
 
