@@ -207,7 +207,9 @@ class SimArm:
         return _policy_obs(obs, self.spec.obs_keys)
 
     def _step_env(self, action: np.ndarray, record: EpisodeRecord, recorder: FrameRecorder | None) -> tuple[dict, bool]:
+        start = time.perf_counter()
         obs, _, done, info = self.env.step(action)
+        record.physics_ms.append((time.perf_counter() - start) * 1e3)
         record.steps += 1
         self._render_s = 0.0
         if recorder is not None:

@@ -28,6 +28,9 @@ class EpisodeRecord:
     step_latency_ms: list[float] = field(default_factory=list)
     # Per inference request: observation sent -> its chunk received (ms).
     chunk_latency_ms: list[float] = field(default_factory=list)
+    # Per control step: wall time of the simulated arm's own step (physics and
+    # observation, ms); with step latency it accounts for a realtime overrun.
+    physics_ms: list[float] = field(default_factory=list)
     # Steps where no valid action for the tick existed (the arm held) or the loop
     # overran its period.
     deadline_misses: int = 0
@@ -83,6 +86,9 @@ class SamplerSummary:
     held_steps: int = 0
     overruns: int = 0
     lookahead_steps: int = 0
+    physics_p50_ms: float = 0.0
+    physics_p99_ms: float = 0.0
+    physics_max_ms: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -117,6 +123,8 @@ def summarize(sampler: str, records: Sequence[EpisodeRecord], mode: str, hz: flo
     steps = sum(r.steps for r in records)
     p50, p99 = _percentiles([r.step_latency_ms for r in records])
     c50, c99 = _percentiles([r.chunk_latency_ms for r in records])
+    f50, f99 = _percentiles([r.physics_ms for r in records])
+    fmax = max((max(r.physics_ms) for r in records if r.physics_ms), default=math.nan)
     return SamplerSummary(
         sampler=sampler, episodes=len(records), successes=successes,
         success_rate=successes / len(records), success_ci95=wilson_interval(successes, len(records)),
@@ -127,6 +135,7 @@ def summarize(sampler: str, records: Sequence[EpisodeRecord], mode: str, hz: flo
         held_steps=sum(r.held_steps for r in records),
         overruns=sum(r.overruns for r in records),
         lookahead_steps=sum(r.lookahead_steps for r in records),
+        physics_p50_ms=f50, physics_p99_ms=f99, physics_max_ms=fmax,
         evaluations_per_step=(sum(r.evaluations for r in records) / steps) if steps else 0.0,
         mode=mode, hz=hz, start_latency_p50_ms=float(np.median([r.start_latency_ms for r in records])))
 

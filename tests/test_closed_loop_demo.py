@@ -133,7 +133,7 @@ def test_realtime_arm_counts_deadlines_and_latency(server, tmp_path):
     assert [e["seed"] for e in data["episodes"]] == [20000, 20001]
     for e in data["episodes"]:
         assert e["mode"] == "realtime" and 0 < e["steps"] <= 20
-        assert len(e["step_latency_ms"]) == e["steps"]
+        assert len(e["step_latency_ms"]) == e["steps"] == len(e["physics_ms"]) and min(e["physics_ms"]) > 0
         # The episode's first chunk is waited for before the clock starts (the arm is at rest).
         assert e["start_latency_ms"] > 0 and e["evaluations"] > 0
         assert all(x > 0 for x in e["chunk_latency_ms"])

@@ -27,7 +27,8 @@ def test_wilson_interval_matches_known_values_and_stays_in_range():
 
 def test_summary_pools_episodes():
     records = [EpisodeRecord(0, 10_000, True, 40, step_latency_ms=[1.0] * 40, chunk_latency_ms=[10.0] * 5,
-                             evaluations=50, deadline_misses=1, held_steps=1, lookahead_steps=4),
+                             evaluations=50, deadline_misses=1, held_steps=1, lookahead_steps=4,
+                             physics_ms=[5.0] * 39 + [31.0]),
                EpisodeRecord(1, 10_001, False, 60, step_latency_ms=[3.0] * 60, chunk_latency_ms=[30.0] * 8,
                              evaluations=80, deadline_misses=2, overruns=2, lookahead_steps=1)]
     s = summarize("ddim", records, "realtime", 20.0)
@@ -36,6 +37,7 @@ def test_summary_pools_episodes():
     assert s.step_latency_p50_ms == 3.0 and s.chunk_latency_p99_ms == pytest.approx(30.0)
     assert s.chunks == 13 and s.deadline_misses == 3
     assert (s.held_steps, s.overruns, s.lookahead_steps) == (1, 2, 5)
+    assert s.physics_p50_ms == 5.0 and s.physics_max_ms == 31.0
     assert s.evaluations_per_step == pytest.approx(130 / 100)
 
 
