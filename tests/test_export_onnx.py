@@ -66,7 +66,7 @@ def test_manifest_describes_the_policy(exported):
     assert set(m["files"]) == {"encoder.onnx", "denoiser.onnx"}
 
 
-@pytest.mark.parametrize("sampler,calls", [("ddpm-100", 2), ("ddim-10", 4), ("rti-3,1,0", 8), ("streaming-1", 8), ("streaming-3", 8)])
+@pytest.mark.parametrize("sampler,calls", [("ddpm-100", 2), ("ddim-10", 4), ("rti-3,1,0", 8), ("rti", 8), ("streaming-1", 8), ("streaming-3", 8)])
 def test_onnxruntime_and_torch_give_the_same_actions(exported, sampler, calls):
     model, _, out = exported
     package = load_package(out, serves=SPEC, options=SessionOptions(intra_op_threads=1))
