@@ -85,6 +85,8 @@ class EvalConfig:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if not self.samplers:
             raise ValueError("no samplers to evaluate")
+        if self.server_threads < 0:
+            raise ValueError(f"server_threads must be >= 0 (0: automatic), got {self.server_threads}")
         if len(set(self.samplers)) != len(self.samplers):
             raise ValueError(f"samplers listed twice: {list(self.samplers)}")
 

@@ -150,3 +150,5 @@ def test_realtime_servers_leave_the_arms_their_cores(monkeypatch, tmp_path: Path
     assert server_threads(cfg(mode="realtime", workers=8)) == 1  # never zero
     assert server_threads(cfg(mode="lockstep", workers=3)) == 2
     assert server_threads(cfg(mode="realtime", workers=3, server_threads=4)) == 4
+    with pytest.raises(ValueError, match="server_threads"):
+        cfg(server_threads=-1)
