@@ -304,9 +304,9 @@ class SimArm:
                     asked = seq if due == 0 else None
             else:
                 self.client.send_history(arrays, tick)
-            # Wait, until the action deadline, for an action for this tick, and for the chunk
-            # just asked for when the policy wanted to replan now (RTI). Past the deadline, a
-            # chunk's look-ahead runs if it has one; with nothing left the arm holds.
+            # With no action for this tick, wait for one until the action deadline, then hold.
+            # When the policy wanted to replan now (RTI) and the current chunk's look-ahead
+            # covers the tick, wait for the chunk just asked for only until fresh_deadline.
             deadline = tick + self.config.action_deadline * self.sim_dt
             fresh_deadline = tick + min(self.config.fresh_deadline, self.config.action_deadline) * self.sim_dt
 
