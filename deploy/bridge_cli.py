@@ -13,6 +13,8 @@ import logging
 import signal
 import sys
 
+from runtime import realtime
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="robot YAML (path, or a name in deploy/configs: sim, ur5e, franka)")
@@ -22,9 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--robot-id", default=None, help="name this robot gives the server (default: the YAML's name)")
     p.add_argument("--summary", default=None, help="also write the run summary as JSON here")
     p.add_argument("-v", "--verbose", action="store_true")
+    realtime.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    if not realtime.apply_from_args(args, "dpstack bridge"):  # before any thread starts: threads inherit it
+        return 2
     from deploy.bridge import Bridge
     from deploy.config import ConfigError, load_config
     from deploy.drivers import make_driver

@@ -10,6 +10,8 @@ import json
 import logging
 import sys
 
+from runtime import realtime
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("policy_dir", metavar="POLICY_DIR", help="exported policy package (manifest.json + ONNX files)")
@@ -29,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     p.add_argument("--providers", default="", help="comma-separated onnxruntime providers (default: TensorRT>CUDA>CPU)")
     p.add_argument("-v", "--verbose", action="store_true")
+    realtime.add_arguments(p)
 
 
 def build_factory(policy_dir: str, sampler: str, threads: int = 2, providers: tuple[str, ...] = ()):
@@ -53,6 +56,8 @@ def build_factory(policy_dir: str, sampler: str, threads: int = 2, providers: tu
 
 
 def run(args: argparse.Namespace) -> int:
+    if not realtime.apply_from_args(args, "dpstack serve"):  # before any thread starts: threads inherit it
+        return 2
     from runtime.package import PackageError
     from runtime.server import InsecureBind, PolicyServer, ServerConfig, run_until_signalled
 

@@ -31,6 +31,7 @@ from typing import Callable
 
 import numpy as np
 
+from runtime.realtime import StallProbe
 from sim.eval_report import EpisodeRecord
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class SimArm:
                                    timeout_s=max(config.reply_timeout_s, 1.0))
         self.schedule = ActionSchedule(self.spec.action)
         self.progress = progress
+        self.probe = StallProbe()  # this (the loop's) thread's scheduling, for realtime records
 
     # ------------------------------------------------------------------ session
     def connect(self, timeout_s: float = 30.0) -> None:
@@ -165,6 +167,7 @@ class SimArm:
     def close(self) -> None:
         self.client.close()
         self.env.close()
+        self.probe.close()
 
     # ------------------------------------------------------------------ episodes
     def run_episode(self, episode: int, seed: int) -> EpisodeRecord:
@@ -287,6 +290,7 @@ class SimArm:
             tick = k * self.sim_dt
             while clock() < tick:
                 receive(tick)  # idle until the tick, receiving meanwhile
+            self.probe.read()  # stalls while idle cost nothing: count from the tick on
             if self.client.fatal is not None:
                 raise ArmError(self._link_problem("policy link failed"))
             # Ask for the next chunk early enough that it arrives before this one runs
@@ -328,6 +332,9 @@ class SimArm:
             if missed:
                 record.held_steps += 1
             obs, done = self._step_env(decision.action, record, recorder)
+            steal_ms, runqueue_ms = self.probe.read()
+            record.steal_ms.append(steal_ms)
+            record.runqueue_ms.append(runqueue_ms)
             # Rendering is for people, not part of the robot: stop the clock while it ran.
             wall0 += self._render_s
             if clock() > tick + self.sim_dt:

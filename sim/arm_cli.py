@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from runtime import realtime
 from sim.arm import MODES
 
 
@@ -38,9 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the episode records here (JSON)")
     parser.add_argument("--quiet", action="store_true", help="no per-episode lines")
+    realtime.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if not realtime.apply_from_args(args, "dpstack sim"):  # before any thread starts: threads inherit it
+        return 2
     from sim.arm import ArmConfig, ArmError, SimArm
     from sim.eval_report import summarize, write_json_atomic
 
@@ -74,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(config.sampler_label or "policy", records, config.mode, arm.hz)
     if args.out is not None:
         write_json_atomic(args.out, {"config": {"task": args.task, "connect": args.connect, "mode": args.mode,
-                                                "hz": arm.hz, "seed": args.seed, "episodes": args.episodes},
+                                                "hz": arm.hz, "seed": args.seed, "episodes": args.episodes,
+                                                "scheduling": realtime.current_scheduling()},
                                      "summary": summary.to_dict(),
                                      "episodes": [r.to_dict() for r in records]})
     print(json.dumps({k: summary.to_dict()[k] for k in ("sampler", "episodes", "success_rate", "step_latency_p50_ms",

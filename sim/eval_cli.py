@@ -36,6 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="episode length limit (default: the task's)")
     parser.add_argument("--server-threads", type=int, default=0,
                         help="onnxruntime threads per policy server (default: realtime, the cores the arms leave free; lockstep, 2)")
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="realtime: do not give each arm a core of its own and the servers the rest "
+                             "(pinning needs more cores than --workers)")
+    parser.add_argument("--rt-priority", type=int, default=0, metavar="N",
+                        help="realtime: run arms and servers at SCHED_FIFO priority N with locked memory "
+                             "(needs CAP_SYS_NICE; default: off)")
 
 
 def parse_samplers(text: str) -> tuple[str, ...]:
@@ -64,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         seed = args.seed if args.seed is not None else unseen_seed_base(dataset)
         cfg = EvalConfig(policy_dir=args.policy_dir, out=args.out, task=args.task, episodes=args.episodes,
                          samplers=parse_samplers(args.samplers), mode=args.mode, hz=args.hz, workers=args.workers,
-                         video=args.video, seed_base=seed, max_steps=args.max_steps, server_threads=args.server_threads)
+                         video=args.video, seed_base=seed, max_steps=args.max_steps, server_threads=args.server_threads,
+                         pin=args.pin, rt_priority=args.rt_priority)
     except ValueError as e:
         print(f"dpstack eval: {e}", file=sys.stderr)
         return 2

@@ -31,6 +31,11 @@ class EpisodeRecord:
     # Per control step: wall time of the simulated arm's own step (physics and
     # observation, ms); with step latency it accounts for a realtime overrun.
     physics_ms: list[float] = field(default_factory=list)
+    # realtime, per control step: time the hypervisor stole from the VM (10 ms clock
+    # ticks) and time the arm's loop waited for a core, from the tick to the end of its
+    # step (ms): a miss with either is the computer's, not the policy's.
+    steal_ms: list[float] = field(default_factory=list)
+    runqueue_ms: list[float] = field(default_factory=list)
     # Steps where no valid action for the tick existed (the arm held) or the loop
     # overran its period.
     deadline_misses: int = 0

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from runtime.realtime import RealtimeConfig, format_cpus
 from sim.eval_report import (EpisodeRecord, SamplerSummary, latency_plot, load_records, markdown_table, summarize,
                              write_json_atomic)
 
@@ -75,6 +76,10 @@ class EvalConfig:
     # onnxruntime threads per server; 0 = realtime: the cores the arms leave free (at
     # least 1), so physics and policy do not fight over cores; lockstep: 2
     server_threads: int = 0
+    # realtime: each arm on a core of its own and the servers on the rest, when there
+    # are more cores than arms
+    pin: bool = True
+    rt_priority: int = 0   # realtime: SCHED_FIFO priority (and locked memory) for arms and servers
     startup_timeout_s: float = 120.0
     env: dict[str, str] = field(default_factory=dict)
 
@@ -85,6 +90,8 @@ class EvalConfig:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if not self.samplers:
             raise ValueError("no samplers to evaluate")
+        if not 0 <= self.rt_priority <= 99:
+            raise ValueError(f"rt_priority must be in 1..99 (0: off), got {self.rt_priority}")
         if self.server_threads < 0:
             raise ValueError(f"server_threads must be >= 0 (0: automatic), got {self.server_threads}")
         if len(set(self.samplers)) != len(self.samplers):
@@ -173,24 +180,55 @@ class _Process:
         return f"{self.name} exited with {self.proc.returncode}:\n" + "\n".join(self.lines[-20:])
 
 
-def server_threads(cfg: EvalConfig) -> int:
+def available_cpus() -> tuple[int, ...]:
+    return tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else tuple(range(os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    """Where the processes of a realtime evaluation run: arm slot i on arms[i], servers on `servers`."""
+
+    arms: tuple[RealtimeConfig, ...]
+    server: RealtimeConfig
+
+
+def plan_cpus(cfg: EvalConfig, cpus: Sequence[int]) -> CpuPlan:
+    """Realtime with more cores than arms (and pinning on): a core per arm, the rest for
+    the servers, so physics and policy never queue behind each other. Otherwise no pinning."""
+    rt = dict(priority=cfg.rt_priority, lock_memory=bool(cfg.rt_priority)) if cfg.mode == "realtime" else {}
+    if cfg.mode == "realtime" and cfg.pin and len(cpus) > cfg.workers:
+        return CpuPlan(arms=tuple(RealtimeConfig(cpus=(c,), **rt) for c in cpus[:cfg.workers]),
+                       server=RealtimeConfig(cpus=tuple(cpus[cfg.workers:]), **rt))
+    return CpuPlan(arms=(RealtimeConfig(**rt),) * cfg.workers, server=RealtimeConfig(**rt))
+
+
+def scheduling_summary(cfg: EvalConfig, cpus: Sequence[int]) -> dict:
+    plan = plan_cpus(cfg, cpus)
+    return {"arm_cpus": [format_cpus(a.cpus) or "any" for a in plan.arms],
+            "server_cpus": format_cpus(plan.server.cpus) or "any", "server_threads": server_threads(cfg, cpus),
+            "rt_priority": plan.server.priority}
+
+
+def server_threads(cfg: EvalConfig, cpus: Sequence[int]) -> int:
     if cfg.server_threads:
         return cfg.server_threads
     if cfg.mode == "realtime":
-        return max(1, (os.cpu_count() or 1) - cfg.workers)
+        return max(1, len(cpus) - cfg.workers)
     return 2
 
 
-def start_server(cfg: EvalConfig, sampler: str, env: dict[str, str], log_dir: Path) -> _Process:
+def start_server(cfg: EvalConfig, sampler: str, env: dict[str, str], log_dir: Path, cpus: Sequence[int]) -> _Process:
     argv = dpstack_command("serve", str(cfg.policy_dir), "--sampler", sampler, "--bind", "tcp://127.0.0.1:*",
-                           "--threads", str(server_threads(cfg)), *cfg.serve_args)
+                           "--threads", str(server_threads(cfg, cpus)), *plan_cpus(cfg, cpus).server.argv(),
+                           *cfg.serve_args)
     return _Process(argv, f"serve {sampler}", env, log_path=log_dir / f"serve_{_safe(sampler)}.log")
 
 
-def arm_argv(cfg: EvalConfig, job: _Job, endpoint: str, video_dir: Path) -> list[str]:
+def arm_argv(cfg: EvalConfig, job: _Job, endpoint: str, video_dir: Path, scheduling: RealtimeConfig = RealtimeConfig()) -> list[str]:
     argv = dpstack_command("sim", "--task", cfg.task, "--connect", endpoint, "--mode", cfg.mode,
                            "--episodes", str(job.count), "--seed", str(cfg.seed_base + job.first),
-                           "--robot-id", f"arm-{_safe(job.sampler)}-{job.first}", "--out", str(job.out), "--quiet")
+                           "--robot-id", f"arm-{_safe(job.sampler)}-{job.first}", "--out", str(job.out), "--quiet",
+                           *scheduling.argv())
     if cfg.hz:
         argv += ["--hz", str(cfg.hz)]
     if cfg.max_steps:
@@ -217,10 +255,12 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[Sample
     servers: dict[str, _Process] = {}
     try:
         for s in dict.fromkeys(j.sampler for j in todo):
-            servers[s] = start_server(cfg, s, env, log_dir)
+            servers[s] = start_server(cfg, s, env, log_dir, available_cpus())
         endpoints = {s: p.wait_endpoint(cfg.startup_timeout_s) for s, p in servers.items()}
         if endpoints:
             log("servers up: " + ", ".join(f"{s} at {e}" for s, e in endpoints.items()))
+        if cfg.mode == "realtime":
+            log("scheduling: " + ", ".join(f"{k} {v}" for k, v in scheduling_summary(cfg, available_cpus()).items()))
         _run_jobs(cfg, todo, endpoints, list(servers.values()), env, video_dir, log_dir)
     finally:
         for p in servers.values():
@@ -287,6 +327,8 @@ def _run_jobs(cfg: EvalConfig, jobs: list[_Job], endpoints: dict[str, str], serv
 
     pending = list(jobs)
     running: list[tuple[_Job, _Process]] = []
+    slots = plan_cpus(cfg, available_cpus()).arms  # scheduling of each arm slot
+    busy: dict[int, int] = {}  # id(running arm process) -> its slot
     total = sum(j.count for j in jobs)
     with tqdm(total=total, desc="episodes", unit="ep", dynamic_ncols=True, file=sys.stdout) as bar:
         try:
@@ -294,14 +336,18 @@ def _run_jobs(cfg: EvalConfig, jobs: list[_Job], endpoints: dict[str, str], serv
                 while pending and len(running) < cfg.workers:
                     job = pending.pop(0)
                     name = f"sim {job.sampler} #{job.first}"
-                    running.append((job, _Process(arm_argv(cfg, job, endpoints[job.sampler], video_dir), name, env,
-                                                  log_path=log_dir / f"sim_{_safe(job.sampler)}_{job.first:04d}.log")))
+                    slot = min(set(range(cfg.workers)) - set(busy.values()))
+                    argv = arm_argv(cfg, job, endpoints[job.sampler], video_dir, slots[slot])
+                    p = _Process(argv, name, env, log_path=log_dir / f"sim_{_safe(job.sampler)}_{job.first:04d}.log")
+                    running.append((job, p))
+                    busy[id(p)] = slot
                 time.sleep(0.2)
                 for job, p in list(running):
                     if p.proc.poll() is None:
                         continue
                     p.stop()
                     running.remove((job, p))
+                    busy.pop(id(p))
                     if p.proc.returncode != 0 or not job.out.exists():
                         raise EvalError(p.failure())
                     bar.update(job.count)
@@ -322,6 +368,7 @@ def write_results(out: Path, cfg: EvalConfig, summaries: Sequence[SamplerSummary
         "policy": str(cfg.policy_dir), "package_sha256": _package_sha256(cfg.policy_dir),
         "task": cfg.task, "mode": cfg.mode, "hz": summaries[0].hz if summaries else cfg.hz,
         "seed_base": cfg.seed_base, "episodes_per_sampler": cfg.episodes,
+        "scheduling": scheduling_summary(cfg, available_cpus()),
         "results": [s.to_dict() for s in summaries]})
     table = markdown_table(summaries)
     (out / "results.md").write_text(f"# Closed-loop evaluation: {cfg.task}, {cfg.mode}\n\n{table}")

@@ -141,14 +141,38 @@ def test_a_stage_reports_the_peak_memory_of_its_subprocesses(tmp_path: Path):
     assert outcome.peak_mb is not None and outcome.peak_mb > 300
 
 
-def test_realtime_servers_leave_the_arms_their_cores(monkeypatch, tmp_path: Path):
+def test_realtime_servers_leave_the_arms_their_cores(tmp_path: Path):
     from sim.evaluate import EvalConfig, server_threads
 
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    cpus = tuple(range(8))
     cfg = lambda **kw: EvalConfig(policy_dir=tmp_path, out=tmp_path, **kw)  # noqa: E731
-    assert server_threads(cfg(mode="realtime", workers=3)) == 5
-    assert server_threads(cfg(mode="realtime", workers=8)) == 1  # never zero
-    assert server_threads(cfg(mode="lockstep", workers=3)) == 2
-    assert server_threads(cfg(mode="realtime", workers=3, server_threads=4)) == 4
+    assert server_threads(cfg(mode="realtime", workers=3), cpus) == 5
+    assert server_threads(cfg(mode="realtime", workers=8), cpus) == 1  # never zero
+    assert server_threads(cfg(mode="lockstep", workers=3), cpus) == 2
+    assert server_threads(cfg(mode="realtime", workers=3, server_threads=4), cpus) == 4
     with pytest.raises(ValueError, match="server_threads"):
         cfg(server_threads=-1)
+
+
+def test_realtime_eval_gives_each_arm_a_core_and_the_servers_the_rest(tmp_path: Path):
+    from sim.evaluate import EvalConfig, arm_argv, plan_cpus, split_jobs
+
+    cfg = lambda **kw: EvalConfig(policy_dir=tmp_path, out=tmp_path, **kw)  # noqa: E731
+    plan = plan_cpus(cfg(mode="realtime", workers=2), (0, 1, 4, 5))
+    assert [a.cpus for a in plan.arms] == [(0,), (1,)] and plan.server.cpus == (4, 5)
+    assert plan.server.priority == 0 and not plan.server.lock_memory
+    # Not more cores than arms, pinning off, or lockstep: nothing is pinned.
+    for kw, cpus in ((dict(mode="realtime", workers=2), (0, 1)), (dict(mode="realtime", workers=1, pin=False), (0, 1)),
+                     (dict(mode="lockstep", workers=1), (0, 1))):
+        plan = plan_cpus(cfg(**kw), cpus)
+        assert all(not a.cpus for a in plan.arms) and not plan.server.cpus
+    # Real-time priority goes with locked memory, to arms and servers alike, in realtime only.
+    plan = plan_cpus(cfg(mode="realtime", workers=1, rt_priority=40), (0, 1))
+    assert plan.arms[0].argv() == ["--cpus", "0", "--rt-priority", "40", "--lock-memory"]
+    assert plan.server.argv() == ["--cpus", "1", "--rt-priority", "40", "--lock-memory"]
+    assert plan_cpus(cfg(mode="lockstep", workers=1, rt_priority=40), (0, 1)).server.argv() == []
+    job = split_jobs(["ddim"], 2, 1, 0, tmp_path)[0]
+    argv = arm_argv(cfg(mode="realtime", workers=1), job, "tcp://127.0.0.1:1", tmp_path, plan.arms[0])
+    assert argv[argv.index("--cpus") + 1] == "0"
+    with pytest.raises(ValueError, match="rt_priority"):
+        cfg(rt_priority=100)
