@@ -21,7 +21,6 @@ import json
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,20 +34,8 @@ def _stats(values_s) -> dict[str, float]:
 
 
 def bare_loop(hz: float, seconds: float) -> dict:
-    dt = 1.0 / hz
-    ticks = []
-    next_t = time.monotonic()
-    end = next_t + seconds
-    while True:
-        now = time.monotonic()
-        if now >= end:
-            break
-        ticks.append(now)
-        next_t += dt
-        delay = next_t - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-    return _stats(np.diff(ticks) - dt)
+    from runtime.jitter import wake_loop
+    return _stats(np.diff(wake_loop(hz, seconds).wakeups) - 1.0 / hz)
 
 
 def _config(hz: float):

@@ -246,6 +246,7 @@ class SimArm:
             if decision.hold:
                 record.held_steps += 1
                 record.deadline_misses += 1
+                record.misses.append([record.steps, time.monotonic() - (time.perf_counter() - start), time.monotonic()])
             obs, done = self._step_env(decision.action, record, recorder)
 
     def _realtime(self, obs: dict, record: EpisodeRecord, recorder: FrameRecorder | None) -> None:
@@ -341,6 +342,8 @@ class SimArm:
                 record.overruns += 1
                 missed = True
             record.deadline_misses += int(missed)
+            if missed:  # the window from the tick's nominal start, on the clock every process shares
+                record.misses.append([k, time.monotonic() - (time.perf_counter() - wall0) + tick / scale, time.monotonic()])
             k += 1
 
     def _link_problem(self, what: str) -> str:

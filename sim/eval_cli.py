@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-pin", dest="pin", action="store_false",
                         help="realtime: do not give each arm a core of its own and the servers the rest "
                              "(pinning needs more cores than --workers)")
+    parser.add_argument("--witness", action="store_true",
+                        help="realtime: run a jitter witness (dpstack bench jitter) on every core and count the "
+                             "deadline misses that fell in a platform stall")
     parser.add_argument("--rt-priority", type=int, default=0, metavar="N",
                         help="realtime: run arms and servers at SCHED_FIFO priority N with locked memory "
                              "(needs CAP_SYS_NICE; default: off)")
@@ -71,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = EvalConfig(policy_dir=args.policy_dir, out=args.out, task=args.task, episodes=args.episodes,
                          samplers=parse_samplers(args.samplers), mode=args.mode, hz=args.hz, workers=args.workers,
                          video=args.video, seed_base=seed, max_steps=args.max_steps, server_threads=args.server_threads,
-                         pin=args.pin, rt_priority=args.rt_priority)
+                         pin=args.pin, rt_priority=args.rt_priority,
+                         witness=args.witness)
     except ValueError as e:
         print(f"dpstack eval: {e}", file=sys.stderr)
         return 2

@@ -36,6 +36,9 @@ class EpisodeRecord:
     # step (ms): a miss with either is the computer's, not the policy's.
     steal_ms: list[float] = field(default_factory=list)
     runqueue_ms: list[float] = field(default_factory=list)
+    # The steps that missed: [step, tick start, step end] in CLOCK_MONOTONIC seconds
+    # (shared by every process, to check a miss against a jitter witness's stalls)
+    misses: list[list[float]] = field(default_factory=list)
     # Steps where no valid action for the tick existed (the arm held) or the loop
     # overran its period.
     deadline_misses: int = 0
@@ -94,11 +97,25 @@ class SamplerSummary:
     physics_p50_ms: float = 0.0
     physics_p99_ms: float = 0.0
     physics_max_ms: float = 0.0
+    # realtime: steps the computer stalled (stolen + run-queue time >= STALL_FRACTION of
+    # the period), and the deadline misses on such a step or during a stall the jitter
+    # witness saw (dpstack eval --witness)
+    stalled_steps: int = 0
+    stall_misses: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["success_ci95"] = list(self.success_ci95)
         return d
+
+
+STALL_FRACTION = 0.1
+
+
+def stalled(record: EpisodeRecord) -> list[int]:
+    """Steps of a realtime episode on which the computer, not the loop, took the time."""
+    limit = STALL_FRACTION * 1e3 / record.hz
+    return [i for i, (s, w) in enumerate(zip(record.steal_ms, record.runqueue_ms)) if s + w >= limit]
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -121,7 +138,19 @@ def _percentiles(lists: Sequence[Sequence[float]]) -> tuple[float, float]:
     return (float(np.percentile(values, 50)), float(np.percentile(values, 99)))
 
 
-def summarize(sampler: str, records: Sequence[EpisodeRecord], mode: str, hz: float) -> SamplerSummary:
+def stall_misses(record: EpisodeRecord, witness_stalls: Sequence[tuple[float, float]] = ()) -> int:
+    """Misses of `record` on a stalled step or overlapping a witnessed stall (start, ms) of
+    at least STALL_FRACTION of the period."""
+    from runtime.jitter import stalled_during
+
+    limit = STALL_FRACTION * 1e3 / record.hz
+    witnessed = [(s, ms) for s, ms in witness_stalls if ms >= limit]
+    steps = set(stalled(record))
+    return sum(1 for step, t0, t1 in record.misses if int(step) in steps or stalled_during(witnessed, t0, t1))
+
+
+def summarize(sampler: str, records: Sequence[EpisodeRecord], mode: str, hz: float,
+              witness_stalls: Sequence[tuple[float, float]] = ()) -> SamplerSummary:
     if not records:
         raise ValueError(f"sampler {sampler!r}: no episodes to summarise")
     successes = sum(bool(r.success) for r in records)
@@ -141,6 +170,8 @@ def summarize(sampler: str, records: Sequence[EpisodeRecord], mode: str, hz: flo
         overruns=sum(r.overruns for r in records),
         lookahead_steps=sum(r.lookahead_steps for r in records),
         physics_p50_ms=f50, physics_p99_ms=f99, physics_max_ms=fmax,
+        stalled_steps=sum(len(stalled(r)) for r in records),
+        stall_misses=sum(stall_misses(r, witness_stalls) for r in records),
         evaluations_per_step=(sum(r.evaluations for r in records) / steps) if steps else 0.0,
         mode=mode, hz=hz, start_latency_p50_ms=float(np.median([r.start_latency_ms for r in records])))
 
@@ -155,14 +186,16 @@ def load_records(paths: Iterable[Path]) -> list[EpisodeRecord]:
 
 def markdown_table(summaries: Sequence[SamplerSummary]) -> str:
     lines = ["| sampler | success | 95% CI | episodes | mean steps | step latency p50 / p99 (ms) "
-             "| chunk latency p50 / p99 (ms) | evals/step | deadline misses (held / overran) | look-ahead steps |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| chunk latency p50 / p99 (ms) | evals/step | deadline misses (held / overran) | look-ahead steps "
+             "| stalled steps (misses there) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         lo, hi = s.success_ci95
         lines.append(f"| {s.sampler} | {s.success_rate:.2f} | [{lo:.2f}, {hi:.2f}] | {s.episodes} | "
                      f"{s.mean_episode_steps:.1f} | {s.step_latency_p50_ms:.2f} / {s.step_latency_p99_ms:.2f} | "
                      f"{s.chunk_latency_p50_ms:.2f} / {s.chunk_latency_p99_ms:.2f} | "
-                     f"{s.evaluations_per_step:.2f} | {s.deadline_misses} ({s.held_steps} / {s.overruns}) | {s.lookahead_steps} |")
+                     f"{s.evaluations_per_step:.2f} | {s.deadline_misses} ({s.held_steps} / {s.overruns}) | {s.lookahead_steps} "
+                     f"| {s.stalled_steps} ({s.stall_misses}) |")
     return "\n".join(lines) + "\n"
 
 

@@ -80,6 +80,7 @@ class EvalConfig:
     # are more cores than arms
     pin: bool = True
     rt_priority: int = 0   # realtime: SCHED_FIFO priority (and locked memory) for arms and servers
+    witness: bool = False  # realtime: a jitter witness on every core, to tell platform stalls from our misses
     startup_timeout_s: float = 120.0
     env: dict[str, str] = field(default_factory=dict)
 
@@ -90,6 +91,8 @@ class EvalConfig:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if not self.samplers:
             raise ValueError("no samplers to evaluate")
+        if self.witness and self.mode != "realtime":
+            raise ValueError("witness is for realtime mode: lockstep has no deadlines to witness")
         if not 0 <= self.rt_priority <= 99:
             raise ValueError(f"rt_priority must be in 1..99 (0: off), got {self.rt_priority}")
         if self.server_threads < 0:
@@ -253,6 +256,7 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[Sample
         log(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} episode jobs already done for this package")
 
     servers: dict[str, _Process] = {}
+    witnesses = start_witnesses(cfg, out / "witness", env, log_dir) if cfg.witness and todo else []
     try:
         for s in dict.fromkeys(j.sampler for j in todo):
             servers[s] = start_server(cfg, s, env, log_dir, available_cpus())
@@ -263,8 +267,9 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[Sample
             log("scheduling: " + ", ".join(f"{k} {v}" for k, v in scheduling_summary(cfg, available_cpus()).items()))
         _run_jobs(cfg, todo, endpoints, list(servers.values()), env, video_dir, log_dir)
     finally:
-        for p in servers.values():
+        for p in [*servers.values(), *witnesses]:
             p.stop()
+    witness = read_witness(out / "witness")
 
     summaries = []
     latencies: dict[str, dict[str, list[float]]] = {"per control step (obs -> action)": {},
@@ -275,13 +280,30 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[Sample
             r.episode = r.seed - cfg.seed_base
             r.sampler = s
         records.sort(key=lambda r: r.episode)
-        summaries.append(summarize(s, records, cfg.mode, records[0].hz))
+        summaries.append(summarize(s, records, cfg.mode, records[0].hz, [tuple(x) for w in witness for x in w["stalls"]]))
         step_panel, chunk_panel = latencies.values()
         step_panel[s] = [x for r in records for x in r.step_latency_ms]
         chunk_panel[s] = [x for r in records for x in r.chunk_latency_ms]
         write_json_atomic(raw_dir / f"{_safe(s)}.json", {"sampler": s, "episodes": [r.to_dict() for r in records]})
-    write_results(out, cfg, summaries, latencies)
+    write_results(out, cfg, summaries, latencies, witness)
     return summaries
+
+
+def start_witnesses(cfg: EvalConfig, witness_dir: Path, env: dict[str, str], log_dir: Path) -> list[_Process]:
+    """A jitter witness per core, at a priority above the arms' so it sees the platform, not our load.
+    Files left by an earlier run are kept: a resumed evaluation checks its old misses against them too."""
+    from runtime.jitter import one_cpu_command
+
+    witness_dir.mkdir(parents=True, exist_ok=True)
+    run = time.strftime("%Y%m%d-%H%M%S")
+    priority = min(99, cfg.rt_priority + 1) if cfg.rt_priority else 0
+    return [_Process(one_cpu_command(c, hz=1000.0, stall_ms=2.0, priority=priority, lock_memory=bool(priority),
+                                     out=witness_dir / f"{run}_cpu{c}.json"),
+                     f"witness cpu {c}", env, log_path=log_dir / f"witness_cpu{c}.log") for c in available_cpus()]
+
+
+def read_witness(witness_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(witness_dir.glob("*_cpu*.json"))] if witness_dir.is_dir() else []
 
 
 def _package_sha256(policy_dir: Path) -> str | None:
@@ -363,12 +385,14 @@ def _run_jobs(cfg: EvalConfig, jobs: list[_Job], endpoints: dict[str, str], serv
 
 
 def write_results(out: Path, cfg: EvalConfig, summaries: Sequence[SamplerSummary],
-                  latencies: dict[str, dict[str, list[float]]]) -> None:
+                  latencies: dict[str, dict[str, list[float]]], witness: Sequence[dict] = ()) -> None:
     write_json_atomic(out / "results.json", {
         "policy": str(cfg.policy_dir), "package_sha256": _package_sha256(cfg.policy_dir),
         "task": cfg.task, "mode": cfg.mode, "hz": summaries[0].hz if summaries else cfg.hz,
         "seed_base": cfg.seed_base, "episodes_per_sampler": cfg.episodes,
         "scheduling": scheduling_summary(cfg, available_cpus()),
+        "witness": [{k: w[k] for k in ("cpu", "hz", "seconds", "wakeups", "late_p50_ms", "late_p99_ms", "late_max_ms")}
+                    | {"stalls": len(w["stalls"])} for w in witness],
         "results": [s.to_dict() for s in summaries]})
     table = markdown_table(summaries)
     (out / "results.md").write_text(f"# Closed-loop evaluation: {cfg.task}, {cfg.mode}\n\n{table}")

@@ -163,6 +163,9 @@ def test_realtime_arm_replans_rti_every_tick_and_keeps_its_look_ahead_for_late_a
     assert len(e["chunk_latency_ms"]) >= e["steps"] // 2, (len(e["chunk_latency_ms"]), e["steps"])
     # A late answer runs the look-ahead; with 14 spare actions nothing short of a stall holds.
     assert 0 <= e["lookahead_steps"] <= e["steps"] and e["held_steps"] == 0
+    # Every tick accounts for the time the computer took, and every miss names its step.
+    assert len(e["steal_ms"]) == len(e["runqueue_ms"]) == e["steps"]
+    assert min(e["steal_ms"] + e["runqueue_ms"]) >= 0 and len(e["misses"]) == e["deadline_misses"]
 
 
 def test_arm_with_another_robot_spec_is_refused_with_a_clear_error(server, tmp_path):
@@ -188,3 +191,23 @@ def test_an_interrupted_evaluation_reruns_only_its_missing_episodes(demo):
     results = json.loads((out / "eval" / "results.json").read_text())
     assert {r["sampler"]: r["episodes"] for r in results["results"]} == {s: 2 for s in SAMPLERS}
     assert missing.exists()
+
+
+def test_realtime_eval_pins_arm_and_server_and_checks_misses_against_a_witness(demo, tmp_path):
+    out, _ = demo
+    result = dpstack("eval", str(out / "policy"), "--task", "lift", "--episodes", "1", "--samplers", "streaming",
+                     "--mode", "realtime", "--workers", "1", "--max-steps", "15", "--witness",
+                     "--out", str(tmp_path / "rt"), timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    results = json.loads((tmp_path / "rt" / "results.json").read_text())
+    cpus = sorted(os.sched_getaffinity(0))
+    sched = results["scheduling"]
+    if len(cpus) > 1:  # a core for the arm, the rest for the server
+        assert sched["arm_cpus"] == [str(cpus[0])] and sched["server_cpus"] == ",".join(map(str, cpus[1:]))
+    raw = json.loads(next((tmp_path / "rt" / "raw").rglob("episodes_*.json")).read_text())
+    assert raw["config"]["scheduling"]["cpus"] == (str(cpus[0]) if len(cpus) > 1 else ",".join(map(str, cpus)))
+    # One witness per core watched the whole run at 1 kHz.
+    assert [w["cpu"] for w in results["witness"]] == [str(c) for c in cpus]
+    assert all(w["wakeups"] > 200 * w["seconds"] > 0 for w in results["witness"])
+    r = results["results"][0]
+    assert 0 <= r["stall_misses"] <= r["deadline_misses"]

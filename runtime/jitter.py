@@ -1,0 +1,167 @@
+"""How late does this computer wake a sleeping thread? (cyclictest, in Python)
+
+A control loop can only be as punctual as the platform under it. `wake_loop`
+sleeps to an absolute grid at `hz` and records how late each wake-up came. It
+runs as a benchmark (`dpstack bench jitter`) before trusting a computer with an
+arm, or as a witness on every core during a realtime evaluation
+(`dpstack eval --witness`): its stalls carry CLOCK_MONOTONIC times, shared by
+every process, so each deadline miss can be checked against them.
+
+    dpstack bench jitter --cpus 0,1 --seconds 30 --rt-priority 60 --out out/bench/jitter.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from array import array
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from runtime import realtime
+
+
+@dataclass
+class JitterResult:
+    cpu: str
+    hz: float
+    seconds: float
+    wakeups: int
+    late_p50_ms: float
+    late_p99_ms: float
+    late_max_ms: float
+    stall_ms: float                      # a wake-up later than this is a stall
+    # (monotonic time the thread should have woken, ms late): the core was not the
+    # thread's from then until then + ms late
+    stalls: list[tuple[float, float]] = field(default_factory=list)
+    scheduling: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class WakeLog:
+    wakeups: array                       # monotonic wake times (s)
+    late_ms: array                       # how late each came (ms)
+
+
+def wake_loop(hz: float, seconds: float | None, stop: Callable[[], bool] = lambda: False) -> WakeLog:
+    """Sleep to an absolute `hz` grid for `seconds` (None: until `stop()`); a late
+    wake-up is not made up for: the grid stays put and skipped slots are skipped."""
+    if hz <= 0:
+        raise ValueError(f"hz must be positive, got {hz}")
+    period = 1.0 / hz
+    log = WakeLog(array("d"), array("d"))
+    start = time.monotonic()
+    k = 1
+    while not stop() and (seconds is None or k * period <= seconds):
+        target = start + k * period
+        delay = target - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        now = time.monotonic()
+        log.wakeups.append(now)
+        log.late_ms.append(max(0.0, now - target) * 1e3)
+        k = max(k + 1, int((now - start) / period) + 1)
+    return log
+
+
+def summarize(log: WakeLog, hz: float, stall_ms: float) -> JitterResult:
+    late = sorted(log.late_ms)
+    n = len(late)
+
+    def pct(q: float) -> float:
+        return late[min(n - 1, int(q * n))] if n else float("nan")
+
+    stalls = [(round(t - ms / 1e3, 6), round(ms, 3)) for t, ms in zip(log.wakeups, log.late_ms) if ms >= stall_ms]
+    span = (log.wakeups[-1] - log.wakeups[0]) if n > 1 else 0.0
+    return JitterResult(cpu=realtime.current_scheduling().get("cpus", ""), hz=hz, seconds=span, wakeups=n,
+                        late_p50_ms=pct(0.5), late_p99_ms=pct(0.99), late_max_ms=late[-1] if n else float("nan"),
+                        stall_ms=stall_ms, stalls=stalls, scheduling=realtime.current_scheduling())
+
+
+def stalled_during(stalls: list[tuple[float, float]], t0: float, t1: float) -> bool:
+    """Whether any stall (start, ms) overlaps the monotonic interval [t0, t1]."""
+    return any(s <= t1 and s + ms / 1e3 >= t0 for s, ms in stalls)
+
+
+def _one_cpu(args: argparse.Namespace) -> int:
+    """Measure on the current core(s) until done or SIGTERM; JSON to --out or stdout."""
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    if not realtime.apply_from_args(args, "dpstack bench jitter"):
+        return 2
+    print(json.dumps({"ready": True}), flush=True)
+    log = wake_loop(args.hz, args.seconds or None, stop=lambda: bool(stopping))
+    result = summarize(log, args.hz, args.stall_ms).to_dict()
+    text = json.dumps(result)
+    if args.out:
+        _write_atomic(Path(args.out), text)
+    else:
+        print(text, flush=True)
+    return 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def one_cpu_command(cpu: int, hz: float, stall_ms: float, seconds: float = 0.0, priority: int = 0,
+                    lock_memory: bool = False, out: Path | None = None) -> list[str]:
+    """argv of one measuring process on `cpu` (seconds 0: until SIGTERM); JSON to `out` or stdout."""
+    sched = realtime.RealtimeConfig(cpus=(cpu,), priority=priority, lock_memory=lock_memory)
+    return [sys.executable, "-m", "runtime.jitter", "--one", "--hz", str(hz), "--seconds", str(seconds),
+            "--stall-ms", str(stall_ms), *sched.argv(), *(["--out", str(out)] if out else [])]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dpstack bench jitter", description=__doc__.split("\n\n")[0])
+    p.add_argument("--hz", type=float, default=1000.0, help="wake-ups per second (default 1000)")
+    p.add_argument("--seconds", type=float, default=10.0, help="how long to measure (0: until SIGTERM or Ctrl-C)")
+    p.add_argument("--stall-ms", type=float, default=2.0, help="list wake-ups at least this late (default 2 ms)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a single measuring process
+    realtime.add_arguments(p)
+    args = p.parse_args(argv)
+    if args.one:
+        return _one_cpu(args)
+    try:
+        cpus = realtime.parse_cpus(args.cpus) if args.cpus else tuple(sorted(os.sched_getaffinity(0)))
+    except ValueError as e:
+        print(f"dpstack bench jitter: {e}", file=sys.stderr)
+        return 2
+    # One process per core, so no thread waits for another's interpreter lock.
+    procs = [subprocess.Popen(one_cpu_command(c, args.hz, args.stall_ms, args.seconds, args.rt_priority, args.lock_memory),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cpus]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the children; their results still come
+    results, failed = [], False
+    for c, proc in zip(cpus, procs):
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            print(f"dpstack bench jitter: core {c}: {err.strip()}", file=sys.stderr)
+            failed = True
+            continue
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    print(f"{'cpu':>4} {'policy':>8} {'wake-ups':>9} {'late p50':>9} {'p99':>8} {'max (ms)':>9} {'stalls':>7}")
+    for r in results:
+        s = r["scheduling"]
+        print(f"{r['cpu']:>4} {s.get('policy', '?') + str(s.get('priority') or ''):>8} {r['wakeups']:>9} "
+              f"{r['late_p50_ms']:>9.3f} {r['late_p99_ms']:>8.3f} {r['late_max_ms']:>9.3f} {len(r['stalls']):>7}")
+    if args.out:
+        _write_atomic(Path(args.out), json.dumps({"hz": args.hz, "seconds": args.seconds, "cpus": results}, indent=1))
+        print(f"wrote {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
