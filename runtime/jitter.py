@@ -39,16 +39,26 @@ class JitterResult:
     # (monotonic time the thread should have woken, ms late): the core was not the
     # thread's from then until then + ms late
     stalls: list[tuple[float, float]] = field(default_factory=list)
+    work_p50_us: float = 0.0             # the fixed bit of work done at each wake-up
+    # (start, ms, times slower): runs of wake-ups whose work took SLOW_FACTOR x its
+    # median or longer: the core was there but slow (a host busy on its other half)
+    slowdowns: list[tuple[float, float, float]] = field(default_factory=list)
     scheduling: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+WORK_LOOPS = 200          # a few microseconds of interpreter work per wake-up
+SLOW_FACTOR = 5.0         # work this many times its median is slow...
+SLOW_RUN = 5              # ...for this many wake-ups in a row: a slowdown
+
+
 @dataclass
 class WakeLog:
     wakeups: array                       # monotonic wake times (s)
     late_ms: array                       # how late each came (ms)
+    work_us: array = field(default_factory=lambda: array("d"))  # time the fixed work took (us)
 
 
 def wake_loop(hz: float, seconds: float | None, stop: Callable[[], bool] = lambda: False) -> WakeLog:
@@ -66,6 +76,10 @@ def wake_loop(hz: float, seconds: float | None, stop: Callable[[], bool] = lambd
         if delay > 0:
             time.sleep(delay)
         now = time.monotonic()
+        t0 = time.perf_counter_ns()
+        for _ in range(WORK_LOOPS):
+            pass
+        log.work_us.append((time.perf_counter_ns() - t0) / 1e3)
         log.wakeups.append(now)
         log.late_ms.append(max(0.0, now - target) * 1e3)
         k = max(k + 1, int((now - start) / period) + 1)
@@ -81,14 +95,33 @@ def summarize(log: WakeLog, hz: float, stall_ms: float) -> JitterResult:
 
     stalls = [(round(t - ms / 1e3, 6), round(ms, 3)) for t, ms in zip(log.wakeups, log.late_ms) if ms >= stall_ms]
     span = (log.wakeups[-1] - log.wakeups[0]) if n > 1 else 0.0
+    work = sorted(log.work_us)
+    work_p50 = work[len(work) // 2] if work else 0.0
     return JitterResult(cpu=realtime.current_scheduling().get("cpus", ""), hz=hz, seconds=span, wakeups=n,
                         late_p50_ms=pct(0.5), late_p99_ms=pct(0.99), late_max_ms=late[-1] if n else float("nan"),
-                        stall_ms=stall_ms, stalls=stalls, scheduling=realtime.current_scheduling())
+                        stall_ms=stall_ms, stalls=stalls, work_p50_us=work_p50,
+                        slowdowns=slowdowns(log, work_p50, 1.0 / hz), scheduling=realtime.current_scheduling())
 
 
-def stalled_during(stalls: list[tuple[float, float]], t0: float, t1: float) -> bool:
-    """Whether any stall (start, ms) overlaps the monotonic interval [t0, t1]."""
-    return any(s <= t1 and s + ms / 1e3 >= t0 for s, ms in stalls)
+def slowdowns(log: WakeLog, work_p50_us: float, period: float) -> list[tuple[float, float, float]]:
+    """Runs of at least SLOW_RUN wake-ups whose work took SLOW_FACTOR x the median or more."""
+    out: list[tuple[float, float, float]] = []
+    run: list[int] = []
+    for i, w in enumerate([*log.work_us, 0.0]):  # a sentinel closes the last run
+        if work_p50_us > 0 and w >= SLOW_FACTOR * work_p50_us:
+            run.append(i)
+            continue
+        if len(run) >= SLOW_RUN:
+            start, end = log.wakeups[run[0]], log.wakeups[run[-1]] + period
+            factor = sorted(log.work_us[j] for j in run)[len(run) // 2] / work_p50_us
+            out.append((round(start, 6), round((end - start) * 1e3, 3), round(factor, 2)))
+        run = []
+    return out
+
+
+def stalled_during(stalls, t0: float, t1: float) -> bool:
+    """Whether any stall or slowdown (start, ms, ...) overlaps the monotonic interval [t0, t1]."""
+    return any(s[0] <= t1 and s[0] + s[1] / 1e3 >= t0 for s in stalls)
 
 
 def _one_cpu(args: argparse.Namespace) -> int:
@@ -152,11 +185,12 @@ def main(argv: list[str] | None = None) -> int:
             failed = True
             continue
         results.append(json.loads(out.strip().splitlines()[-1]))
-    print(f"{'cpu':>4} {'policy':>8} {'wake-ups':>9} {'late p50':>9} {'p99':>8} {'max (ms)':>9} {'stalls':>7}")
+    print(f"{'cpu':>4} {'policy':>8} {'wake-ups':>9} {'late p50':>9} {'p99':>8} {'max (ms)':>9} {'stalls':>7} {'slowdowns':>10}")
     for r in results:
         s = r["scheduling"]
         print(f"{r['cpu']:>4} {s.get('policy', '?') + str(s.get('priority') or ''):>8} {r['wakeups']:>9} "
-              f"{r['late_p50_ms']:>9.3f} {r['late_p99_ms']:>8.3f} {r['late_max_ms']:>9.3f} {len(r['stalls']):>7}")
+              f"{r['late_p50_ms']:>9.3f} {r['late_p99_ms']:>8.3f} {r['late_max_ms']:>9.3f} {len(r['stalls']):>7} "
+              f"{len(r['slowdowns']):>10}")
     if args.out:
         _write_atomic(Path(args.out), json.dumps({"hz": args.hz, "seconds": args.seconds, "cpus": results}, indent=1))
         print(f"wrote {args.out}")

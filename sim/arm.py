@@ -236,6 +236,7 @@ class SimArm:
                 if reply is None:
                     raise ArmError(self._link_problem("lockstep observation got no reply"))
                 record.chunk_latency_ms.append((time.perf_counter() - start) * 1e3)
+                record.chunk_compute_ms.append(reply.compute_ms)
                 record.evaluations += reply.nfe
                 self.schedule.offer(reply)
             elif not self.client.send_history(arrays, now):
@@ -278,6 +279,7 @@ class SimArm:
                     if reply.seq in in_flight:
                         latency = time.perf_counter() - in_flight.pop(reply.seq)
                         record.chunk_latency_ms.append(latency * 1e3)
+                        record.chunk_compute_ms.append(reply.compute_ms)
                         recent.append(latency * scale)
                     record.evaluations += reply.nfe
                     self.schedule.offer(reply)

@@ -28,6 +28,8 @@ class EpisodeRecord:
     step_latency_ms: list[float] = field(default_factory=list)
     # Per inference request: observation sent -> its chunk received (ms).
     chunk_latency_ms: list[float] = field(default_factory=list)
+    # The server's own compute time for each of those chunks (ms): the rest is transport and queueing.
+    chunk_compute_ms: list[float] = field(default_factory=list)
     # Per control step: wall time of the simulated arm's own step (physics and
     # observation, ms); with step latency it accounts for a realtime overrun.
     physics_ms: list[float] = field(default_factory=list)

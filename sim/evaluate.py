@@ -280,7 +280,7 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[Sample
             r.episode = r.seed - cfg.seed_base
             r.sampler = s
         records.sort(key=lambda r: r.episode)
-        summaries.append(summarize(s, records, cfg.mode, records[0].hz, [tuple(x) for w in witness for x in w["stalls"]]))
+        summaries.append(summarize(s, records, cfg.mode, records[0].hz, witness_stalls(witness)))
         step_panel, chunk_panel = latencies.values()
         step_panel[s] = [x for r in records for x in r.step_latency_ms]
         chunk_panel[s] = [x for r in records for x in r.chunk_latency_ms]
@@ -300,6 +300,11 @@ def start_witnesses(cfg: EvalConfig, witness_dir: Path, env: dict[str, str], log
     return [_Process(one_cpu_command(c, hz=1000.0, stall_ms=2.0, priority=priority, lock_memory=bool(priority),
                                      out=witness_dir / f"{run}_cpu{c}.json"),
                      f"witness cpu {c}", env, log_path=log_dir / f"witness_cpu{c}.log") for c in available_cpus()]
+
+
+def witness_stalls(witness: Sequence[dict]) -> list[tuple[float, float]]:
+    """(start, ms) of every stall and slowdown the witnesses saw."""
+    return [(x[0], x[1]) for w in witness for x in [*w["stalls"], *w.get("slowdowns", ())]]
 
 
 def read_witness(witness_dir: Path) -> list[dict]:
@@ -392,7 +397,7 @@ def write_results(out: Path, cfg: EvalConfig, summaries: Sequence[SamplerSummary
         "seed_base": cfg.seed_base, "episodes_per_sampler": cfg.episodes,
         "scheduling": scheduling_summary(cfg, available_cpus()),
         "witness": [{k: w[k] for k in ("cpu", "hz", "seconds", "wakeups", "late_p50_ms", "late_p99_ms", "late_max_ms")}
-                    | {"stalls": len(w["stalls"])} for w in witness],
+                    | {"stalls": len(w["stalls"]), "slowdowns": len(w.get("slowdowns", ()))} for w in witness],
         "results": [s.to_dict() for s in summaries]})
     table = markdown_table(summaries)
     (out / "results.md").write_text(f"# Closed-loop evaluation: {cfg.task}, {cfg.mode}\n\n{table}")

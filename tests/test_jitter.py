@@ -33,6 +33,16 @@ def test_stalls_are_the_late_wake_ups_with_when_the_core_was_lost():
     assert not stalled_during(r.stalls, 10.0535, 10.06) and not stalled_during(r.stalls, 9.0, 10.0)
 
 
+def test_slowdowns_are_runs_of_wake_ups_whose_fixed_work_took_much_longer():
+    t = [100.0 + i / 1000 for i in range(40)]
+    work = [2.0] * 10 + [15.0] * 6 + [2.0] * 10 + [15.0] * 4 + [2.0] * 10  # a run of 6, then one of 4
+    log = WakeLog(array("d", t), array("d", [0.05] * 40), array("d", work))
+    r = summarize(log, 1000.0, stall_ms=2.0)
+    assert r.work_p50_us == 2.0 and r.stalls == []
+    assert r.slowdowns == [(pytest.approx(100.010), pytest.approx(6.0), 7.5)]  # 4 in a row is not enough
+    assert stalled_during(r.slowdowns, 100.013, 100.014) and not stalled_during(r.slowdowns, 100.026, 100.03)
+
+
 def test_a_witness_stopped_from_outside_records_the_stall_when_it_happened(tmp_path: Path):
     out = tmp_path / "w.json"
     cpu = min(os.sched_getaffinity(0))
@@ -58,6 +68,7 @@ def test_a_witness_stopped_from_outside_records_the_stall_when_it_happened(tmp_p
     start, ms = big[0]
     assert stopped - 0.01 <= start <= stopped + 0.01 and start + ms / 1e3 >= resumed - 0.01
     assert r["late_max_ms"] == pytest.approx(ms, abs=1e-3)
+    assert r["work_p50_us"] > 0 and r["slowdowns"] == []  # stopped is not slow
 
 
 def test_bench_jitter_measures_each_core_and_writes_json(tmp_path: Path, capsys):
