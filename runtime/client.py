@@ -104,8 +104,9 @@ class PolicyClient:
                 self._send_history(arrays, timestamp)
             return None
         self._seq += 1
+        sent = time.perf_counter()  # before sending: the thread may lose its core right after
         if self._send(Observation(self._seq, float(timestamp), arrays)):
-            self._in_flight = ("obs", self._seq, time.perf_counter())
+            self._in_flight = ("obs", self._seq, sent)
             return self._seq
         return None
 

@@ -305,9 +305,10 @@ class SimArm:
             if k == 0:
                 pass  # this observation was the episode-start request
             elif not self.client.busy and due <= lead:
+                sent = time.perf_counter()  # before sending: the thread may lose its core right after
                 seq = self.client.send_observation(arrays, tick)
                 if seq is not None:
-                    in_flight = {seq: time.perf_counter()}
+                    in_flight = {seq: sent}
                     asked = seq if due == 0 else None
             else:
                 self.client.send_history(arrays, tick)
