@@ -97,10 +97,11 @@ def summarize(log: WakeLog, hz: float, stall_ms: float) -> JitterResult:
     span = (log.wakeups[-1] - log.wakeups[0]) if n > 1 else 0.0
     work = sorted(log.work_us)
     work_p50 = work[len(work) // 2] if work else 0.0
-    return JitterResult(cpu=realtime.current_scheduling().get("cpus", ""), hz=hz, seconds=span, wakeups=n,
+    scheduling = realtime.current_scheduling()
+    return JitterResult(cpu=scheduling.get("cpus", ""), hz=hz, seconds=span, wakeups=n,
                         late_p50_ms=pct(0.5), late_p99_ms=pct(0.99), late_max_ms=late[-1] if n else float("nan"),
                         stall_ms=stall_ms, stalls=stalls, work_p50_us=work_p50,
-                        slowdowns=slowdowns(log, work_p50, 1.0 / hz), scheduling=realtime.current_scheduling())
+                        slowdowns=slowdowns(log, work_p50, 1.0 / hz), scheduling=scheduling)
 
 
 def slowdowns(log: WakeLog, work_p50_us: float, period: float) -> list[tuple[float, float, float]]:

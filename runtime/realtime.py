@@ -18,6 +18,7 @@ import argparse
 import ctypes
 import os
 import sys
+import threading
 from dataclasses import dataclass
 
 MCL_CURRENT, MCL_FUTURE = 1, 2  # Linux x86-64 and arm64 values
@@ -150,7 +151,7 @@ class StallProbe:
     def __init__(self) -> None:
         self._tick_ms = 1e3 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 10.0
         self._stat = self._open("/proc/stat")
-        self._sched = self._open(f"/proc/self/task/{_thread_id()}/schedstat")
+        self._sched = self._open(f"/proc/self/task/{threading.get_native_id()}/schedstat")
         self._last = self._counters()
 
     @staticmethod
@@ -184,8 +185,3 @@ class StallProbe:
             if fd is not None:
                 os.close(fd)
         self._stat = self._sched = None
-
-
-def _thread_id() -> int:
-    import threading
-    return threading.get_native_id()
