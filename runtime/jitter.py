@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         return _one_cpu(args)
     try:
-        cpus = realtime.parse_cpus(args.cpus) if args.cpus else tuple(sorted(os.sched_getaffinity(0)))
+        cpus = realtime.parse_cpus(args.cpus) if args.cpus else realtime.available_cpus()
     except ValueError as e:
         print(f"dpstack bench jitter: {e}", file=sys.stderr)
         return 2

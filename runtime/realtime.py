@@ -75,6 +75,13 @@ def parse_cpus(text: str) -> tuple[int, ...]:
     return tuple(sorted(cpus))
 
 
+def available_cpus() -> tuple[int, ...]:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return tuple(sorted(os.sched_getaffinity(0)))
+    return tuple(range(os.cpu_count() or 1))
+
+
 def format_cpus(cpus: tuple[int, ...]) -> str:
     return ",".join(str(c) for c in cpus)
 
@@ -86,10 +93,10 @@ def apply_realtime(config: RealtimeConfig) -> None:
     if not sys.platform.startswith("linux"):
         raise RealtimeError("--cpus, --rt-priority and --lock-memory are implemented for Linux only")
     if config.cpus:
-        allowed = sorted(os.sched_getaffinity(0))
+        allowed = available_cpus()
         outside = [c for c in config.cpus if c not in allowed]
         if outside:
-            raise RealtimeError(f"CPUs {outside} are not available to this process (allowed: {format_cpus(tuple(allowed))})")
+            raise RealtimeError(f"CPUs {outside} are not available to this process (allowed: {format_cpus(allowed)})")
         os.sched_setaffinity(0, config.cpus)
     if config.lock_memory:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -111,7 +118,7 @@ def current_scheduling() -> dict:
     if not sys.platform.startswith("linux"):
         return {}
     policy = os.sched_getscheduler(0)
-    return {"cpus": format_cpus(tuple(sorted(os.sched_getaffinity(0)))),
+    return {"cpus": format_cpus(available_cpus()),
             "policy": {os.SCHED_FIFO: "fifo", os.SCHED_RR: "rr"}.get(policy, "other"),
             "priority": os.sched_getparam(0).sched_priority}
 

@@ -97,6 +97,11 @@ class FrameRecorder:
         return write_mp4(np.stack(self.frames), path, fps)
 
 
+def _monotonic_at(perf_time: float) -> float:
+    """A time.perf_counter() instant on CLOCK_MONOTONIC, the clock other processes share."""
+    return time.monotonic() - (time.perf_counter() - perf_time)
+
+
 def _policy_obs(obs: dict[str, np.ndarray], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     return {k: obs[k] for k in keys}
 
@@ -247,7 +252,7 @@ class SimArm:
             if decision.hold:
                 record.held_steps += 1
                 record.deadline_misses += 1
-                record.misses.append([record.steps, time.monotonic() - (time.perf_counter() - start), time.monotonic()])
+                record.misses.append([record.steps, _monotonic_at(start), time.monotonic()])
             obs, done = self._step_env(decision.action, record, recorder)
 
     def _realtime(self, obs: dict, record: EpisodeRecord, recorder: FrameRecorder | None) -> None:
@@ -346,7 +351,7 @@ class SimArm:
                 missed = True
             record.deadline_misses += int(missed)
             if missed:  # the window from the tick's nominal start, on the clock every process shares
-                record.misses.append([k, time.monotonic() - (time.perf_counter() - wall0) + tick / scale, time.monotonic()])
+                record.misses.append([k, _monotonic_at(wall0 + tick / scale), time.monotonic()])
             k += 1
 
     def _link_problem(self, what: str) -> str:

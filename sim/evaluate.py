@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from runtime.realtime import RealtimeConfig, format_cpus
+from runtime.realtime import RealtimeConfig, available_cpus, format_cpus
 from sim.eval_report import (EpisodeRecord, SamplerSummary, latency_plot, load_records, markdown_table, summarize,
                              write_json_atomic)
 
@@ -183,13 +183,9 @@ class _Process:
         return f"{self.name} exited with {self.proc.returncode}:\n" + "\n".join(self.lines[-20:])
 
 
-def available_cpus() -> tuple[int, ...]:
-    return tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else tuple(range(os.cpu_count() or 1))
-
-
 @dataclass(frozen=True)
 class CpuPlan:
-    """Where the processes of a realtime evaluation run: arm slot i on arms[i], servers on `servers`."""
+    """Where the processes of a realtime evaluation run: arm slot i as arms[i], every server as `server`."""
 
     arms: tuple[RealtimeConfig, ...]
     server: RealtimeConfig
@@ -269,7 +265,7 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[Sample
     finally:
         for p in [*servers.values(), *witnesses]:
             p.stop()
-    witness = read_witness(out / "witness")
+    witness = read_witness(out / "witness", log)
 
     summaries = []
     latencies: dict[str, dict[str, list[float]]] = {"per control step (obs -> action)": {},
@@ -307,8 +303,15 @@ def witness_stalls(witness: Sequence[dict]) -> list[tuple[float, float]]:
     return [(x[0], x[1]) for w in witness for x in [*w["stalls"], *w.get("slowdowns", ())]]
 
 
-def read_witness(witness_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(witness_dir.glob("*_cpu*.json"))] if witness_dir.is_dir() else []
+def read_witness(witness_dir: Path, log: Callable[[str], None] = print) -> list[dict]:
+    """Every witness file; an unreadable one is named and skipped (the episodes are what matter)."""
+    out = []
+    for p in sorted(witness_dir.glob("*_cpu*.json")) if witness_dir.is_dir() else []:
+        try:
+            out.append(json.loads(p.read_text()))
+        except (OSError, ValueError) as e:
+            log(f"witness file {p} unreadable, left out: {e}")
+    return out
 
 
 def _package_sha256(policy_dir: Path) -> str | None:

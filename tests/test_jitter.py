@@ -96,3 +96,15 @@ def test_one_cpu_command_asks_for_the_core_and_priority():
     argv = one_cpu_command(1, hz=1000.0, stall_ms=2.0, priority=51, lock_memory=True)
     assert argv[argv.index("--cpus") + 1] == "1" and argv[argv.index("--rt-priority") + 1] == "51"
     assert "--lock-memory" in argv and "--out" not in argv
+
+
+def test_an_unreadable_witness_file_is_named_and_left_out(tmp_path: Path):
+    from sim.evaluate import read_witness, witness_stalls
+
+    (tmp_path / "run_cpu0.json").write_text(json.dumps({"cpu": "0", "stalls": [[5.0, 30.0]], "slowdowns": [[9.0, 6.0, 7.0]]}))
+    (tmp_path / "run_cpu1.json").write_text('{"cpu": "1", "stal')  # cut off mid-write
+    said = []
+    witness = read_witness(tmp_path, said.append)
+    assert [w["cpu"] for w in witness] == ["0"] and "run_cpu1.json" in said[0]
+    assert witness_stalls(witness) == [(5.0, 30.0), (9.0, 6.0)]
+    assert read_witness(tmp_path / "missing", said.append) == []
