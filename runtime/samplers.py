@@ -34,14 +34,31 @@ def _as_cond(cond: np.ndarray) -> np.ndarray:
     return cond[None] if cond.ndim == 1 else cond
 
 
+def predict_noise(denoise: Denoise, x: np.ndarray, cond: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """One denoiser evaluation: the noise it sees in x at levels t (B, Tp)."""
+    eps = np.asarray(denoise(x.astype(np.float32), t, cond), dtype=np.float32)
+    if eps.shape != x.shape:
+        raise ValueError(f"denoiser returned shape {eps.shape}, expected {x.shape}")
+    return eps
+
+
+def step_from_noise(schedule: NoiseSchedule, x: np.ndarray, eps: np.ndarray, t: np.ndarray, t_next: np.ndarray,
+                    rng: np.random.Generator | None, method: str = "ddpm") -> np.ndarray:
+    """Take x from level t to t_next given the predicted noise. DDPM draws its noise from
+    `rng` on every call (also for the last step, where it is unused) so the random
+    stream does not depend on which positions finish."""
+    if method == "ddpm":
+        noise = rng.standard_normal(x.shape).astype(np.float32)
+        return schedule.ddpm_step(x, eps, t, t_next, noise)
+    return schedule.ddim_step(x, eps, t, t_next)
+
+
 def denoise_step(denoise: Denoise, x: np.ndarray, cond: np.ndarray, schedule: NoiseSchedule,
                  t: int | np.ndarray, t_next: int | np.ndarray, rng: np.random.Generator | None,
                  method: str = "ddpm") -> np.ndarray:
     """One denoiser evaluation taking x from level t to the lower level t_next (per position).
 
-    Positions with t == t_next are left untouched (their eps is ignored). DDPM
-    draws its noise from `rng` on every call (also for the last step, where it is
-    unused) so the random stream does not depend on which positions finish.
+    Positions with t == t_next are left untouched (their eps is ignored).
     """
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"unknown method {method!r}; use 'ddpm' or 'ddim'")
@@ -49,13 +66,7 @@ def denoise_step(denoise: Denoise, x: np.ndarray, cond: np.ndarray, schedule: No
     t = _as_levels(t, b, tp)
     t_next = _as_levels(t_next, b, tp)
     schedule.check_descent(t, t_next)
-    eps = np.asarray(denoise(x.astype(np.float32), t, cond), dtype=np.float32)
-    if eps.shape != x.shape:
-        raise ValueError(f"denoiser returned shape {eps.shape}, expected {x.shape}")
-    if method == "ddpm":
-        noise = rng.standard_normal(x.shape).astype(np.float32)
-        return schedule.ddpm_step(x, eps, t, t_next, noise)
-    return schedule.ddim_step(x, eps, t, t_next)
+    return step_from_noise(schedule, x, predict_noise(denoise, x, cond, t), t, t_next, rng, method)
 
 
 def denoise_along(denoise: Denoise, x: np.ndarray, cond: np.ndarray, schedule: NoiseSchedule,
@@ -280,7 +291,10 @@ class StreamingSampler(Sampler):
     every position whose level is now below its ladder level back up with
     q(x_to | x_from): the executed history (clean) is re-noised to the bottom rung.
     Start-up (first call of an episode): a full denoise, then add_noise from that
-    clean chunk to the ladder levels.
+    clean chunk to the ladder levels. After the executed chunk, a call returns the
+    last evaluation's clean estimate of the rest of the horizon as look-ahead
+    (replan_after = chunk_len): free, and far better than holding when the next
+    answer is late.
     """
 
     def __init__(self, denoise: Denoise, schedule: NoiseSchedule, geometry: ChunkGeometry, n_rungs: int,
@@ -331,15 +345,33 @@ class StreamingSampler(Sampler):
         nfe = self.start(cond) if self.buffer is None else 0
         x = self.buffer[None]
         cond = _as_cond(cond)
-        for e in range(self.evals_per_step):
+        for e in range(self.evals_per_step - 1):
             x = denoise_step(self.denoise, x, cond, self.schedule, self.eval_levels[e], self.eval_levels[e + 1], self.rng, "ddpm")
+        # The last evaluation also yields the clean sample its noise prediction implies
+        # for every still-noisy position: that estimate is the look-ahead.
+        t, t_next = self.eval_levels[-2][None], self.eval_levels[-1][None]
+        self.schedule.check_descent(t, t_next)
+        eps = predict_noise(self.denoise, x, cond, t)
+        estimate = self.schedule.ddim_step(x, eps, t, np.full_like(t, CLEAN))[0]
+        x = step_from_noise(self.schedule, x, eps, t, t_next, self.rng, "ddpm")
         nfe += self.evals_per_step
         traj = x[0]
-        out = self._executed(traj, self.chunk_len, nfe)
+        out = self._with_lookahead(traj, estimate, nfe)
         fresh = self.rng.standard_normal((self.chunk_len, traj.shape[1])).astype(np.float32)
         renoise = self.rng.standard_normal(traj.shape).astype(np.float32)
         self.buffer, self.buffer_levels = advance_ladder(self.schedule, traj, self.eval_levels[-1], self.ladder,
                                                          self.chunk_len, fresh, renoise)
+        return out
+
+    def _with_lookahead(self, traj: np.ndarray, estimate: np.ndarray, nfe: int) -> SamplerStep:
+        """The clean chunk to execute, then the estimate for the rest of the horizon as
+        look-ahead: a robot whose next chunk is late runs that instead of holding."""
+        now, end = self.geometry.now, self.geometry.horizon
+        out = self._executed(traj, self.chunk_len, nfe)
+        rest = np.arange(now + self.chunk_len, end)
+        out.indices = np.concatenate([out.indices, rest])
+        out.actions = np.concatenate([out.actions, estimate[rest]], axis=0)
+        out.replan_after = self.chunk_len
         return out
 
 
