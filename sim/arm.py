@@ -15,8 +15,11 @@ Two ways to run the clock:
   most until the tick's action deadline for a chunk, and executes whatever the
   ActionSchedule says is current. When the policy asked to replan at this tick
   (RTI's replan_after) and its chunk is late, the previous chunk's look-ahead
-  runs. A tick with no valid action holds; a tick that holds or overruns its
-  period is a deadline miss.
+  runs. A tick misses its deadline when it has no valid action at the action
+  deadline (it holds) or its action goes out after that deadline (the loop
+  reached the tick late). A physics step that runs past the period is an
+  overrun: the simulator fell behind the wall clock, which a real arm cannot;
+  it is counted apart, and it is a miss only through the ticks it makes late.
 """
 from __future__ import annotations
 
@@ -336,22 +339,27 @@ class SimArm:
             if asked is not None and (self.schedule.current_seq or -1) < asked:
                 record.lookahead_steps += int(self.schedule.remaining(tick) > 0)
             decision = self.schedule.next(tick)
-            record.step_latency_ms.append(max(0.0, clock() - tick) / scale * 1e3)
-            missed = decision.hold
-            if missed:
-                record.held_steps += 1
+            commanded = clock()
+            record.step_latency_ms.append(max(0.0, commanded - tick) / scale * 1e3)
+            # The tick's deadline is missed when it has no action to run, or when its action
+            # goes out after the deadline (the loop reached the tick late).
+            late = commanded > deadline
+            missed = decision.hold or late
+            record.held_steps += int(decision.hold)
+            record.late_steps += int(late and not decision.hold)
+            record.deadline_misses += int(missed)
+            if missed:  # from the previous tick's start (its step may have made this one late) to the command
+                record.misses.append([k, _monotonic_at(wall0 + max(0.0, tick - self.sim_dt) / scale),
+                                      _monotonic_at(wall0 + commanded / scale)])
             obs, done = self._step_env(decision.action, record, recorder)
             steal_ms, runqueue_ms = self.probe.read()
             record.steal_ms.append(steal_ms)
             record.runqueue_ms.append(runqueue_ms)
             # Rendering is for people, not part of the robot: stop the clock while it ran.
             wall0 += self._render_s
-            if clock() > tick + self.sim_dt:
-                record.overruns += 1
-                missed = True
-            record.deadline_misses += int(missed)
-            if missed:  # the window from the tick's nominal start, on the clock every process shares
-                record.misses.append([k, _monotonic_at(wall0 + tick / scale), time.monotonic()])
+            # The simulator fell behind the wall clock: not a miss by itself (the command was
+            # on time), but the next tick starts late and may miss.
+            record.overruns += int(clock() > tick + self.sim_dt)
             k += 1
 
     def _link_problem(self, what: str) -> str:

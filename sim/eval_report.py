@@ -38,13 +38,17 @@ class EpisodeRecord:
     # step (ms): a miss with either is the computer's, not the policy's.
     steal_ms: list[float] = field(default_factory=list)
     runqueue_ms: list[float] = field(default_factory=list)
-    # The steps that missed: [step, tick start, step end] in CLOCK_MONOTONIC seconds
-    # (shared by every process, to check a miss against a jitter witness's stalls)
+    # The steps that missed: [step, window start, command time] in CLOCK_MONOTONIC
+    # seconds (shared by every process, to check a miss against a jitter witness's
+    # stalls); realtime windows start at the previous tick, whose step can make this one late.
     misses: list[list[float]] = field(default_factory=list)
-    # Steps where no valid action for the tick existed (the arm held) or the loop
-    # overran its period.
+    # Steps whose deadline was missed: no valid action for the tick existed at its action
+    # deadline (the arm held), or its action went out after that deadline (late).
     deadline_misses: int = 0
     held_steps: int = 0
+    late_steps: int = 0
+    # realtime: steps whose simulation ran past the period (the simulator fell behind the
+    # wall clock; a miss only through the later ticks it makes late).
     overruns: int = 0
     # realtime: steps run from the previous chunk's look-ahead because the chunk asked
     # for at that tick came after its deadline (not misses: the arm kept moving on plan).
@@ -92,8 +96,10 @@ class SamplerSummary:
     hz: float
     # realtime: median wait for the episode's first chunk, before the clock starts
     start_latency_p50_ms: float = 0.0
-    # the two kinds of deadline miss (a step can be both): no action to run, loop past its period
+    # the two kinds of deadline miss: no action to run (held), action out after its deadline (late)
     held_steps: int = 0
+    late_steps: int = 0
+    # steps whose simulation ran past the period (not misses by themselves)
     overruns: int = 0
     lookahead_steps: int = 0
     physics_p50_ms: float = 0.0
@@ -141,14 +147,16 @@ def _percentiles(lists: Sequence[Sequence[float]]) -> tuple[float, float]:
 
 
 def stall_misses(record: EpisodeRecord, witness_stalls: Sequence[tuple[float, float]] = ()) -> int:
-    """Misses of `record` on a stalled step or overlapping a witnessed stall (start, ms) of
-    at least STALL_FRACTION of the period."""
+    """Misses of `record` on a stalled step or the one before it (whose stall can make this
+    one late), or overlapping a witnessed stall (start, ms) of at least STALL_FRACTION of
+    the period."""
     from runtime.jitter import stalled_during
 
     limit = STALL_FRACTION * 1e3 / record.hz
     witnessed = [(s, ms) for s, ms in witness_stalls if ms >= limit]
     steps = set(stalled(record))
-    return sum(1 for step, t0, t1 in record.misses if int(step) in steps or stalled_during(witnessed, t0, t1))
+    return sum(1 for step, t0, t1 in record.misses
+               if {int(step), int(step) - 1} & steps or stalled_during(witnessed, t0, t1))
 
 
 def summarize(sampler: str, records: Sequence[EpisodeRecord], mode: str, hz: float,
@@ -169,6 +177,7 @@ def summarize(sampler: str, records: Sequence[EpisodeRecord], mode: str, hz: flo
         chunks=sum(len(r.chunk_latency_ms) for r in records),
         deadline_misses=sum(r.deadline_misses for r in records),
         held_steps=sum(r.held_steps for r in records),
+        late_steps=sum(r.late_steps for r in records),
         overruns=sum(r.overruns for r in records),
         lookahead_steps=sum(r.lookahead_steps for r in records),
         physics_p50_ms=f50, physics_p99_ms=f99, physics_max_ms=fmax,
@@ -188,16 +197,16 @@ def load_records(paths: Iterable[Path]) -> list[EpisodeRecord]:
 
 def markdown_table(summaries: Sequence[SamplerSummary]) -> str:
     lines = ["| sampler | success | 95% CI | episodes | mean steps | step latency p50 / p99 (ms) "
-             "| chunk latency p50 / p99 (ms) | evals/step | deadline misses (held / overran) | look-ahead steps "
-             "| stalled steps (misses there) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| chunk latency p50 / p99 (ms) | evals/step | deadline misses (held / late) | look-ahead steps "
+             "| sim overruns | stalled steps (misses there) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         lo, hi = s.success_ci95
         lines.append(f"| {s.sampler} | {s.success_rate:.2f} | [{lo:.2f}, {hi:.2f}] | {s.episodes} | "
                      f"{s.mean_episode_steps:.1f} | {s.step_latency_p50_ms:.2f} / {s.step_latency_p99_ms:.2f} | "
                      f"{s.chunk_latency_p50_ms:.2f} / {s.chunk_latency_p99_ms:.2f} | "
-                     f"{s.evaluations_per_step:.2f} | {s.deadline_misses} ({s.held_steps} / {s.overruns}) | {s.lookahead_steps} "
-                     f"| {s.stalled_steps} ({s.stall_misses}) |")
+                     f"{s.evaluations_per_step:.2f} | {s.deadline_misses} ({s.held_steps} / {s.late_steps}) | {s.lookahead_steps} "
+                     f"| {s.overruns} | {s.stalled_steps} ({s.stall_misses}) |")
     return "\n".join(lines) + "\n"
 
 

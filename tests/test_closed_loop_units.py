@@ -27,26 +27,27 @@ def test_wilson_interval_matches_known_values_and_stays_in_range():
 
 def test_summary_pools_episodes():
     records = [EpisodeRecord(0, 10_000, True, 40, step_latency_ms=[1.0] * 40, chunk_latency_ms=[10.0] * 5,
-                             evaluations=50, deadline_misses=1, held_steps=1, lookahead_steps=4,
-                             physics_ms=[5.0] * 39 + [31.0], misses=[[3, 100.15, 100.2]],
+                             evaluations=50, deadline_misses=2, held_steps=1, late_steps=1, lookahead_steps=4,
+                             physics_ms=[5.0] * 39 + [31.0], misses=[[3, 100.15, 100.2], [8, 100.4, 100.45]],
                              steal_ms=[0.0] * 3 + [10.0] + [0.0] * 36, runqueue_ms=[0.0] * 7 + [6.0] + [0.0] * 32),
                EpisodeRecord(1, 10_001, False, 60, step_latency_ms=[3.0] * 60, chunk_latency_ms=[30.0] * 8,
-                             evaluations=80, deadline_misses=2, overruns=2, lookahead_steps=1,
+                             evaluations=80, deadline_misses=2, late_steps=2, overruns=3, lookahead_steps=1,
                              misses=[[0, 200.0, 200.05], [5, 200.25, 200.3]],
                              steal_ms=[0.0] * 60, runqueue_ms=[4.9] + [0.0] * 59)]
     s = summarize("ddim", records, "realtime", 20.0)
     assert (s.episodes, s.successes, s.success_rate) == (2, 1, 0.5)
     assert s.mean_episode_steps == 50.0
     assert s.step_latency_p50_ms == 3.0 and s.chunk_latency_p99_ms == pytest.approx(30.0)
-    assert s.chunks == 13 and s.deadline_misses == 3
-    assert (s.held_steps, s.overruns, s.lookahead_steps) == (1, 2, 5)
+    assert s.chunks == 13 and s.deadline_misses == 4
+    assert (s.held_steps, s.late_steps, s.overruns, s.lookahead_steps) == (1, 3, 3, 5)
     assert s.physics_p50_ms == 5.0 and s.physics_max_ms == 31.0
     # A stall is >= 10% of the 50 ms period stolen or queued: steps 3 and 7 of the first
-    # episode (the miss at 3 is the computer's); 4.9 ms of queueing is not one.
-    assert (s.stalled_steps, s.stall_misses) == (2, 1)
+    # episode; 4.9 ms of queueing is not one. The misses at 3 (its own step) and at 8 (the
+    # stalled step before made it late) are the computer's.
+    assert (s.stalled_steps, s.stall_misses) == (2, 2)
     # A witness saw the machine stop for 30 ms from t = 200.27: the miss at step 5 is its too.
-    assert summarize("ddim", records, "realtime", 20.0, witness_stalls=[(200.27, 30.0)]).stall_misses == 2
-    assert summarize("ddim", records, "realtime", 20.0, witness_stalls=[(200.31, 30.0), (200.27, 4.0)]).stall_misses == 1
+    assert summarize("ddim", records, "realtime", 20.0, witness_stalls=[(200.27, 30.0)]).stall_misses == 3
+    assert summarize("ddim", records, "realtime", 20.0, witness_stalls=[(200.31, 30.0), (200.27, 4.0)]).stall_misses == 2
     assert s.evaluations_per_step == pytest.approx(130 / 100)
 
 
