@@ -38,17 +38,16 @@ class EpisodeRecord:
     # step (ms): a miss with either is the computer's, not the policy's.
     steal_ms: list[float] = field(default_factory=list)
     runqueue_ms: list[float] = field(default_factory=list)
-    # The steps that missed: [step, window start, command time] in CLOCK_MONOTONIC
-    # seconds (shared by every process, to check a miss against a jitter witness's
-    # stalls); realtime windows start at the previous tick, whose step can make this one late.
+    # The steps that missed: [step, tick start, command time] in CLOCK_MONOTONIC seconds
+    # (shared by every process, to check a miss against a jitter witness's stalls).
     misses: list[list[float]] = field(default_factory=list)
     # Steps whose deadline was missed: no valid action for the tick existed at its action
     # deadline (the arm held), or its action went out after that deadline (late).
     deadline_misses: int = 0
     held_steps: int = 0
     late_steps: int = 0
-    # realtime: steps whose simulation ran past the period (the simulator fell behind the
-    # wall clock; a miss only through the later ticks it makes late).
+    # realtime: steps whose simulation needed longer than the period (the simulated world
+    # stood still for the excess; not a miss).
     overruns: int = 0
     # realtime: steps run from the previous chunk's look-ahead because the chunk asked
     # for at that tick came after its deadline (not misses: the arm kept moving on plan).
@@ -99,7 +98,7 @@ class SamplerSummary:
     # the two kinds of deadline miss: no action to run (held), action out after its deadline (late)
     held_steps: int = 0
     late_steps: int = 0
-    # steps whose simulation ran past the period (not misses by themselves)
+    # steps whose simulation needed longer than the period (the world paused; not misses)
     overruns: int = 0
     lookahead_steps: int = 0
     physics_p50_ms: float = 0.0
@@ -147,16 +146,14 @@ def _percentiles(lists: Sequence[Sequence[float]]) -> tuple[float, float]:
 
 
 def stall_misses(record: EpisodeRecord, witness_stalls: Sequence[tuple[float, float]] = ()) -> int:
-    """Misses of `record` on a stalled step or the one before it (whose stall can make this
-    one late), or overlapping a witnessed stall (start, ms) of at least STALL_FRACTION of
-    the period."""
+    """Misses of `record` on a stalled step or overlapping a witnessed stall (start, ms) of
+    at least STALL_FRACTION of the period."""
     from runtime.jitter import stalled_during
 
     limit = STALL_FRACTION * 1e3 / record.hz
     witnessed = [(s, ms) for s, ms in witness_stalls if ms >= limit]
     steps = set(stalled(record))
-    return sum(1 for step, t0, t1 in record.misses
-               if {int(step), int(step) - 1} & steps or stalled_during(witnessed, t0, t1))
+    return sum(1 for step, t0, t1 in record.misses if int(step) in steps or stalled_during(witnessed, t0, t1))
 
 
 def summarize(sampler: str, records: Sequence[EpisodeRecord], mode: str, hz: float,

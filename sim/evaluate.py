@@ -27,6 +27,7 @@ from sim.eval_report import (EpisodeRecord, SamplerSummary, latency_plot, load_r
 
 DEFAULT_SAMPLERS = ("ddpm", "ddim", "rti", "streaming")
 DEFAULT_SEED_BASE = 10_000
+OVERRUN_WARNING = 0.01  # realtime: above this share of simulator overruns, say the world ran slow
 _ENDPOINT = re.compile(r"serving .* on (tcp://\S+)")
 
 
@@ -282,6 +283,12 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[Sample
         chunk_panel[s] = [x for r in records for x in r.chunk_latency_ms]
         write_json_atomic(raw_dir / f"{_safe(s)}.json", {"sampler": s, "episodes": [r.to_dict() for r in records]})
     write_results(out, cfg, summaries, latencies, witness)
+    for s in summaries:
+        steps = s.mean_episode_steps * s.episodes
+        if cfg.mode == "realtime" and steps and s.overruns > OVERRUN_WARNING * steps:
+            log(f"note: {s.sampler}: the simulator needed longer than the period on {s.overruns} of {steps:.0f} steps; "
+                "the simulated world paused meanwhile, so the robot ran slower than real time there "
+                "(a slow or busy machine: fewer --workers, or --hz below the task's rate)")
     return summaries
 
 

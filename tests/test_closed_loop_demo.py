@@ -149,6 +149,19 @@ def test_realtime_arm_counts_deadlines_and_latency(server, tmp_path):
     assert data["summary"]["sampler"].startswith("ddim")
 
 
+def test_a_simulator_slower_than_the_period_pauses_the_world_instead_of_making_every_tick_late(server, tmp_path):
+    # At 200 Hz the period is 5 ms and one simulated step takes longer: every step overruns.
+    # The world stands still for the excess, so the next tick is not late because of it
+    # (counting from the wall-clock grid, nearly every tick would be).
+    result = dpstack("sim", "--task", "lift", "--connect", server, "--mode", "realtime", "--hz", "200",
+                     "--episodes", "1", "--max-steps", "20", "--seed", "20000", "--out", str(tmp_path / "fast.json"),
+                     timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    e = json.loads((tmp_path / "fast.json").read_text())["episodes"][0]
+    assert e["overruns"] >= e["steps"] - 2, (e["overruns"], e["steps"])
+    assert e["late_steps"] <= e["steps"] // 4, (e["late_steps"], e["steps"])
+
+
 @pytest.mark.parametrize("sampler", ["rti", "streaming"])
 def test_realtime_arm_replans_every_tick_and_keeps_the_look_ahead_for_late_answers(demo, tmp_path, sampler):
     out, _ = demo
