@@ -344,7 +344,7 @@ class SimArm:
             commanded = clock()
             record.step_latency_ms.append(max(0.0, commanded - tick) / scale * 1e3)
             # The tick's deadline is missed when it has no action to run, or when its action
-            # goes out after the deadline (the loop reached the tick late).
+            # goes out after the deadline (the loop lost its core while waiting).
             late = commanded > deadline
             missed = decision.hold or late
             record.held_steps += int(decision.hold)
