@@ -318,6 +318,8 @@ class StreamingSampler(Sampler):
         shifts = [e * gap // self.evals_per_step for e in range(self.evals_per_step)]
         # eval e goes from eval_levels[e] to eval_levels[e + 1]
         self.eval_levels = [ladder_levels(tp, to, self.n_rungs, n_levels, j, self.chunk_len) for j in shifts] + [below]
+        for a, b in zip(self.eval_levels, self.eval_levels[1:]):  # checked once: every call takes these steps
+            schedule.check_descent(a[None], b[None])
         self.startup_levels = schedule.inference_levels(startup_steps)
         self.startup_method = startup_method
         self.actions_per_call = self.chunk_len
@@ -350,7 +352,6 @@ class StreamingSampler(Sampler):
         # The last evaluation also yields the clean sample its noise prediction implies
         # for every still-noisy position: that estimate is the look-ahead.
         t, t_next = self.eval_levels[-2][None], self.eval_levels[-1][None]
-        self.schedule.check_descent(t, t_next)
         eps = predict_noise(self.denoise, x, cond, t)
         estimate = self.schedule.ddim_step(x, eps, t, np.full_like(t, CLEAN))[0]
         x = step_from_noise(self.schedule, x, eps, t, t_next, self.rng, "ddpm")
