@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data.replay_buffer import DatasetError
+    from dpstack.data.replay_buffer import DatasetError
 
     action = {"info": _info, "convert": _convert, "video": _video}[args.data_action]
     try:
@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from data.info import describe
-    from data.replay_buffer import ReplayBuffer
+    from dpstack.data.info import describe
+    from dpstack.data.replay_buffer import ReplayBuffer
 
     with ReplayBuffer.open(args.path) as rb:
         print(describe(rb, stats=not args.no_stats))
@@ -75,7 +75,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from data.robomimic import convert_robomimic
+    from dpstack.data.robomimic import convert_robomimic
 
     rb = convert_robomimic(args.src, args.out, obs_keys=args.obs_keys, task=args.task, control_hz=args.hz,
                            gripper_dims=args.gripper_dims, overwrite=args.overwrite)
@@ -84,8 +84,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _video(args: argparse.Namespace) -> int:
-    from data.replay_buffer import ReplayBuffer
-    from data.video import episode_video
+    from dpstack.data.replay_buffer import ReplayBuffer
+    from dpstack.data.video import episode_video
 
     with ReplayBuffer.open(args.path) as rb:
         name = args.path.name.split(".")[0]

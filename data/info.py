@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 
-from data.replay_buffer import ReplayBuffer
+from dpstack.data.replay_buffer import ReplayBuffer
 
 MAX_DIMS_SHOWN = 10
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from runtime.spec import RobotSpec
+from dpstack.core.spec import RobotSpec
 
 SOURCES = ("scripted_expert", "human", "import")
 ATTRS_VERSION = 1

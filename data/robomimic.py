@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data.replay_buffer import DatasetAttrs, DatasetError, ReplayBuffer
-from runtime.spec import ActionSpec, ArraySpec, RobotSpec
+from dpstack.data.replay_buffer import DatasetAttrs, DatasetError, ReplayBuffer
+from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
 
 _DEMO = re.compile(r"^demo_(\d+)$")
 _RESERVED = ("action", "reward", "done")

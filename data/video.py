@@ -8,8 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
-from data.info import is_image_key
-from data.replay_buffer import DatasetError, ReplayBuffer
+from dpstack.data.info import is_image_key
+from dpstack.data.replay_buffer import DatasetError, ReplayBuffer
 
 
 def image_keys(rb: ReplayBuffer) -> list[str]:

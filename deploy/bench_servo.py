@@ -1,6 +1,6 @@
 """Servo-loop timing and bridge latency on this machine; prints a table and writes JSON.
 
-    python -m deploy.bench_servo [--seconds 5] [--out out/bench_servo.json]
+    dpstack bench servo [--seconds 5] [--out out/bench_servo.json]
 
 1. Servo-loop jitter at 125 and 500 Hz: the bridge loop driving the MujocoArm
    (sim/arm_process.py in its own process) with no policy, i.e. read state ->
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,12 +33,12 @@ def _stats(values_s) -> dict[str, float]:
 
 
 def bare_loop(hz: float, seconds: float) -> dict:
-    from runtime.jitter import wake_loop
+    from dpstack.runtime.jitter import wake_loop
     return _stats(np.diff(wake_loop(hz, seconds).wakeups) - 1.0 / hz)
 
 
 def _config(hz: float):
-    from deploy.config import load_config
+    from dpstack.deploy.config import load_config
 
     cfg = load_config("sim")
     cfg.driver.servo_hz = hz
@@ -48,13 +47,13 @@ def _config(hz: float):
 
 
 def bridge_loop(hz: float, seconds: float, endpoint: str | None = None) -> dict:
-    from deploy.bridge import Bridge, robot_spec
-    from deploy.drivers.mujoco_arm import MujocoArm
+    from dpstack.deploy.bridge import Bridge, robot_spec
+    from dpstack.deploy.drivers.mujoco_arm import MujocoArm
 
     cfg = _config(hz)
     client = None
     if endpoint:
-        from runtime.client import PolicyClient
+        from dpstack.runtime.client import PolicyClient
         client = PolicyClient(endpoint, robot_spec(cfg), "bench-arm", timeout_s=1.0)
         client.wait_ready(10.0)
     bridge = Bridge(cfg, MujocoArm(cfg.driver), client, install_handlers=False)
@@ -72,55 +71,19 @@ def bridge_loop(hz: float, seconds: float, endpoint: str | None = None) -> dict:
             "chunks": summary["chunks"], "sim_controller_overruns": raw.get("overruns")}
 
 
-# ------------------------------------------------------------------ zero-action test server
-def serve_zero(bind: str) -> int:
-    """A policy server (own process) whose TEST policy always answers zero motion."""
-    from dataclasses import dataclass
+def _start_zero_server(out: Path):
+    from dpstack.deploy.bridge import robot_spec
+    from dpstack.runtime import zero_server
 
-    from deploy.bridge import robot_spec
-    from runtime.protocol import PolicyInfo
-    from runtime.server import PolicyServer, ServerConfig, run_until_signalled
-
-    spec = robot_spec(_config(125))
-
-    @dataclass(frozen=True)
-    class Zero:
-        actions: np.ndarray
-
-    class ZeroPolicy:
-        def reset(self, seed=None):
-            pass
-
-        def act(self, obs):
-            a = np.zeros((8, spec.action.dim), dtype=np.float32)
-            a[:, -1] = -1.0
-            return Zero(a)
-
-    info = PolicyInfo("zero-test-policy", "zero", 8, 1, 8, spec.control_hz, spec.action)
-    server = PolicyServer(lambda s: ZeroPolicy(), spec, info, ServerConfig(bind=bind))
-    run_until_signalled(server, announce=lambda line: print(line, flush=True))
-    return 0
-
-
-def _start_zero_server() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "deploy.bench_servo", "--serve-zero", "tcp://127.0.0.1:*"],
-                            stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if " on " not in line:
-        proc.kill()
-        raise RuntimeError(f"zero-action server did not start: {line!r}")
-    return proc, line.rsplit(" on ", 1)[1].strip()
+    return zero_server.start(robot_spec(_config(125)), out.with_suffix(".spec.json"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deploy.bench_servo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="dpstack bench servo", description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     p.add_argument("--rates", type=float, nargs="+", default=[125.0, 500.0])
     p.add_argument("--out", default="out/bench_servo.json")
-    p.add_argument("--serve-zero", metavar="BIND", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.serve_zero:
-        return serve_zero(args.serve_zero)
     import os
 
     results: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
@@ -129,13 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     for hz in args.rates:
         results["servo"][f"{hz:g}"] = {"bare_sleep_loop": bare_loop(hz, args.seconds),
                                        "bridge_mujoco_arm": bridge_loop(hz, args.seconds)}
-    server, endpoint = _start_zero_server()
+    server, endpoint = _start_zero_server(Path(args.out))
     try:
         for hz in args.rates:
             results["latency"][f"{hz:g}"] = bridge_loop(hz, args.seconds, endpoint)
     finally:
-        server.terminate()
-        server.wait(10)
+        server.stop()
     results["machine"]["loadavg_end"] = list(os.getloadavg())
 
     print(f"servo loop period error |measured period - nominal| (ms), {args.seconds:g} s each:")

@@ -23,16 +23,16 @@ from typing import Callable
 
 import numpy as np
 
-from deploy import rotations
-from deploy.cameras import TimedBuffer
-from deploy.config import ActionConfig, BridgeConfig
-from deploy.drivers.base import ArmDriver, ArmState, DriverInfo, Pose
-from deploy.estop import EStop, EStopServer, KeyWatcher, install_signal
-from deploy.interpolate import PoseTrajectory, Waypoint
-from deploy.safety import SafetyLayer
-from runtime.spec import ActionSpec, ArraySpec, RobotSpec
+from dpstack.deploy import rotations
+from dpstack.deploy.cameras import TimedBuffer
+from dpstack.deploy.config import ActionConfig, BridgeConfig
+from dpstack.deploy.drivers.base import ArmDriver, ArmState, DriverInfo, Pose
+from dpstack.deploy.estop import EStop, EStopServer, KeyWatcher, install_signal
+from dpstack.deploy.interpolate import PoseTrajectory, Waypoint
+from dpstack.deploy.safety import SafetyLayer
+from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
 
-log = logging.getLogger("deploy.bridge")
+log = logging.getLogger("dpstack.deploy.bridge")
 
 
 # ---------------------------------------------------------------- spec and observations
@@ -121,7 +121,7 @@ class Bridge:
                  install_handlers: bool = True):
         """`client` is a runtime.client.PolicyClient (None: no policy; the arm holds).
         `cameras` maps camera name -> object with `.frames` (a TimedBuffer), e.g. OpenCVCamera."""
-        from runtime.action_schedule import ActionSchedule
+        from dpstack.runtime.action_schedule import ActionSchedule
 
         self.cfg = cfg
         self.driver = driver

@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 
-from runtime import realtime
+from dpstack.runtime import realtime
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,11 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not realtime.apply_from_args(args, "dpstack bridge"):  # before any thread starts: threads inherit it
         return 2
-    from deploy.bridge import Bridge
-    from deploy.config import ConfigError, load_config
-    from deploy.drivers import make_driver
-    from runtime import auth
-    from runtime.client import PolicyClient
+    from dpstack.deploy.bridge import Bridge
+    from dpstack.deploy.config import ConfigError, load_config
+    from dpstack.deploy.drivers import make_driver
+    from dpstack.runtime import auth
+    from dpstack.runtime.client import PolicyClient
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -57,20 +57,20 @@ def run(args: argparse.Namespace) -> int:
             print(f"dpstack bridge: {e}", file=sys.stderr)
             return 2
     else:
-        from runtime.server import is_loopback_endpoint
+        from dpstack.runtime.server import is_loopback_endpoint
         if not is_loopback_endpoint(endpoint):
             logging.getLogger("deploy").warning("policy link to %s is NOT authenticated: set policy.server_public_key "
                                                 "and policy.client_secret_key (dpstack keys generate)", endpoint)
 
     cameras = {}
     for c in cfg.cameras:
-        from deploy.cameras import OpenCVCamera
+        from dpstack.deploy.cameras import OpenCVCamera
         cam = OpenCVCamera(c)
         cam.start()
         cameras[c.name] = cam
 
     driver = make_driver(cfg.driver)
-    from deploy.bridge import robot_spec
+    from dpstack.deploy.bridge import robot_spec
     client = PolicyClient(endpoint, robot_spec(cfg), args.robot_id or cfg.name, timeout_s=link.timeout_s,
                           security=security)
     bridge = Bridge(cfg, driver, client, dry_run=True if args.dry_run else None, cameras=cameras)

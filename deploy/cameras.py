@@ -16,9 +16,9 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from deploy.config import CameraConfig
+from dpstack.deploy.config import CameraConfig
 
-log = logging.getLogger("deploy.cameras")
+log = logging.getLogger("dpstack.deploy.cameras")
 T = TypeVar("T")
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from deploy.typed_yaml import ConfigError, load_yaml
+from dpstack.deploy.typed_yaml import ConfigError, load_yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-log = logging.getLogger("deploy.estop")
+log = logging.getLogger("dpstack.deploy.estop")
 
 
 class EStop:

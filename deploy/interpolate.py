@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deploy import rotations
+from dpstack.deploy import rotations
 
 
 @dataclass

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from runtime import auth
+    from dpstack.runtime import auth
 
     if args.keys_command == "generate":
         try:

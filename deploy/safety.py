@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deploy import rotations
-from deploy.config import SafetyConfig
-from deploy.drivers.base import ArmState, DriverInfo, Pose
-from deploy.estop import EStop
+from dpstack.deploy import rotations
+from dpstack.deploy.config import SafetyConfig
+from dpstack.deploy.drivers.base import ArmState, DriverInfo, Pose
+from dpstack.deploy.estop import EStop
 
-log = logging.getLogger("deploy.safety")
+log = logging.getLogger("dpstack.deploy.safety")
 
 KINDS = ("rejected_nan", "watchdog_hold", "joint_limit", "clamped_workspace", "clamped_step",
          "clamped_speed", "clamped_accel", "clamped_gripper", "clamped_gripper_rate", "estop")

@@ -101,7 +101,7 @@ def forward_timer(denoise: Callable, horizon: int, action_dim: int, cond_dim: in
 def time_sampler(package, sampler: str, steps: int, max_seconds: float, seed: int, forward: Callable[[], float]) -> dict[str, Any]:
     """Time `steps` control steps; after each, one bare denoiser forward, so the reference
     forward is measured in the same time window as the steps (fair ratios on a busy machine)."""
-    from runtime.policy import PolicyRunner
+    from dpstack.runtime.policy import PolicyRunner
 
     runner = PolicyRunner(package, sampler)
     runner.reset(seed)
@@ -149,7 +149,7 @@ def time_sampler(package, sampler: str, steps: int, max_seconds: float, seed: in
 
 def bench_spec():
     """A Lift-like state spec (robosuite Panda proprio + object state); only shapes matter here."""
-    from runtime.spec import ActionSpec, ArraySpec, RobotSpec
+    from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
 
     return RobotSpec("lift", "Panda", 20.0,
                      (ArraySpec("robot0_eef_pos", (3,)), ArraySpec("robot0_eef_quat", (4,)),
@@ -162,10 +162,10 @@ def build_and_export(name: str, out: Path, seed: int):
     int8 export, which has no torch twin to compare with)."""
     import torch
 
-    from policy.config import PolicyConfig
-    from policy.export import export_model
-    from policy.model import DiffusionPolicyModel
-    from runtime.normalizer import Normalizer
+    from dpstack.policy.config import PolicyConfig
+    from dpstack.policy.export import export_model
+    from dpstack.policy.model import DiffusionPolicyModel
+    from dpstack.core.normalizer import Normalizer
 
     kind, preset = MODELS[name]
     torch.manual_seed(seed)
@@ -228,7 +228,7 @@ def run_latency(args: argparse.Namespace) -> int:
     import os
     import tempfile
 
-    from runtime.package import SessionOptions, load_package
+    from dpstack.runtime.package import SessionOptions, load_package
 
     samplers = split_samplers(args.samplers)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -264,7 +264,7 @@ def run_latency(args: argparse.Namespace) -> int:
                         continue
                     import torch
 
-                    from policy.torch_callables import torch_callables
+                    from dpstack.policy.torch_callables import torch_callables
 
                     torch.set_num_threads(args.threads)
                     ref = torch_callables(model)

@@ -22,8 +22,8 @@ def bench_preset(preset: str, model_kind: str, batch: int, steps: int, warmup: i
     import numpy as np
     import torch
 
-    from runtime.normalizer import Normalizer
-    from runtime.spec import ActionSpec, ArraySpec, RobotSpec
+    from dpstack.core.normalizer import Normalizer
+    from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
 
     from .config import PolicyConfig
     from .ema import EMA
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench_train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dpstack bench train", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

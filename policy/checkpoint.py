@@ -27,9 +27,9 @@ from typing import Any, Mapping
 
 import torch
 
-from runtime.normalizer import Normalizer
-from runtime.schedule import NoiseSchedule
-from runtime.spec import RobotSpec
+from dpstack.core.normalizer import Normalizer
+from dpstack.core.schedule import NoiseSchedule
+from dpstack.core.spec import RobotSpec
 
 from .config import Config
 from .model import DiffusionPolicyModel

@@ -10,8 +10,8 @@ from typing import Mapping
 
 import numpy as np
 
-from runtime.normalizer import FieldStats, Normalizer
-from runtime.spec import RobotSpec
+from dpstack.core.normalizer import FieldStats, Normalizer
+from dpstack.core.spec import RobotSpec
 
 from .config import ConfigError, PolicyConfig
 
@@ -68,7 +68,7 @@ class TrainingData:
     source: str
 
     def windows(self, config: PolicyConfig):
-        from data.windows import SequenceWindows
+        from dpstack.data.windows import SequenceWindows
         return SequenceWindows(self.arrays, self.episode_ends, config.horizon, config.n_obs_steps,
                                config.n_action_steps, self.spec.obs_keys, ACTION)
 
@@ -92,7 +92,7 @@ def prepare(arrays: Mapping[str, np.ndarray], episode_ends: np.ndarray, spec: Ro
 
 
 def load_dataset(path: str | Path, config: PolicyConfig, normalizer: Normalizer | None = None) -> TrainingData:
-    from data.replay_buffer import ReplayBuffer
+    from dpstack.data.replay_buffer import ReplayBuffer
 
     rb = ReplayBuffer.open(path)
     if rb.attrs is None:

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from runtime.package import (DENOISER_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, MANIFEST, PackageError, PolicyPackage,
+from dpstack.runtime.package import (DENOISER_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, MANIFEST, PackageError, PolicyPackage,
                              SessionOptions, load_package, read_manifest, sha256_file, verify_files)
 
-from runtime.verify import VerifyError, random_denoiser_inputs, random_observations, verify_onnx_only
+from dpstack.runtime.verify import VerifyError, random_denoiser_inputs, random_observations, verify_onnx_only
 
 from .model import DiffusionPolicyModel
 from .nets.export_form import export_form

@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from runtime.package import PackageError
-    from runtime.verify import VerifyError, verify_onnx_only
+    from dpstack.runtime.package import PackageError
+    from dpstack.runtime.verify import VerifyError, verify_onnx_only
 
     try:
         import torch  # noqa: F401

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from runtime.normalizer import Normalizer
-from runtime.schedule import NoiseSchedule
-from runtime.spec import RobotSpec
+from dpstack.core.normalizer import Normalizer
+from dpstack.core.schedule import NoiseSchedule
+from dpstack.core.spec import RobotSpec
 
 from .config import ConfigError, PolicyConfig
 from .nets.encoders import ImageEncoder, StateEncoder

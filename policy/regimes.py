@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.ladder import ladder_levels, rung_gap, rungs_for_action_steps
+from dpstack.core.ladder import ladder_levels, rung_gap, rungs_for_action_steps
 
 from .config import PolicyConfig
 

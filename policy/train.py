@@ -193,7 +193,7 @@ def evaluate_actions(model: DiffusionPolicyModel, data: TrainingData, windows, n
                      seed: int) -> float:
     """Mean squared error (normalised space) between sampled chunks and dataset chunks,
     sampled with runtime.samplers.sample_full through the torch callables."""
-    from runtime.samplers import sample_full
+    from dpstack.runtime.samplers import sample_full
 
     from .torch_callables import torch_callables
 
@@ -251,7 +251,7 @@ def train(config: Config, dataset: str | os.PathLike | TrainingData, out_dir: st
     if isinstance(dataset, TrainingData):
         data = dataset
     else:
-        from runtime.normalizer import Normalizer
+        from dpstack.core.normalizer import Normalizer
         data = load_dataset(dataset, pc, Normalizer.from_dict(payload["normalizer"]) if payload else None)
     if payload and payload["dataset"].get("fingerprint") != data.fingerprint:
         raise ConfigError(f"--resume: dataset {data.source} (fingerprint {data.fingerprint[:12]}) is not the one the "

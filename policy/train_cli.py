@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from data.replay_buffer import DatasetError
+    from dpstack.data.replay_buffer import DatasetError
 
     from .checkpoint import CheckpointError, read_checkpoint
     from .config import Config, ConfigError, apply_overrides, load_config

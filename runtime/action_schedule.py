@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.protocol import ActionReply, check_actions
-from runtime.spec import ActionSpec
+from dpstack.runtime.protocol import ActionReply, check_actions
+from dpstack.core.spec import ActionSpec
 
 
 class ActionMode(str, enum.Enum):

@@ -1,8 +1,9 @@
 """Benchmark: robot-side round trip over the real protocol (observation sent ->
-chunk received), against the TEST EchoPolicy server in a separate process, so it
-measures transport + encode/decode + server overhead, not a policy.
+chunk received), against a zero-action policy server in a separate process
+(runtime/zero_server.py), so it measures transport + encode/decode + server
+overhead, not a policy.
 
-    python -m runtime.bench_transport [--steps 2000] [--out out/bench_transport.json]
+    dpstack bench transport [--steps 2000] [--out out/bench_transport.json]
 
 Prints median / p99 / max per payload and writes JSON. Timings depend on the
 machine's load; say so when quoting them.
@@ -13,12 +14,14 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
 
 PAYLOADS = {  # name -> (image side, cameras)
     "lowdim+8x8": (8, 1),
@@ -27,29 +30,31 @@ PAYLOADS = {  # name -> (image side, cameras)
 }
 
 
-def _start_server(image_hw: int, cameras: int) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.testing", "--bind", "tcp://127.0.0.1:*",
-                             "--image-hw", str(image_hw), "--cameras", str(cameras)],
-                            stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if not line.startswith("serving "):
-        proc.kill()
-        raise RuntimeError(f"echo server did not start: {line!r}")
-    return proc, line.rsplit(" on ", 1)[1].strip()
+def transport_spec(image_hw: int, cameras: int) -> RobotSpec:
+    """A 4-vector of state plus `cameras` uint8 images of image_hw x image_hw."""
+    images = tuple(ArraySpec(f"image{i}", (image_hw, image_hw, 3), "uint8") for i in range(cameras))
+    return RobotSpec(task="transport", robot="bench", control_hz=20.0, observations=(ArraySpec("state", (4,)), *images),
+                     action=ActionSpec(shape=(3,), gripper_dims=(2,)))
+
+
+def random_observation(rng: np.random.Generator, spec: RobotSpec) -> dict[str, np.ndarray]:
+    return {o.key: (rng.integers(0, 256, size=o.shape, dtype=np.uint8) if o.is_image
+                    else rng.uniform(-1, 1, size=o.shape).astype(np.float32)) for o in spec.observations}
 
 
 def measure(image_hw: int, cameras: int, steps: int, warmup: int = 50) -> dict:
-    from runtime.client import PolicyClient
-    from runtime.testing import echo_observation, echo_spec
+    from dpstack.runtime.client import PolicyClient
+    from dpstack.runtime import zero_server
 
-    spec = echo_spec(image_hw, cameras)
-    proc, endpoint = _start_server(image_hw, cameras)
+    spec = transport_spec(image_hw, cameras)
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, endpoint = zero_server.start(spec, Path(tmp) / "spec.json")
     try:
         client = PolicyClient(endpoint, spec, "bench", timeout_s=5.0, heartbeat_s=60.0)
         if not client.wait_ready(10.0):
             raise RuntimeError(f"no handshake: {list(client.errors)}")
         rng = np.random.default_rng(0)
-        observations = [echo_observation(rng, spec) for _ in range(16)]
+        observations = [random_observation(rng, spec) for _ in range(16)]
         for k in range(warmup + steps):
             if client.request(observations[k % 16], float(k), timeout_s=5.0) is None:
                 raise RuntimeError(f"request {k} failed: {list(client.errors)[-1:]}")
@@ -57,8 +62,7 @@ def measure(image_hw: int, cameras: int, steps: int, warmup: int = 50) -> dict:
         stats = client.request_stats(2.0) or {}
         client.close()
     finally:
-        proc.terminate()
-        proc.wait(10)
+        proc.stop()
     payload = 16 + cameras * image_hw * image_hw * 3
     return {"payload_bytes": payload, "steps": int(lat.size), "median_ms": float(np.median(lat)),
             "p99_ms": float(np.percentile(lat, 99)), "max_ms": float(lat.max()),
@@ -67,7 +71,7 @@ def measure(image_hw: int, cameras: int, steps: int, warmup: int = 50) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="dpstack bench transport", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--out", default="out/bench_transport.json")
     args = p.parse_args(argv)
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = r
         print(f"{name:36s} {r['payload_bytes']:>8d} B  round trip median {r['median_ms']:.3f} ms  "
               f"p99 {r['p99_ms']:.3f} ms  max {r['max_ms']:.2f} ms  (n={r['steps']})", flush=True)
-    report = {"benchmark": "transport round trip (observation -> chunk), echo test policy, tcp loopback",
+    report = {"benchmark": "transport round trip (observation -> chunk), zero-action policy, tcp loopback",
               "host": platform.node(), "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results}
     out = Path(args.out)

@@ -18,10 +18,10 @@ from typing import Callable, Mapping
 import numpy as np
 import zmq
 
-from runtime.protocol import (DEFAULT_LIMITS, ActionReply, Bye, Error, ErrorCode, Heartbeat, HeartbeatAck,
+from dpstack.runtime.protocol import (DEFAULT_LIMITS, ActionReply, Bye, Error, ErrorCode, Heartbeat, HeartbeatAck,
                               Hello, HelloAck, Limits, Message, Observation, PolicyInfo, ProtocolError, Reset,
                               ResetAck, Stats, StatsRequest, check_arrays, check_actions, decode, encode)
-from runtime.spec import RobotSpec
+from dpstack.core.spec import RobotSpec
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from runtime import realtime
+from dpstack.core.process import announce_ready
+from dpstack.runtime import realtime
 
 
 @dataclass
@@ -132,7 +133,7 @@ def _one_cpu(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
     if not realtime.apply_from_args(args, "dpstack bench jitter"):
         return 2
-    print(json.dumps({"ready": True}), flush=True)
+    announce_ready()
     log = wake_loop(args.hz, args.seconds or None, stop=lambda: bool(stopping))
     result = summarize(log, args.hz, args.stall_ms).to_dict()
     text = json.dumps(result)
@@ -154,7 +155,7 @@ def one_cpu_command(cpu: int, hz: float, stall_ms: float, seconds: float = 0.0, 
                     lock_memory: bool = False, out: Path | None = None) -> list[str]:
     """argv of one measuring process on `cpu` (seconds 0: until SIGTERM); JSON to `out` or stdout."""
     sched = realtime.RealtimeConfig(cpus=(cpu,), priority=priority, lock_memory=lock_memory)
-    return [sys.executable, "-m", "runtime.jitter", "--one", "--hz", str(hz), "--seconds", str(seconds),
+    return [sys.executable, "-m", "dpstack.runtime.jitter", "--one", "--hz", str(hz), "--seconds", str(seconds),
             "--stall-ms", str(stall_ms), *sched.argv(), *(["--out", str(out)] if out else [])]
 
 

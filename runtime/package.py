@@ -16,10 +16,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from runtime.normalizer import Normalizer
-from runtime.samplers import Denoise, TrainedRegimes
-from runtime.schedule import NoiseSchedule
-from runtime.spec import RobotSpec
+from dpstack.core.normalizer import Normalizer
+from dpstack.runtime.samplers import Denoise, TrainedRegimes
+from dpstack.core.schedule import NoiseSchedule
+from dpstack.core.spec import RobotSpec
 
 FORMAT = "dpstack-policy"
 FORMAT_VERSION = 1

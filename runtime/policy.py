@@ -21,8 +21,8 @@ from typing import Mapping
 
 import numpy as np
 
-from runtime.package import PolicyPackage
-from runtime.samplers import Sampler, SamplerConfig, build_sampler
+from dpstack.runtime.package import PolicyPackage
+from dpstack.runtime.samplers import Sampler, SamplerConfig, build_sampler
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence, Union
 import msgpack
 import numpy as np
 
-from runtime.spec import ActionSpec, ArraySpec, RobotSpec
+from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
 
 PROTOCOL_VERSION = 1
 

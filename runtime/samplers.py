@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from runtime.schedule import NoiseSchedule
+from dpstack.core.schedule import NoiseSchedule
 
 Denoise = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
@@ -300,7 +300,7 @@ class StreamingSampler(Sampler):
     def __init__(self, denoise: Denoise, schedule: NoiseSchedule, geometry: ChunkGeometry, n_rungs: int,
                  evals_per_step: int = 1, chunk_len: int | None = None, startup_steps: int = 100,
                  startup_method: str = "ddpm", seed: int = 0) -> None:
-        from runtime.ladder import ladder_chunk_len, ladder_chunks, ladder_levels, rung_gap
+        from dpstack.core.ladder import ladder_chunk_len, ladder_chunks, ladder_levels, rung_gap
 
         super().__init__(denoise, schedule, geometry, seed)
         n_levels = schedule.num_train_steps
@@ -463,7 +463,7 @@ def build_sampler(cfg: SamplerConfig, denoise: Denoise, schedule: NoiseSchedule,
         return RTISampler(denoise, schedule, geometry, cfg.refine, cfg.steps, cfg.n_action_steps or 1,
                           trained.gripper_dims, mode, max(factor, 1.0), cfg.renoise, cfg.seed)
     if cfg.kind == "streaming":
-        from runtime.ladder import ladder_span
+        from dpstack.core.ladder import ladder_span
 
         rungs = cfg.n_rungs or trained.ladder_rungs or ladder_span(trained.horizon, trained.n_obs_steps)
         chunk = cfg.chunk_len or (trained.ladder_chunk_len if rungs == trained.ladder_rungs else 0) or None

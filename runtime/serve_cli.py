@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 
-from runtime import realtime
+from dpstack.runtime import realtime
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,10 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_factory(policy_dir: str, sampler: str, threads: int = 2, providers: tuple[str, ...] = ()):
     """(factory, policy spec, PolicyInfo) for a package: each session a fresh PolicyRunner."""
-    from runtime.package import SessionOptions, load_package
-    from runtime.policy import PolicyRunner
-    from runtime.protocol import PolicyInfo
-    from runtime.samplers import SamplerConfig
+    from dpstack.runtime.package import SessionOptions, load_package
+    from dpstack.runtime.policy import PolicyRunner
+    from dpstack.runtime.protocol import PolicyInfo
+    from dpstack.runtime.samplers import SamplerConfig
 
     package = load_package(policy_dir, options=SessionOptions(intra_op_threads=threads, providers=providers))
     config = SamplerConfig.parse(sampler)
@@ -58,12 +58,12 @@ def build_factory(policy_dir: str, sampler: str, threads: int = 2, providers: tu
 def run(args: argparse.Namespace) -> int:
     if not realtime.apply_from_args(args, "dpstack serve"):  # before any thread starts: threads inherit it
         return 2
-    from runtime.package import PackageError
-    from runtime.server import InsecureBind, PolicyServer, ServerConfig, run_until_signalled
+    from dpstack.runtime.package import PackageError
+    from dpstack.runtime.server import InsecureBind, PolicyServer, ServerConfig, run_until_signalled
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("runtime.server").setLevel(logging.INFO)  # sessions and periodic stats
+    logging.getLogger("dpstack.runtime.server").setLevel(logging.INFO)  # sessions and periodic stats
     providers = tuple(p for p in args.providers.split(",") if p)
     try:
         factory, spec, info = build_factory(args.policy_dir, args.sampler, args.threads, providers)
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     security = None
     if args.keys:
-        from runtime import auth
+        from dpstack.runtime import auth
         try:
             security = auth.server_security_from_dir(args.keys, args.server_key)
         except (auth.KeyFileError, ValueError) as e:
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dpstack serve: {e}", file=sys.stderr)
         return 2
     try:
-        summary = run_until_signalled(server, announce=lambda line: print(line, flush=True))
+        summary = run_until_signalled(server)
     finally:
         if security is not None:
             security.stop()

@@ -25,10 +25,11 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import zmq
 
-from runtime.protocol import (DEFAULT_LIMITS, ActionReply, Bye, Error, ErrorCode, Heartbeat, HeartbeatAck,
+from dpstack.core.process import announce_ready
+from dpstack.runtime.protocol import (DEFAULT_LIMITS, ActionReply, Bye, Error, ErrorCode, Heartbeat, HeartbeatAck,
                               Hello, HelloAck, Limits, Message, Observation, PolicyInfo, ProtocolError, Reset,
                               ResetAck, Stats, StatsRequest, check_arrays, decode, encode)
-from runtime.spec import RobotSpec, SpecMismatch
+from dpstack.core.spec import RobotSpec, SpecMismatch
 
 log = logging.getLogger(__name__)
 
@@ -341,8 +342,8 @@ class PolicyServer:
             log.info("stats %s", json.dumps(self.stats(), sort_keys=True))
 
 
-def run_until_signalled(server: PolicyServer, announce: Callable[[str], None] = print) -> dict[str, Any]:
-    """Serve until SIGINT/SIGTERM, then close and return the final stats."""
+def run_until_signalled(server: PolicyServer) -> dict[str, Any]:
+    """Announce readiness, serve until SIGINT/SIGTERM, then close and return the final stats."""
     import signal
 
     stop = {"flag": False}
@@ -352,7 +353,8 @@ def run_until_signalled(server: PolicyServer, announce: Callable[[str], None] = 
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        announce(f"serving {server.info.name} ({server.info.sampler}) on {server.endpoint}")
+        log.info("serving %s (%s) on %s", server.info.name, server.info.sampler, server.endpoint)
+        announce_ready(endpoint=server.endpoint, policy=server.info.name, sampler=server.info.sampler)
         server.serve(lambda: stop["flag"])
     finally:
         for s, h in previous.items():

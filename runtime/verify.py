@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.package import PolicyPackage, SessionOptions, load_package, read_manifest, verify_files
+from dpstack.runtime.package import PolicyPackage, SessionOptions, load_package, read_manifest, verify_files
 
 
 class VerifyError(RuntimeError):

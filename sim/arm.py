@@ -36,8 +36,8 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.realtime import StallProbe
-from sim.eval_report import EpisodeRecord
+from dpstack.runtime.realtime import StallProbe
+from dpstack.sim.eval_report import EpisodeRecord
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class FrameRecorder:
         self.frames.append(np.ascontiguousarray(frame[::-1]))  # OpenGL rows bottom-up -> upright
 
     def write(self, path: Path, fps: float) -> Path:
-        from data.video import write_mp4
+        from dpstack.data.video import write_mp4
         return write_mp4(np.stack(self.frames), path, fps)
 
 
@@ -115,9 +115,9 @@ class SimArm:
     """One simulated arm connected to one policy server."""
 
     def __init__(self, config: ArmConfig, progress: Callable[[EpisodeRecord], None] | None = None) -> None:
-        from runtime.action_schedule import ActionSchedule
-        from runtime.client import PolicyClient
-        from sim.env import SimEnv
+        from dpstack.runtime.action_schedule import ActionSchedule
+        from dpstack.runtime.client import PolicyClient
+        from dpstack.sim.env import SimEnv
 
         self.config = config
         self.env = SimEnv(config.task, seed=config.seed, cameras=config.cameras, max_steps=config.max_steps)

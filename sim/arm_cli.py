@@ -14,8 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from runtime import realtime
-from sim.arm import MODES
+from dpstack.runtime import realtime
+from dpstack.sim.arm import MODES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not realtime.apply_from_args(args, "dpstack sim"):  # before any thread starts: threads inherit it
         return 2
-    from sim.arm import ArmConfig, ArmError, SimArm
-    from sim.eval_report import summarize, write_json_atomic
+    from dpstack.sim.arm import ArmConfig, ArmError, SimArm
+    from dpstack.sim.eval_report import summarize, write_json_atomic
 
     video_dir = args.video_dir or (args.out.parent / "videos" if args.out else Path("videos"))
     try:

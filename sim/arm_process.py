@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -29,7 +28,8 @@ import mujoco
 import numpy as np
 import zmq
 
-from runtime import arm_link
+from dpstack.core.process import announce_ready
+from dpstack.runtime import arm_link
 
 # Panda's home posture as robosuite uses it (the robot definition, so it lives here).
 HOME_JOINTS = (0.0, math.pi / 16, 0.0, -math.pi / 2 - math.pi / 3, 0.0, math.pi - 0.2, math.pi / 4)
@@ -223,11 +223,9 @@ class ArmController:
     def run(self) -> int:
         rng = self.sim.joint_range
         pos, quat = self.sim.tool_pose()
-        print(json.dumps({"ready": True, "command": self.cmd_endpoint, "state": self.state_endpoint,
-                          "servo_hz": self.args.servo_hz, "pid": os.getpid(),
-                          "joint_lower": rng[:, 0].tolist(), "joint_upper": rng[:, 1].tolist(),
-                          "gripper_max_width": GRIPPER_MAX_WIDTH,
-                          "pos": pos.tolist(), "quat": _wxyz_to_xyzw(quat).tolist()}), flush=True)
+        announce_ready(command=self.cmd_endpoint, state=self.state_endpoint, servo_hz=self.args.servo_hz,
+                       pid=os.getpid(), joint_lower=rng[:, 0].tolist(), joint_upper=rng[:, 1].tolist(),
+                       gripper_max_width=GRIPPER_MAX_WIDTH, pos=pos.tolist(), quat=_wxyz_to_xyzw(quat).tolist())
         next_t = time.monotonic()
         tick = 0
         while True:

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from sim.tasks import DEFAULT_IMAGE_SIZE, get_task
+from dpstack.sim.tasks import DEFAULT_IMAGE_SIZE, get_task
 
 SEED_KEY = "seed"
 SOURCE = "scripted_expert"
@@ -71,7 +71,7 @@ class _Outcome:
 
 # ---- episode production -------------------------------------------------------
 def _episode(env: Any, seed: int) -> _Outcome:
-    from sim.experts import run_expert_episode
+    from dpstack.sim.experts import run_expert_episode
 
     ep = run_expert_episode(env, seed)
     steps = dict(ep.steps)
@@ -80,7 +80,7 @@ def _episode(env: Any, seed: int) -> _Outcome:
 
 
 def _worker(task: str, cameras: tuple[str, ...], image_size: int, seeds: Any, results: Any) -> None:
-    from sim.env import SimEnv
+    from dpstack.sim.env import SimEnv
 
     try:
         env = SimEnv(task, seed=None, cameras=cameras, image_size=image_size)
@@ -96,7 +96,7 @@ def _worker(task: str, cameras: tuple[str, ...], image_size: int, seeds: Any, re
 
 
 def _run_inline(cfg: CollectConfig, seeds: Iterator[int]) -> Iterator[_Outcome]:
-    from sim.env import SimEnv
+    from dpstack.sim.env import SimEnv
 
     env = SimEnv(cfg.task, seed=None, cameras=cfg.cameras, image_size=cfg.image_size)
     try:
@@ -152,8 +152,8 @@ def _run_workers(cfg: CollectConfig, seeds: Iterator[int]) -> Iterator[_Outcome]
 
 # ---- the dataset side -----------------------------------------------------------
 def _open_or_create(cfg: CollectConfig) -> tuple[Any, dict[str, Any]]:
-    from data.replay_buffer import DatasetAttrs, ReplayBuffer
-    from sim.env import SimEnv
+    from dpstack.data.replay_buffer import DatasetAttrs, ReplayBuffer
+    from dpstack.sim.env import SimEnv
 
     task = get_task(cfg.task)
     expert = task.expert_class().__name__  # raises, naming the tasks that have one, before anything is written

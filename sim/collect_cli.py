@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from sim.tasks import DEFAULT_IMAGE_SIZE, TASKS
+    from dpstack.sim.tasks import DEFAULT_IMAGE_SIZE, TASKS
 
     parser.add_argument("--task", required=True, choices=sorted(TASKS), help="task to collect")
     parser.add_argument("--episodes", type=int, required=True,
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from sim.collect import CollectConfig, collect, parse_cameras, summary
+    from dpstack.sim.collect import CollectConfig, collect, parse_cameras, summary
 
     try:
         cameras = parse_cameras(args.cameras)

@@ -11,8 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from runtime.spec import ArraySpec, RobotSpec
-from sim.tasks import DEFAULT_IMAGE_SIZE, TaskDef, get_task
+from dpstack.core.spec import ArraySpec, RobotSpec
+from dpstack.sim.tasks import DEFAULT_IMAGE_SIZE, TaskDef, get_task
 
 _ROBOSUITE_LOGGER = "robosuite_logs"
 

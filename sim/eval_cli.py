@@ -61,8 +61,8 @@ def parse_samplers(text: str) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sim.evaluate import EvalConfig, EvalError, run_eval, training_dataset, unseen_seed_base
-    from sim.eval_report import markdown_table
+    from dpstack.sim.evaluate import EvalConfig, EvalError, run_eval, training_dataset, unseen_seed_base
+    from dpstack.sim.eval_report import markdown_table
 
     if not (args.policy_dir / "manifest.json").is_file():
         print(f"dpstack eval: {args.policy_dir} is not a policy package (no manifest.json); "

@@ -148,7 +148,7 @@ def _percentiles(lists: Sequence[Sequence[float]]) -> tuple[float, float]:
 def stall_misses(record: EpisodeRecord, witness_stalls: Sequence[tuple[float, float]] = ()) -> int:
     """Misses of `record` on a stalled step or overlapping a witnessed stall (start, ms) of
     at least STALL_FRACTION of the period."""
-    from runtime.jitter import stalled_during
+    from dpstack.runtime.jitter import stalled_during
 
     limit = STALL_FRACTION * 1e3 / record.hz
     witnessed = [(s, ms) for s, ms in witness_stalls if ms >= limit]

@@ -12,23 +12,20 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from runtime.realtime import RealtimeConfig, available_cpus, format_cpus
-from sim.eval_report import (EpisodeRecord, SamplerSummary, latency_plot, load_records, markdown_table, summarize,
+from dpstack.core.process import ChildFailed, ChildProcess
+from dpstack.runtime.realtime import RealtimeConfig, available_cpus, format_cpus
+from dpstack.sim.eval_report import (EpisodeRecord, SamplerSummary, latency_plot, load_records, markdown_table, summarize,
                              write_json_atomic)
 
 DEFAULT_SAMPLERS = ("ddpm", "ddim", "rti", "streaming")
 DEFAULT_SEED_BASE = 10_000
 OVERRUN_WARNING = 0.01  # realtime: above this share of simulator overruns, say the world ran slow
-_ENDPOINT = re.compile(r"serving .* on (tcp://\S+)")
 
 
 class EvalError(RuntimeError):
@@ -37,7 +34,7 @@ class EvalError(RuntimeError):
 
 def dpstack_command(*args: str) -> list[str]:
     """Run a dpstack subcommand with this interpreter (works without the console script on PATH)."""
-    return [sys.executable, "-m", "runtime.cli", *args]
+    return [sys.executable, "-m", "dpstack.cli", *args]
 
 
 def training_dataset(policy_dir: Path) -> Path | None:
@@ -53,7 +50,7 @@ def unseen_seed_base(dataset: Path | None, default: int = DEFAULT_SEED_BASE) -> 
     """First evaluation seed: `default`, or above every seed the dataset's collection tried."""
     if dataset is None or not Path(dataset).exists():
         return default
-    from data.replay_buffer import ReplayBuffer
+    from dpstack.data.replay_buffer import ReplayBuffer
 
     rb = ReplayBuffer.open(dataset, mode="r")
     used = int((rb.attrs.extra if rb.attrs is not None else {}).get("next_seed", 0))
@@ -128,60 +125,13 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-class _Process:
-    """A child process whose output is kept (last lines) and optionally echoed."""
+def _child(argv: list[str], name: str, env: dict[str, str], log_path: Path) -> ChildProcess:
+    """A server, arm or witness: its own process group (Ctrl-C reaches only us), every line logged."""
+    return ChildProcess(argv, name, env=env, log_path=log_path, keep=40, new_session=True)
 
-    def __init__(self, argv: list[str], name: str, env: dict[str, str], echo: Callable[[str], None] | None = None,
-                 log_path: Path | None = None) -> None:
-        self.name = name
-        self.lines: list[str] = []
-        self.endpoint: str | None = None
-        self._ready = threading.Event()
-        self._log = open(log_path, "w") if log_path else None
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                     env=env, start_new_session=True)
-        self._echo = echo
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            line = line.rstrip("\n")
-            self.lines = (self.lines + [line])[-40:]
-            if self._log:
-                self._log.write(line + "\n")
-                self._log.flush()
-            m = _ENDPOINT.search(line)
-            if m and self.endpoint is None:
-                self.endpoint = m.group(1)
-                self._ready.set()
-            if self._echo:
-                self._echo(f"  [{self.name}] {line}")
-        self._ready.set()
-
-    def wait_endpoint(self, timeout_s: float) -> str:
-        self._ready.wait(timeout_s)
-        if self.endpoint is None:
-            self.stop()
-            raise EvalError(f"{self.name} did not start serving within {timeout_s:.0f} s:\n" + "\n".join(self.lines[-20:]))
-        return self.endpoint
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(2.0)
-        if self._log:
-            self._log.close()
-            self._log = None
-
-    def failure(self) -> str:
-        return f"{self.name} exited with {self.proc.returncode}:\n" + "\n".join(self.lines[-20:])
+def _failure(p: ChildProcess) -> str:
+    return f"{p.name} exited with {p.proc.returncode}:\n" + "\n".join(p.lines[-20:])
 
 
 @dataclass(frozen=True)
@@ -217,11 +167,11 @@ def server_threads(cfg: EvalConfig, cpus: Sequence[int]) -> int:
     return 2
 
 
-def start_server(cfg: EvalConfig, sampler: str, env: dict[str, str], log_dir: Path, cpus: Sequence[int]) -> _Process:
+def start_server(cfg: EvalConfig, sampler: str, env: dict[str, str], log_dir: Path, cpus: Sequence[int]) -> ChildProcess:
     argv = dpstack_command("serve", str(cfg.policy_dir), "--sampler", sampler, "--bind", "tcp://127.0.0.1:*",
                            "--threads", str(server_threads(cfg, cpus)), *plan_cpus(cfg, cpus).server.argv(),
                            *cfg.serve_args)
-    return _Process(argv, f"serve {sampler}", env, log_path=log_dir / f"serve_{_safe(sampler)}.log")
+    return _child(argv, f"serve {sampler}", env, log_path=log_dir / f"serve_{_safe(sampler)}.log")
 
 
 def arm_argv(cfg: EvalConfig, job: _Job, endpoint: str, video_dir: Path, scheduling: RealtimeConfig = RealtimeConfig()) -> list[str]:
@@ -252,12 +202,15 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[Sample
     if len(todo) < len(jobs):
         log(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} episode jobs already done for this package")
 
-    servers: dict[str, _Process] = {}
+    servers: dict[str, ChildProcess] = {}
     witnesses = start_witnesses(cfg, out / "witness", env, log_dir) if cfg.witness and todo else []
     try:
         for s in dict.fromkeys(j.sampler for j in todo):
             servers[s] = start_server(cfg, s, env, log_dir, available_cpus())
-        endpoints = {s: p.wait_endpoint(cfg.startup_timeout_s) for s, p in servers.items()}
+        try:
+            endpoints = {s: p.wait_ready(cfg.startup_timeout_s)["endpoint"] for s, p in servers.items()}
+        except ChildFailed as e:
+            raise EvalError(str(e)) from None
         if endpoints:
             log("servers up: " + ", ".join(f"{s} at {e}" for s, e in endpoints.items()))
         if cfg.mode == "realtime":
@@ -292,15 +245,15 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[Sample
     return summaries
 
 
-def start_witnesses(cfg: EvalConfig, witness_dir: Path, env: dict[str, str], log_dir: Path) -> list[_Process]:
+def start_witnesses(cfg: EvalConfig, witness_dir: Path, env: dict[str, str], log_dir: Path) -> list[ChildProcess]:
     """A jitter witness per core, at a priority above the arms' so it sees the platform, not our load.
     Files left by an earlier run are kept: a resumed evaluation checks its old misses against them too."""
-    from runtime.jitter import one_cpu_command
+    from dpstack.runtime.jitter import one_cpu_command
 
     witness_dir.mkdir(parents=True, exist_ok=True)
     run = time.strftime("%Y%m%d-%H%M%S")
     priority = min(99, cfg.rt_priority + 1) if cfg.rt_priority else 0
-    return [_Process(one_cpu_command(c, hz=1000.0, stall_ms=2.0, priority=priority, lock_memory=bool(priority),
+    return [_child(one_cpu_command(c, hz=1000.0, stall_ms=2.0, priority=priority, lock_memory=bool(priority),
                                      out=witness_dir / f"{run}_cpu{c}.json"),
                      f"witness cpu {c}", env, log_path=log_dir / f"witness_cpu{c}.log") for c in available_cpus()]
 
@@ -322,7 +275,7 @@ def read_witness(witness_dir: Path, log: Callable[[str], None] = print) -> list[
 
 
 def _package_sha256(policy_dir: Path) -> str | None:
-    from runtime.package import sha256_file
+    from dpstack.runtime.package import sha256_file
 
     manifest = Path(policy_dir) / "manifest.json"
     return sha256_file(manifest) if manifest.exists() else None
@@ -358,12 +311,12 @@ def _finished(job: _Job) -> bool:
         return False
 
 
-def _run_jobs(cfg: EvalConfig, jobs: list[_Job], endpoints: dict[str, str], servers: Sequence[_Process],
+def _run_jobs(cfg: EvalConfig, jobs: list[_Job], endpoints: dict[str, str], servers: Sequence[ChildProcess],
               env: dict[str, str], video_dir: Path, log_dir: Path) -> None:
     from tqdm import tqdm
 
     pending = list(jobs)
-    running: list[tuple[_Job, _Process]] = []
+    running: list[tuple[_Job, ChildProcess]] = []
     slots = plan_cpus(cfg, available_cpus()).arms  # scheduling of each arm slot
     busy: dict[int, int] = {}  # id(running arm process) -> its slot
     total = sum(j.count for j in jobs)
@@ -375,7 +328,7 @@ def _run_jobs(cfg: EvalConfig, jobs: list[_Job], endpoints: dict[str, str], serv
                     name = f"sim {job.sampler} #{job.first}"
                     slot = min(set(range(cfg.workers)) - set(busy.values()))
                     argv = arm_argv(cfg, job, endpoints[job.sampler], video_dir, slots[slot])
-                    p = _Process(argv, name, env, log_path=log_dir / f"sim_{_safe(job.sampler)}_{job.first:04d}.log")
+                    p = _child(argv, name, env, log_path=log_dir / f"sim_{_safe(job.sampler)}_{job.first:04d}.log")
                     running.append((job, p))
                     busy[id(p)] = slot
                 time.sleep(0.2)
@@ -386,14 +339,14 @@ def _run_jobs(cfg: EvalConfig, jobs: list[_Job], endpoints: dict[str, str], serv
                     running.remove((job, p))
                     busy.pop(id(p))
                     if p.proc.returncode != 0 or not job.out.exists():
-                        raise EvalError(p.failure())
+                        raise EvalError(_failure(p))
                     bar.update(job.count)
                     done = json.loads(job.out.read_text())["summary"]
                     bar.write(f"{job.sampler}: episodes {job.first}-{job.first + job.count - 1}: "
                               f"success {done['success_rate']:.2f}, chunk latency p50 {done['chunk_latency_p50_ms']:.1f} ms")
                 for server in servers:
                     if server.proc.poll() is not None:
-                        raise EvalError(server.failure())
+                        raise EvalError(_failure(server))
         finally:
             for _, p in running:
                 p.stop()

@@ -21,8 +21,8 @@ import numpy as np
 def evaluate_task(task: str, seeds: range, progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from sim.env import SimEnv
-    from sim.experts import run_expert_episode
+    from dpstack.sim.env import SimEnv
+    from dpstack.sim.experts import run_expert_episode
 
     t0 = time.perf_counter()
     env = SimEnv(task, seed=None)
@@ -57,7 +57,7 @@ def evaluate_task(task: str, seeds: range, progress: bool = True) -> dict[str, A
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sim.tasks import TASKS
+    from dpstack.sim.tasks import TASKS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default="lift,can,stack", help=f"comma-separated, from {', '.join(TASKS)}")

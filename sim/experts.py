@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from sim.env import SimEnv
+from dpstack.sim.env import SimEnv
 
 OPEN, CLOSE = -1.0, 1.0
 # The gripper pointing straight down (tool z along world -z): a 180 degree turn about x.

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from runtime.spec import ActionSpec
+from dpstack.core.spec import ActionSpec
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class TaskDef:
             raise ValueError(f"task {self.name!r} has no scripted expert yet; "
                              f"tasks with one: {', '.join(n for n, t in TASKS.items() if t.expert)}")
         # Imported lazily so reading the registry costs nothing.
-        from sim import experts
+        from dpstack.sim import experts
         return getattr(experts, self.expert)
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.replay_buffer import DatasetAttrs, ReplayBuffer
-from runtime.spec import ActionSpec, ArraySpec, RobotSpec
+from dpstack.data.replay_buffer import DatasetAttrs, ReplayBuffer
+from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
 
 
 def toy_spec(with_image: bool = False) -> RobotSpec:

@@ -11,8 +11,8 @@ def run_rank(rank: int, world: int, port: int, dataset: str, out: str, overrides
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from policy.config import load_config
-    from policy.train import train
+    from dpstack.policy.config import load_config
+    from dpstack.policy.train import train
 
     result = train(load_config(None, overrides), dataset, out, progress=False)
     weights = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}

@@ -18,10 +18,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deploy.bridge import robot_spec  # noqa: E402
-from deploy.config import load_config  # noqa: E402
-from runtime.protocol import PolicyInfo  # noqa: E402
-from runtime.server import PolicyServer, ServerConfig, run_until_signalled  # noqa: E402
+from dpstack.deploy.bridge import robot_spec  # noqa: E402
+from dpstack.deploy.config import load_config  # noqa: E402
+from dpstack.runtime.protocol import PolicyInfo  # noqa: E402
+from dpstack.runtime.server import PolicyServer, ServerConfig, run_until_signalled  # noqa: E402
 
 CHUNK = 8
 
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
                       control_hz=spec.control_hz, action=spec.action)
     server = PolicyServer(lambda s: GoalPolicy(args.goal, args.gain, args.max_action, cfg.action.position_scale),
                           spec, info, ServerConfig(bind=args.bind))
-    summary = run_until_signalled(server, announce=lambda line: print(line, flush=True))
+    summary = run_until_signalled(server)
     print("summary " + json.dumps(summary, sort_keys=True), flush=True)
     return 0
 

@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.normalizer import Normalizer
-from runtime.package import DENOISER_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
-from runtime.schedule import NoiseSchedule
-from runtime.spec import ActionSpec, ArraySpec, RobotSpec
+from dpstack.core.normalizer import Normalizer
+from dpstack.runtime.package import DENOISER_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from dpstack.core.schedule import NoiseSchedule
+from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
 
 TP, TO, TA, A, C = 8, 2, 4, 3, 6
 SPEC = RobotSpec("reach", "TinyArm", 10.0, (ArraySpec("pos", (2,)), ArraySpec("vel", (2,))),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +27,7 @@ STAGES = ("collect", "train", "export", "evaluate", "report")
 
 def dpstack(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "MUJOCO_GL": "egl", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dpstack.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, **kw)
 
 
@@ -103,26 +104,17 @@ def test_rerun_skips_every_done_stage(demo):
     assert results.stat().st_mtime_ns == before
 
 
-def _serve(policy: Path, sampler: str) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", str(policy), "--sampler", sampler,
-                             "--bind", "tcp://127.0.0.1:*"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
-    for line in proc.stdout:
-        m = re.search(r"serving .* on (tcp://\S+)", line)
-        if m:
-            return proc, m.group(1)
-    proc.wait()
-    raise AssertionError("server did not start")
+def _serve(policy: Path, sampler: str) -> ServerProcess:
+    return ServerProcess(command=[sys.executable, "-m", "dpstack.cli", "serve", str(policy), "--sampler", sampler,
+                                  "--bind", "tcp://127.0.0.1:*"], ready_timeout_s=60.0).start()
 
 
 @pytest.fixture()
 def server(demo):
     out, _ = demo
-    proc, endpoint = _serve(out / "policy", "ddim-4")
-    yield endpoint
-    proc.terminate()
-    proc.wait(10)
+    server = _serve(out / "policy", "ddim-4")
+    yield server.endpoint
+    server.stop()
 
 
 def test_realtime_arm_counts_deadlines_and_latency(server, tmp_path):
@@ -165,13 +157,12 @@ def test_a_simulator_slower_than_the_period_pauses_the_world_instead_of_making_e
 @pytest.mark.parametrize("sampler", ["rti", "streaming"])
 def test_realtime_arm_replans_every_tick_and_keeps_the_look_ahead_for_late_answers(demo, tmp_path, sampler):
     out, _ = demo
-    proc, endpoint = _serve(out / "policy", sampler)
+    server = _serve(out / "policy", sampler)
     try:
-        result = dpstack("sim", "--task", "lift", "--connect", endpoint, "--mode", "realtime", "--episodes", "1",
+        result = dpstack("sim", "--task", "lift", "--connect", server.endpoint, "--mode", "realtime", "--episodes", "1",
                          "--max-steps", "30", "--seed", "20000", "--out", str(tmp_path / "rt.json"), timeout=300)
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
     assert result.returncode == 0, result.stdout + result.stderr
     e = json.loads((tmp_path / "rt.json").read_text())["episodes"][0]
     # Each chunk has the rest of the horizon but asks for a new observation after one: the arm asks

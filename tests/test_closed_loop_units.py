@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from sim.eval_cli import parse_samplers
-from sim.eval_report import EpisodeRecord, load_records, summarize, wilson_interval
-from sim.evaluate import split_jobs
-from sim.stages import Stage, StageFailed, run_stages
+from dpstack.sim.eval_cli import parse_samplers
+from dpstack.sim.eval_report import EpisodeRecord, load_records, summarize, wilson_interval
+from dpstack.sim.evaluate import split_jobs
+from dpstack.demo.stages import Stage, StageFailed, run_stages
 
 
 def test_wilson_interval_matches_known_values_and_stays_in_range():
@@ -119,9 +119,9 @@ def test_a_stage_that_leaves_no_complete_output_fails(tmp_path: Path):
 def test_evaluation_seeds_start_above_every_seed_the_collection_tried(tmp_path: Path):
     import numpy as np
 
-    from data.replay_buffer import DatasetAttrs, ReplayBuffer
-    from runtime.spec import ActionSpec, ArraySpec, RobotSpec
-    from sim.evaluate import training_dataset, unseen_seed_base
+    from dpstack.data.replay_buffer import DatasetAttrs, ReplayBuffer
+    from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
+    from dpstack.sim.evaluate import training_dataset, unseen_seed_base
 
     spec = RobotSpec("lift", "Panda", 20.0, (ArraySpec("state", (2,)),), ActionSpec(shape=(7,)))
     rb = ReplayBuffer.create(tmp_path / "d.zarr", DatasetAttrs("lift", 20.0, spec, "scripted_expert",
@@ -153,7 +153,7 @@ def test_a_stage_reports_the_peak_memory_of_its_subprocesses(tmp_path: Path):
 
 
 def test_realtime_servers_leave_the_arms_their_cores(tmp_path: Path):
-    from sim.evaluate import EvalConfig, server_threads
+    from dpstack.sim.evaluate import EvalConfig, server_threads
 
     cpus = tuple(range(8))
     cfg = lambda **kw: EvalConfig(policy_dir=tmp_path, out=tmp_path, **kw)  # noqa: E731
@@ -166,7 +166,7 @@ def test_realtime_servers_leave_the_arms_their_cores(tmp_path: Path):
 
 
 def test_realtime_eval_gives_each_arm_a_core_and_the_servers_the_rest(tmp_path: Path):
-    from sim.evaluate import EvalConfig, arm_argv, plan_cpus, split_jobs
+    from dpstack.sim.evaluate import EvalConfig, arm_argv, plan_cpus, split_jobs
 
     cfg = lambda **kw: EvalConfig(policy_dir=tmp_path, out=tmp_path, **kw)  # noqa: E731
     plan = plan_cpus(cfg(mode="realtime", workers=2), (0, 1, 4, 5))

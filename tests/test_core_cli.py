@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from runtime.cli import COMMANDS, main
+from dpstack.cli import COMMANDS, main
 
 
 def test_help_lists_the_commands_that_exist(capsys):
@@ -14,7 +14,7 @@ def test_help_lists_the_commands_that_exist(capsys):
 
 
 def test_help_does_not_import_torch_or_robosuite():
-    code = ("import sys; from runtime.cli import build_parser; build_parser(); "
+    code = ("import sys; from dpstack.cli import build_parser; build_parser(); "
             "bad = [m for m in ('torch', 'mujoco', 'robosuite') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from runtime.normalizer import Normalizer
-from runtime.schedule import NoiseSchedule
-from runtime.spec import ActionSpec, ArraySpec, RobotSpec, SpecMismatch
+from dpstack.core.normalizer import Normalizer
+from dpstack.core.schedule import NoiseSchedule
+from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec, SpecMismatch
 
 
 def make_spec(**over) -> RobotSpec:

@@ -3,9 +3,9 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 
-from data.replay_buffer import DatasetAttrs, ReplayBuffer
-from runtime.cli import main
-from runtime.spec import ActionSpec, ArraySpec, RobotSpec
+from dpstack.data.replay_buffer import DatasetAttrs, ReplayBuffer
+from dpstack.cli import main
+from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
 
 from _data_helpers import write_robomimic
 

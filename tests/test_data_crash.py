@@ -11,16 +11,16 @@ import time
 import numpy as np
 import pytest
 
-from data.replay_buffer import PartialEpisodeWarning, ReplayBuffer
+from dpstack.data.replay_buffer import PartialEpisodeWarning, ReplayBuffer
 
 # Episode e has length 20 + e and every value encodes (episode, step), so a
 # reader can check each committed episode row by row.
 WRITER = textwrap.dedent("""
     import sys, time
     import numpy as np
-    import data.replay_buffer as rbmod
-    from data.replay_buffer import ReplayBuffer, DatasetAttrs
-    from runtime.spec import RobotSpec, ArraySpec, ActionSpec
+    import dpstack.data.replay_buffer as rbmod
+    from dpstack.data.replay_buffer import ReplayBuffer, DatasetAttrs
+    from dpstack.core.spec import RobotSpec, ArraySpec, ActionSpec
 
     def episode(e):
         T = 20 + e

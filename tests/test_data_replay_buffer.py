@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import zarr
 
-from data.replay_buffer import DatasetAttrs, DatasetError, PartialEpisodeWarning, ReplayBuffer
-from runtime.spec import ActionSpec, ArraySpec, RobotSpec
+from dpstack.data.replay_buffer import DatasetAttrs, DatasetError, PartialEpisodeWarning, ReplayBuffer
+from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
 
 
 def make_attrs(hz=20.0):

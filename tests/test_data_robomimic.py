@@ -3,8 +3,8 @@ import h5py
 import numpy as np
 import pytest
 
-from data.replay_buffer import DatasetError, ReplayBuffer
-from data.robomimic import convert_robomimic
+from dpstack.data.replay_buffer import DatasetError, ReplayBuffer
+from dpstack.data.robomimic import convert_robomimic
 
 from _data_helpers import LENGTHS, write_robomimic
 

@@ -3,7 +3,7 @@ window crossing an episode boundary, and batch() agreeing with __getitem__."""
 import numpy as np
 import pytest
 
-from data.windows import SequenceWindows
+from dpstack.data.windows import SequenceWindows
 
 
 def _arrays(lengths):

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import zmq
 
-from deploy import keys_cli
-from runtime import auth
-from runtime.protocol import Hello, HelloAck, decode, encode
-from runtime.server import InsecureBind, PolicyServer, ServerConfig, check_bind
-from runtime.testing import ECHO_SPEC, EchoPolicy, echo_info
+from dpstack.deploy import keys_cli
+from dpstack.runtime import auth
+from dpstack.runtime.protocol import Hello, HelloAck, decode, encode
+from dpstack.runtime.server import InsecureBind, PolicyServer, ServerConfig, check_bind
+from echo_server import ECHO_SPEC, EchoPolicy, echo_info
 
 
 @pytest.fixture()
@@ -122,8 +122,8 @@ def test_a_world_readable_secret_is_refused(tmp_path):
 
 
 def test_policy_client_with_curve_keys_gets_a_session_and_chunks(curve_server, keys):
-    from runtime.client import PolicyClient
-    from runtime.testing import echo_observation
+    from dpstack.runtime.client import PolicyClient
+    from echo_server import echo_observation
 
     server, ctx = curve_server
     server_dir, robot_dir = keys
@@ -145,13 +145,13 @@ def test_dpstack_serve_with_keys_serves_only_listed_robots(tmp_path, keys):
     """`dpstack serve PKG --keys DIR` in a real process (tiny hand-built ONNX package)."""
     import sys
 
-    from runtime.client import PolicyClient
+    from dpstack.runtime.client import PolicyClient
     from runtime_tiny_package import SPEC, write_tiny_package
     from server_process import ServerProcess
 
     server_dir, robot_dir = keys
     pkg = write_tiny_package(tmp_path / "tiny")
-    cmd = [sys.executable, "-m", "runtime.cli", "serve", str(pkg), "--bind", "tcp://127.0.0.1:*",
+    cmd = [sys.executable, "-m", "dpstack.cli", "serve", str(pkg), "--bind", "tcp://127.0.0.1:*",
            "--keys", str(server_dir), "--sampler", "ddim-2"]
     with ServerProcess(command=cmd) as server:
         listed = PolicyClient(server.endpoint, SPEC, "arm1", timeout_s=1.0,

@@ -12,14 +12,14 @@ import time
 import numpy as np
 import pytest
 
-from deploy import rotations as R
-from deploy.bridge import Bridge, action_to_target, robot_spec
-from deploy.cameras import TimedBuffer
-from deploy.config import load_config
-from deploy.drivers.base import Pose
-from deploy.drivers.mujoco_arm import MujocoArm
-from deploy.estop import send
-from runtime.client import PolicyClient
+from dpstack.deploy import rotations as R
+from dpstack.deploy.bridge import Bridge, action_to_target, robot_spec
+from dpstack.deploy.cameras import TimedBuffer
+from dpstack.deploy.config import load_config
+from dpstack.deploy.drivers.base import Pose
+from dpstack.deploy.drivers.mujoco_arm import MujocoArm
+from dpstack.deploy.estop import send
+from dpstack.runtime.client import PolicyClient
 from server_process import ServerProcess
 
 GOAL = np.array([0.62, 0.08, 0.15])

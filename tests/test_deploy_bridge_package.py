@@ -17,10 +17,10 @@ import sys
 import numpy as np
 import pytest
 
-from data.replay_buffer import DatasetAttrs, ReplayBuffer
-from deploy import rotations as R
-from deploy.bridge import robot_spec
-from runtime import cli
+from dpstack.data.replay_buffer import DatasetAttrs, ReplayBuffer
+from dpstack.deploy import rotations as R
+from dpstack.deploy.bridge import robot_spec
+from dpstack import cli
 from server_process import ServerProcess
 from test_deploy_bridge import Trace, make_bridge, sim_config
 
@@ -70,7 +70,7 @@ def package(tmp_path_factory):
 
 def test_bridge_runs_an_exported_package_and_holds_when_its_server_is_killed(package):
     cfg = sim_config()
-    server = ServerProcess(command=[sys.executable, "-m", "runtime.cli", "serve", str(package), "--sampler",
+    server = ServerProcess(command=[sys.executable, "-m", "dpstack.cli", "serve", str(package), "--sampler",
                                     "streaming", "--bind", f"tcp://127.0.0.1:{free_port()}"],
                            ready_timeout_s=60.0).start()
     bridge, client = make_bridge(cfg, server.endpoint)

@@ -5,8 +5,8 @@ import sys
 import pytest
 import yaml
 
-from deploy.bridge import robot_spec
-from deploy.config import CONFIG_DIR, ConfigError, load_config
+from dpstack.deploy.bridge import robot_spec
+from dpstack.deploy.config import CONFIG_DIR, ConfigError, load_config
 
 
 @pytest.mark.parametrize("name", ["sim", "ur5e", "franka"])
@@ -49,8 +49,9 @@ def test_yaml_cannot_execute_code(tmp_path):
 
 
 def test_deploy_never_imports_torch_mujoco_or_robosuite():
-    code = ("import sys, deploy.bridge, deploy.bridge_cli, deploy.keys_cli, deploy.safety, deploy.bench_servo, "
-            "deploy.drivers.ur_rtde, deploy.drivers.franky, deploy.drivers.mujoco_arm, deploy.cameras, runtime.auth; "
+    code = ("import sys, dpstack.deploy.bridge, dpstack.deploy.bridge_cli, dpstack.deploy.keys_cli, dpstack.deploy.safety, "
+            "dpstack.deploy.bench_servo, dpstack.deploy.drivers.ur_rtde, dpstack.deploy.drivers.franky, "
+            "dpstack.deploy.drivers.mujoco_arm, dpstack.deploy.cameras, dpstack.runtime.auth; "
             "bad = [m for m in ('torch', 'mujoco', 'robosuite', 'cv2', 'rtde_control', 'franky') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -60,7 +61,7 @@ def test_deploy_never_imports_torch_mujoco_or_robosuite():
 def test_bridge_cli_dry_run_on_the_sim_config_end_to_end(tmp_path):
     """`dpstack bridge --config sim --dry-run` as a user runs it (no policy server: it holds)."""
     out = tmp_path / "summary.json"
-    r = subprocess.run([sys.executable, "-m", "runtime.cli", "bridge", "--config", "sim", "--dry-run", "--duration", "1.5",
+    r = subprocess.run([sys.executable, "-m", "dpstack.cli", "bridge", "--config", "sim", "--dry-run", "--duration", "1.5",
                         "--endpoint", "tcp://127.0.0.1:1", "--summary", str(out)],
                        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr

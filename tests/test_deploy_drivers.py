@@ -12,11 +12,11 @@ import types
 import numpy as np
 import pytest
 
-from deploy import rotations as R
-from deploy.config import DriverConfig, FrankyOptions, MujocoArmOptions, UrRtdeOptions
-from deploy.drivers.base import ArmDriver, Pose
-from deploy.drivers.franky import FrankyDriver
-from deploy.drivers.ur_rtde import URRtdeDriver
+from dpstack.deploy import rotations as R
+from dpstack.deploy.config import DriverConfig, FrankyOptions, MujocoArmOptions, UrRtdeOptions
+from dpstack.deploy.drivers.base import ArmDriver, Pose
+from dpstack.deploy.drivers.franky import FrankyDriver
+from dpstack.deploy.drivers.ur_rtde import URRtdeDriver
 
 
 # ------------------------------------------------------------------ fake ur_rtde
@@ -222,13 +222,13 @@ def test_franky_driver_sets_dynamics_and_streams_absolute_async_cartesian_motion
 # ------------------------------------------------------------------ MujocoArm: a real process
 @pytest.mark.parametrize("servo_hz", [125, 500])
 def test_mujoco_arm_process_tracks_a_servo_target_and_reports_timestamped_state(servo_hz):
-    from deploy.drivers.mujoco_arm import MujocoArm
+    from dpstack.deploy.drivers.mujoco_arm import MujocoArm
 
     cfg = DriverConfig(kind="mujoco", servo_hz=servo_hz, mujoco=MujocoArmOptions(bandwidth_hz=8.0, command_latency_s=0.004))
     drv = MujocoArm(cfg)
     info = drv.connect()
     try:
-        assert drv.process.poll() is None and info.joint_lower.shape == (7,)
+        assert drv.process.alive() and info.joint_lower.shape == (7,)
         s0 = drv.read_state()
         goal = s0.pose.position + np.array([0.03, -0.02, 0.04])
         stamps, errs = [], []

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from deploy import rotations as R
-from deploy.interpolate import PoseTrajectory, Waypoint
+from dpstack.deploy import rotations as R
+from dpstack.deploy.interpolate import PoseTrajectory, Waypoint
 
 
 def about(axis, angle):

@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from deploy import rotations as R
-from deploy.config import SafetyConfig
-from deploy.drivers.base import ArmState, DriverInfo, Pose
-from deploy.estop import EStop, EStopServer, install_signal, send
-from deploy.safety import SafeCommand, SafetyLayer
+from dpstack.deploy import rotations as R
+from dpstack.deploy.config import SafetyConfig
+from dpstack.deploy.drivers.base import ArmState, DriverInfo, Pose
+from dpstack.deploy.estop import EStop, EStopServer, install_signal, send
+from dpstack.deploy.safety import SafeCommand, SafetyLayer
 
 SERVO_HZ = 500.0
 DT = 1.0 / SERVO_HZ

@@ -8,16 +8,16 @@ import onnx
 import pytest
 import torch
 
-from policy.checkpoint import build_payload, save_checkpoint
-from policy.config import Config, PolicyConfig
-from policy.export import ExportError, verify_package
-from policy.model import DiffusionPolicyModel
-from policy.quantize import QUANT_TOLERANCE
-from runtime.cli import main as dpstack
-from runtime.normalizer import Normalizer
-from runtime.package import SessionOptions, load_package
-from runtime.policy import PolicyRunner
-from runtime.spec import ActionSpec, ArraySpec, RobotSpec
+from dpstack.policy.checkpoint import build_payload, save_checkpoint
+from dpstack.policy.config import Config, PolicyConfig
+from dpstack.policy.export import ExportError, verify_package
+from dpstack.policy.model import DiffusionPolicyModel
+from dpstack.policy.quantize import QUANT_TOLERANCE
+from dpstack.cli import main as dpstack
+from dpstack.core.normalizer import Normalizer
+from dpstack.runtime.package import SessionOptions, load_package
+from dpstack.runtime.policy import PolicyRunner
+from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
 
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 

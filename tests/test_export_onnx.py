@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from policy.checkpoint import build_payload, save_checkpoint
-from policy.config import Config, PolicyConfig
-from policy.export import ExportError, export_model, verify_package
-from policy.model import DiffusionPolicyModel
-from policy.torch_callables import torch_callables
-from runtime.cli import main as dpstack
-from runtime.normalizer import Normalizer
-from runtime.package import PackageError, SessionOptions, load_package
-from runtime.policy import PolicyRunner
-from runtime.spec import ActionSpec, ArraySpec, RobotSpec
+from dpstack.policy.checkpoint import build_payload, save_checkpoint
+from dpstack.policy.config import Config, PolicyConfig
+from dpstack.policy.export import ExportError, export_model, verify_package
+from dpstack.policy.model import DiffusionPolicyModel
+from dpstack.policy.torch_callables import torch_callables
+from dpstack.cli import main as dpstack
+from dpstack.core.normalizer import Normalizer
+from dpstack.runtime.package import PackageError, SessionOptions, load_package
+from dpstack.runtime.policy import PolicyRunner
+from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
 
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
@@ -125,7 +125,7 @@ def test_verify_on_a_machine_without_torch(exported):
     """A robot computer has no torch: --verify still checks hashes and onnx self-consistency."""
     _, _, out = exported
     code = ("import sys; sys.modules['torch'] = None\n"
-            "from runtime.cli import main\n"
+            "from dpstack.cli import main\n"
             f"sys.exit(main(['export', '--verify', {str(out)!r}]))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

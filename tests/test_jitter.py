@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.jitter import WakeLog, main, one_cpu_command, stalled_during, summarize, wake_loop
+from dpstack.core.process import parse_ready
+from dpstack.runtime.jitter import WakeLog, main, one_cpu_command, stalled_during, summarize, wake_loop
 
 
 def test_wake_loop_keeps_its_grid_and_reports_lateness():
@@ -48,7 +49,7 @@ def test_a_witness_stopped_from_outside_records_the_stall_when_it_happened(tmp_p
     cpu = min(os.sched_getaffinity(0))
     proc = subprocess.Popen(one_cpu_command(cpu, hz=500.0, stall_ms=2.0, out=out), stdout=subprocess.PIPE, text=True)
     try:
-        assert json.loads(proc.stdout.readline()) == {"ready": True}
+        assert parse_ready(proc.stdout.readline()) == {"ready": True}
         time.sleep(0.2)
         # What a hypervisor does to a VM: the process loses its core for 150 ms.
         stopped = time.monotonic()
@@ -84,7 +85,7 @@ def test_bench_jitter_measures_each_core_and_writes_json(tmp_path: Path, capsys)
 
 
 def test_eval_witness_is_refused_in_lockstep(tmp_path: Path):
-    from sim.evaluate import EvalConfig
+    from dpstack.sim.evaluate import EvalConfig
 
     with pytest.raises(ValueError, match="witness"):
         EvalConfig(policy_dir=tmp_path, out=tmp_path, mode="lockstep", witness=True)
@@ -99,7 +100,7 @@ def test_one_cpu_command_asks_for_the_core_and_priority():
 
 
 def test_an_unreadable_witness_file_is_named_and_left_out(tmp_path: Path):
-    from sim.evaluate import read_witness, witness_stalls
+    from dpstack.sim.evaluate import read_witness, witness_stalls
 
     (tmp_path / "run_cpu0.json").write_text(json.dumps({"cpu": "0", "stalls": [[5.0, 30.0]], "slowdowns": [[9.0, 6.0, 7.0]]}))
     (tmp_path / "run_cpu1.json").write_text('{"cpu": "1", "stal')  # cut off mid-write

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from _policy_data import bimodal_dataset, one_thread  # noqa: F401  (fixture)
-from policy.checkpoint import load_checkpoint
-from policy.config import load_config
-from policy.torch_callables import torch_callables
-from policy.train import CKPT_NAME, train
-from runtime.samplers import sample_full
+from dpstack.policy.checkpoint import load_checkpoint
+from dpstack.policy.config import load_config
+from dpstack.policy.torch_callables import torch_callables
+from dpstack.policy.train import CKPT_NAME, train
+from dpstack.runtime.samplers import sample_full
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

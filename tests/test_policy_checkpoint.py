@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from _policy_data import bimodal_dataset, one_thread  # noqa: F401  (fixture)
-from policy.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
-from policy.config import load_config
-from policy.torch_callables import torch_callables
-from policy.train import CKPT_NAME, METRICS_NAME, train
+from dpstack.policy.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from dpstack.policy.config import load_config
+from dpstack.policy.torch_callables import torch_callables
+from dpstack.policy.train import CKPT_NAME, METRICS_NAME, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["policy.preset=test", "policy.regime_plain=0.5", "policy.regime_ladder=0.5", "policy.ladder_rungs=15",
@@ -115,7 +115,7 @@ def test_damaged_checkpoints_are_refused(toy, tmp_path):
 @pytest.mark.slow
 def test_sigint_saves_a_resumable_checkpoint(toy, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "policy.train_cli", "--config", "lift_state_small", "--dataset", str(toy),
+    cmd = [sys.executable, "-m", "dpstack.policy.train_cli", "--config", "lift_state_small", "--dataset", str(toy),
            "--out", str(out), "--no-progress", "--set", *FAST, "policy.obs_keys=[pos]", "train.steps=100000",
            "train.log_every=1", "train.ckpt_every=100000"]
     env = dict(os.environ, OMP_NUM_THREADS="1")

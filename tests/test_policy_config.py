@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from policy.config import CONFIG_DIR, ConfigError, load_config
+from dpstack.policy.config import CONFIG_DIR, ConfigError, load_config
 
 
 def test_every_shipped_config_loads_and_validates():

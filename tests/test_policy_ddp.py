@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 
 from _policy_data import bimodal_dataset
 from _policy_ddp_worker import run_rank
-from policy.checkpoint import read_checkpoint
+from dpstack.policy.checkpoint import read_checkpoint
 
 
 def free_port() -> int:

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from policy.nets.export_form import ExpMish, MatMulConv1d, export_form
-from policy.nets.unet import ConditionalUnet1D
+from dpstack.policy.nets.export_form import ExpMish, MatMulConv1d, export_form
+from dpstack.policy.nets.unet import ConditionalUnet1D
 
 
 @pytest.mark.parametrize("c_in,c_out,k,stride,pad,t", [

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from runtime.ladder import ladder_levels, rung_gap, rungs_for_action_steps
+from dpstack.core.ladder import ladder_levels, rung_gap, rungs_for_action_steps
 
 
 def test_sdp_reference_example():

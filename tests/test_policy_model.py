@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from _policy_data import one_thread, toy_spec  # noqa: F401  (fixture)
-from policy.config import PolicyConfig
-from policy.dataset import fit_normalizer, prepare
-from policy.model import DiffusionPolicyModel
-from policy.regimes import sample_levels
-from runtime.normalizer import Normalizer
+from dpstack.policy.config import PolicyConfig
+from dpstack.policy.dataset import fit_normalizer, prepare
+from dpstack.policy.model import DiffusionPolicyModel
+from dpstack.policy.regimes import sample_levels
+from dpstack.core.normalizer import Normalizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

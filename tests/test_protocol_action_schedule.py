@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.action_schedule import ActionMode, ActionSchedule
-from runtime.protocol import ActionReply, ProtocolError
-from runtime.spec import ActionSpec
+from dpstack.runtime.action_schedule import ActionMode, ActionSchedule
+from dpstack.runtime.protocol import ActionReply, ProtocolError
+from dpstack.core.spec import ActionSpec
 
 SPEC = ActionSpec(shape=(3,), gripper_dims=(2,))
 DT = 0.1

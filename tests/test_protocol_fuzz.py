@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 
-from runtime.protocol import MESSAGE_TYPES, ProtocolError, decode, encode
+from dpstack.runtime.protocol import MESSAGE_TYPES, ProtocolError, decode, encode
 from test_protocol_messages import all_messages
 
 

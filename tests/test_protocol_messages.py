@@ -5,10 +5,10 @@ import msgpack
 import numpy as np
 import pytest
 
-from runtime.protocol import (ALLOWED_DTYPES, PROTOCOL_VERSION, ActionReply, Bye, Error, ErrorCode, Heartbeat,
+from dpstack.runtime.protocol import (ALLOWED_DTYPES, PROTOCOL_VERSION, ActionReply, Bye, Error, ErrorCode, Heartbeat,
                               HeartbeatAck, Hello, HelloAck, Limits, Observation, PolicyInfo, ProtocolError,
                               Reset, ResetAck, Stats, StatsRequest, check_actions, check_arrays, decode, encode)
-from runtime.testing import ECHO_SPEC, echo_info, echo_observation
+from echo_server import ECHO_SPEC, echo_info, echo_observation
 
 
 def _same(a, b) -> None:

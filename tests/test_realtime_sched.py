@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from runtime.realtime import RealtimeConfig, parse_cpus
+from dpstack.runtime.realtime import RealtimeConfig, parse_cpus
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux scheduling interfaces")
 
@@ -44,7 +44,7 @@ def test_pinning_applies_to_the_process_and_the_threads_it_starts_later():
     cpu = max(os.sched_getaffinity(0))
     got = _child(f"""
         import json, os, threading
-        from runtime.realtime import RealtimeConfig, apply_realtime, current_scheduling
+        from dpstack.runtime.realtime import RealtimeConfig, apply_realtime, current_scheduling
         apply_realtime(RealtimeConfig(cpus=({cpu},)))
         seen = {{}}
         t = threading.Thread(target=lambda: seen.update(cpus=sorted(os.sched_getaffinity(0))))
@@ -57,7 +57,7 @@ def test_pinning_applies_to_the_process_and_the_threads_it_starts_later():
 def test_a_cpu_the_process_may_not_use_is_a_clear_error():
     got = _child("""
         import json
-        from runtime.realtime import RealtimeConfig, RealtimeError, apply_realtime
+        from dpstack.runtime.realtime import RealtimeConfig, RealtimeError, apply_realtime
         try:
             apply_realtime(RealtimeConfig(cpus=(4095,)))
             print(json.dumps({"error": None}))
@@ -70,7 +70,7 @@ def test_a_cpu_the_process_may_not_use_is_a_clear_error():
 def test_fifo_priority_is_applied_or_refused_with_what_to_change():
     got = _child("""
         import json
-        from runtime.realtime import RealtimeConfig, RealtimeError, apply_realtime, current_scheduling
+        from dpstack.runtime.realtime import RealtimeConfig, RealtimeError, apply_realtime, current_scheduling
         try:
             apply_realtime(RealtimeConfig(priority=10))
             print(json.dumps({"error": None, **current_scheduling()}))
@@ -84,7 +84,7 @@ def test_fifo_priority_is_applied_or_refused_with_what_to_change():
 
 
 def test_cli_refuses_bad_scheduling_options_before_doing_anything(capsys):
-    from runtime.cli import main
+    from dpstack.cli import main
 
     assert main(["sim", "--cpus", "4095", "--connect", "tcp://127.0.0.1:1"]) == 2
     assert "4095" in capsys.readouterr().err
@@ -96,7 +96,7 @@ def test_stall_probe_sees_the_loop_wait_behind_a_busy_process_on_its_core():
     cpu = max(os.sched_getaffinity(0))
     got = _child(f"""
         import json, os, subprocess, sys, time
-        from runtime.realtime import RealtimeConfig, StallProbe, apply_realtime
+        from dpstack.runtime.realtime import RealtimeConfig, StallProbe, apply_realtime
         apply_realtime(RealtimeConfig(cpus=({cpu},)))
         probe = StallProbe()
         def spin(s):

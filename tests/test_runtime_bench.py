@@ -3,7 +3,7 @@ import json
 import sys
 import types
 
-from runtime.cli import main as dpstack
+from dpstack.cli import main as dpstack
 
 
 def test_bench_latency_writes_records_and_targets(tmp_path, capsys):
@@ -29,8 +29,8 @@ def test_bench_latency_writes_records_and_targets(tmp_path, capsys):
 
 def test_bench_train_hands_over_to_the_policy_benchmark(monkeypatch):
     seen = []
-    fake = types.ModuleType("policy.bench_train")
+    fake = types.ModuleType("dpstack.policy.bench_train")
     fake.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "policy.bench_train", fake)
+    monkeypatch.setitem(sys.modules, "dpstack.policy.bench_train", fake)
     assert dpstack(["bench", "train", "--quick", "--out", "x.json"]) == 0
     assert seen == [["--quick", "--out", "x.json"]]

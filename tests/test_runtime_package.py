@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-from runtime.package import PackageError, SessionOptions, load_package
-from runtime.policy import PolicyRunner
-from runtime.spec import ArraySpec, SpecMismatch
+from dpstack.runtime.package import PackageError, SessionOptions, load_package
+from dpstack.runtime.policy import PolicyRunner
+from dpstack.core.spec import ArraySpec, SpecMismatch
 from runtime_tiny_package import SPEC, TA, TO, TP, write_tiny_package
 
 
@@ -133,8 +133,8 @@ def test_bad_observations_are_refused_with_the_key(pkg_dir, bad, match):
 def test_importing_runtime_never_imports_torch():
     code = """
 import importlib, pkgutil, sys
-import runtime
-names = [m.name for m in pkgutil.walk_packages(runtime.__path__, "runtime.")]
+import dpstack.runtime
+names = [m.name for m in pkgutil.walk_packages(dpstack.runtime.__path__, "dpstack.runtime.")]
 for n in names:
     importlib.import_module(n)
 bad = sorted(m for m in ("torch", "mujoco", "robosuite") if m in sys.modules)

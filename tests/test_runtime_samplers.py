@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from runtime.samplers import sample_full
-from runtime.schedule import NoiseSchedule
+from dpstack.runtime.samplers import sample_full
+from dpstack.core.schedule import NoiseSchedule
 
 
 def gaussian_target_denoiser(schedule: NoiseSchedule, mu: np.ndarray, sigma: float):
@@ -85,8 +85,8 @@ def test_same_seed_same_sample_and_bad_levels_refused():
 
 # -- streaming ladder ---------------------------------------------------------------------
 
-from runtime.ladder import ladder_levels, rung_gap  # noqa: E402
-from runtime.samplers import (ChunkGeometry, RTISampler, SamplerConfig, StreamingSampler, TrainedRegimes,  # noqa: E402
+from dpstack.core.ladder import ladder_levels, rung_gap  # noqa: E402
+from dpstack.runtime.samplers import (ChunkGeometry, RTISampler, SamplerConfig, StreamingSampler, TrainedRegimes,  # noqa: E402
                               advance_ladder, build_sampler, shift_chunk)
 
 

@@ -8,16 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.client import PolicyClient
-from runtime.package import load_package
-from runtime.policy import PolicyRunner
-from runtime.protocol import ActionReply
-from runtime.spec import RobotSpec
+from dpstack.runtime.client import PolicyClient
+from dpstack.runtime.package import load_package
+from dpstack.runtime.policy import PolicyRunner
+from dpstack.runtime.protocol import ActionReply
+from dpstack.core.spec import RobotSpec
 from server_process import ServerProcess
 
 
 def serve(policy_dir: Path, sampler: str) -> ServerProcess:
-    return ServerProcess(command=[sys.executable, "-m", "runtime.cli", "serve", str(policy_dir),
+    return ServerProcess(command=[sys.executable, "-m", "dpstack.cli", "serve", str(policy_dir),
                                  "--bind", "tcp://127.0.0.1:*", "--sampler", sampler, "--threads", "1"])
 
 
@@ -72,7 +72,7 @@ def test_serve_tiny_onnx_package(tmp_path, sampler) -> None:
 def test_serve_refuses_a_package_that_is_not_one(tmp_path) -> None:
     import subprocess
 
-    p = subprocess.run([sys.executable, "-m", "runtime.cli", "serve", str(tmp_path), "--bind", "tcp://127.0.0.1:*"],
+    p = subprocess.run([sys.executable, "-m", "dpstack.cli", "serve", str(tmp_path), "--bind", "tcp://127.0.0.1:*"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "manifest.json" in p.stderr
 
@@ -80,13 +80,13 @@ def test_serve_refuses_a_package_that_is_not_one(tmp_path) -> None:
 @pytest.mark.slow  # torch export of a small model: ~30 s on 2 shared cores
 def test_serve_a_torch_exported_package(tmp_path) -> None:
     pytest.importorskip("torch")
-    export = pytest.importorskip("policy.export", reason="policy export not available")
+    export = pytest.importorskip("dpstack.policy.export", reason="policy export not available")
     import torch
 
-    from policy.config import PolicyConfig
-    from policy.model import DiffusionPolicyModel
-    from runtime.normalizer import Normalizer
-    from runtime.spec import ActionSpec, ArraySpec
+    from dpstack.policy.config import PolicyConfig
+    from dpstack.policy.model import DiffusionPolicyModel
+    from dpstack.core.normalizer import Normalizer
+    from dpstack.core.spec import ActionSpec, ArraySpec
 
     spec = RobotSpec("lift", "Panda", 20.0, (ArraySpec("eef_pos", (3,)), ArraySpec("object", (5,))),
                      ActionSpec(shape=(7,), gripper_dims=(6,), low=(-1,) * 7, high=(1,) * 7))

@@ -7,9 +7,9 @@ import time
 
 import numpy as np
 
-from runtime.action_schedule import ActionSchedule, Decision
-from runtime.client import ClientState, PolicyClient
-from runtime.testing import ECHO_CHUNK, ECHO_SPEC, echo_observation
+from dpstack.runtime.action_schedule import ActionSchedule, Decision
+from dpstack.runtime.client import ClientState, PolicyClient
+from echo_server import ECHO_CHUNK, ECHO_SPEC, echo_observation
 from server_process import ServerProcess
 
 DT = 1.0 / ECHO_SPEC.control_hz

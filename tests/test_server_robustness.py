@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import zmq
 
-from runtime.client import PolicyClient
-from runtime.protocol import (ActionReply, Error, ErrorCode, Hello, Observation, decode, encode)
-from runtime.testing import ECHO_SPEC, EchoPolicy, echo_observation
+from dpstack.runtime.client import PolicyClient
+from dpstack.runtime.protocol import (ActionReply, Error, ErrorCode, Hello, Observation, decode, encode)
+from echo_server import ECHO_SPEC, EchoPolicy, echo_observation
 from server_process import ServerProcess
 
 
@@ -113,7 +113,7 @@ def test_observation_without_session_and_spec_mismatch(server) -> None:
     assert isinstance(reply, Error) and reply.code == ErrorCode.NO_SESSION.value
     other = ECHO_SPEC.to_dict()
     other["observations"][0]["shape"] = [6]
-    from runtime.spec import RobotSpec
+    from dpstack.core.spec import RobotSpec
     reply = ask(sock, encode(Hello("wrong", RobotSpec.from_dict(other))))
     assert isinstance(reply, Error) and reply.code == ErrorCode.SPEC_MISMATCH.value and "state" in reply.message
     sock.close()

@@ -4,9 +4,9 @@ import pytest
 
 pytest.importorskip("robosuite")
 
-from data.replay_buffer import ReplayBuffer  # noqa: E402
-from runtime.cli import main  # noqa: E402
-from sim.env import SimEnv  # noqa: E402
+from dpstack.data.replay_buffer import ReplayBuffer  # noqa: E402
+from dpstack.cli import main  # noqa: E402
+from dpstack.sim.env import SimEnv  # noqa: E402
 
 
 def _seeds_per_episode(rb):
@@ -42,7 +42,7 @@ def test_collect_with_workers_then_resume(tmp_path, capsys):
     assert data["action"].shape == (rb.n_steps, 7)
 
     # The stored episode is exactly what the env + expert produce for that seed.
-    from sim.experts import run_expert_episode
+    from dpstack.sim.experts import run_expert_episode
     env = SimEnv("lift", seed=None)
     try:
         ep = run_expert_episode(env, seeds[3])

@@ -4,8 +4,8 @@ import pytest
 
 pytest.importorskip("robosuite")
 
-from sim.env import SimEnv  # noqa: E402
-from sim.tasks import TASKS  # noqa: E402
+from dpstack.sim.env import SimEnv  # noqa: E402
+from dpstack.sim.tasks import TASKS  # noqa: E402
 
 STATE_TASKS = ["lift", "can", "stack", "square"]
 

@@ -4,8 +4,8 @@ import pytest
 
 pytest.importorskip("robosuite")
 
-from sim.env import SimEnv  # noqa: E402
-from sim.experts import run_expert_episode  # noqa: E402
+from dpstack.sim.env import SimEnv  # noqa: E402
+from dpstack.sim.experts import run_expert_episode  # noqa: E402
 
 # (task, seeds, longest acceptable episode): a handful of seeds keeps this quick.
 CASES = [("lift", (100, 101, 102, 103), 100), ("can", (100, 101, 102), 250), ("stack", (100, 101, 102), 200)]

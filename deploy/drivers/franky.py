@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from deploy.config import DriverConfig
-from deploy.drivers.base import ArmState, DriverInfo, Pose
+from dpstack.deploy.config import DriverConfig
+from dpstack.deploy.drivers.base import ArmState, DriverInfo, Pose
 
 
 def _import_sdk() -> Any:

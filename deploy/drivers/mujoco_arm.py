@@ -6,23 +6,19 @@ commands go out fire-and-forget, stop asks the controller to brake and hold.
 The process runs the physics at the servo rate with command latency, sensor
 noise and limited tracking bandwidth, so hardware-in-the-loop tests and dry
 runs exercise the same timing paths as a real arm. deploy/ never imports
-mujoco: the process is started as `python -m sim.arm_process`.
+mujoco: the process is started as `python -m dpstack.sim.arm_process`.
 """
 from __future__ import annotations
 
-import json
-import os
-import selectors
 import subprocess
-import sys
-import time
 
 import numpy as np
 import zmq
 
-from deploy.config import DriverConfig
-from deploy.drivers.base import ArmState, DriverInfo, Pose
-from runtime import arm_link
+from dpstack.core.process import ChildFailed, ChildProcess
+from dpstack.deploy.config import DriverConfig
+from dpstack.deploy.drivers.base import ArmState, DriverInfo, Pose
+from dpstack.runtime import arm_link
 
 
 class MujocoArm:
@@ -30,7 +26,7 @@ class MujocoArm:
         self.cfg = cfg
         self.opts = cfg.mujoco
         self.start_timeout_s = start_timeout_s
-        self.process: subprocess.Popen | None = None
+        self.process: ChildProcess | None = None
         self._ctx = zmq.Context.instance()
         self._cmd: zmq.Socket | None = None
         self._sub: zmq.Socket | None = None
@@ -40,28 +36,17 @@ class MujocoArm:
     # ---------------------------------------------------------------- lifecycle
     def _spawn(self) -> dict:
         o = self.opts
-        cmd = [sys.executable, "-m", "sim.arm_process", "--servo-hz", str(self.cfg.servo_hz),
-               "--command-latency", str(o.command_latency_s), "--position-noise", str(o.position_noise),
-               "--rotation-noise", str(o.rotation_noise), "--bandwidth-hz", str(o.bandwidth_hz),
-               "--seed", str(o.seed)]
+        args = ["--servo-hz", str(self.cfg.servo_hz), "--command-latency", str(o.command_latency_s),
+                "--position-noise", str(o.position_noise), "--rotation-noise", str(o.rotation_noise),
+                "--bandwidth-hz", str(o.bandwidth_hz), "--seed", str(o.seed)]
         if o.initial_joints:
-            cmd += ["--initial-joints", *map(str, o.initial_joints)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-        sel = selectors.DefaultSelector()
-        sel.register(self.process.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + self.start_timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"sim.arm_process exited with code {self.process.returncode} before it was ready")
-            if sel.select(0.1):
-                line = self.process.stdout.readline()
-                if line.startswith("{"):
-                    info = json.loads(line)
-                    if info.get("ready"):
-                        return info
-        self.process.kill()
-        raise TimeoutError(f"sim.arm_process not ready within {self.start_timeout_s} s")
+            args += ["--initial-joints", *map(str, o.initial_joints)]
+        self.process = ChildProcess.python("dpstack.sim.arm_process", *args, name="simulated arm process")
+        try:
+            return self.process.wait_ready(self.start_timeout_s)
+        except ChildFailed as e:
+            self.process = None
+            raise RuntimeError(str(e)) from None
 
     def connect(self) -> DriverInfo:
         """Start sim/arm_process.py (free loopback ports) and connect to it."""
@@ -89,12 +74,10 @@ class MujocoArm:
                 pass
         if self.process is not None:
             try:
-                self.process.wait(timeout=3.0)
+                self.process.proc.wait(timeout=3.0)  # it quits on its own after QUIT
             except subprocess.TimeoutExpired:
-                self.process.terminate()
-                self.process.wait(timeout=3.0)
-            if self.process.stdout:
-                self.process.stdout.close()
+                pass
+            self.process.stop(timeout_s=3.0)
             self.process = None
         for s in (self._cmd, self._sub):
             if s is not None:

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from deploy import rotations
-from deploy.config import DriverConfig
-from deploy.drivers.base import ArmState, DriverInfo, Pose
+from dpstack.deploy import rotations
+from dpstack.deploy.config import DriverConfig
+from dpstack.deploy.drivers.base import ArmState, DriverInfo, Pose
 
 
 def _import_sdk() -> tuple[Any, Any, Any]:

@@ -11,9 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from runtime.ladder import ladder_levels, rungs_for_action_steps  # noqa: E402
-from runtime.samplers import ChunkGeometry, StreamingSampler  # noqa: E402
-from runtime.schedule import NoiseSchedule  # noqa: E402
+from dpstack.core.ladder import ladder_levels, rungs_for_action_steps  # noqa: E402
+from dpstack.runtime.samplers import ChunkGeometry, StreamingSampler  # noqa: E402
+from dpstack.core.schedule import NoiseSchedule  # noqa: E402
 
 
 def main() -> None:

@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace) -> DemoSettings:
     from dataclasses import replace
 
-    from sim.eval_cli import parse_samplers
+    from dpstack.sim.eval_cli import parse_samplers
 
     s = DemoSettings.quick() if args.quick else DemoSettings()
     over = {}
@@ -92,8 +92,8 @@ def settings_from(args: argparse.Namespace) -> DemoSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sim.demo import Demo
-    from sim.stages import StageFailed
+    from dpstack.demo.pipeline import Demo
+    from dpstack.demo.stages import StageFailed
 
     try:
         settings = settings_from(args)

@@ -21,17 +21,17 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "collect": Command("sim.collect_cli", "collect demonstrations with a scripted expert in simulation", "sim"),
-    "data": Command("data.cli", "inspect, convert and render demonstration datasets", "data"),
-    "train": Command("policy.train_cli", "train a diffusion policy on a dataset", "train"),
-    "export": Command("policy.export_cli", "export a checkpoint to an ONNX policy package", "train"),
-    "serve": Command("runtime.serve_cli", "serve a policy package over ZeroMQ", "runtime"),
-    "sim": Command("sim.arm_cli", "run a simulated arm against a policy server", "sim"),
-    "eval": Command("sim.eval_cli", "closed-loop evaluation of a policy package", "sim"),
-    "bench": Command("runtime.bench_cli", "benchmarks: sampler latency, training throughput, transport, servo jitter", "train"),
-    "bridge": Command("deploy.bridge_cli", "run the real-robot bridge", "deploy"),
-    "keys": Command("deploy.keys_cli", "generate CurveZMQ keys for authenticated links", "deploy"),
-    "demo": Command("sim.demo_cli", "end-to-end demo: collect, train, export, serve, evaluate", "all"),
+    "collect": Command("dpstack.sim.collect_cli", "collect demonstrations with a scripted expert in simulation", "sim"),
+    "data": Command("dpstack.data.cli", "inspect, convert and render demonstration datasets", "data"),
+    "train": Command("dpstack.policy.train_cli", "train a diffusion policy on a dataset", "train"),
+    "export": Command("dpstack.policy.export_cli", "export a checkpoint to an ONNX policy package", "train"),
+    "serve": Command("dpstack.runtime.serve_cli", "serve a policy package over ZeroMQ", "runtime"),
+    "sim": Command("dpstack.sim.arm_cli", "run a simulated arm against a policy server", "sim"),
+    "eval": Command("dpstack.sim.eval_cli", "closed-loop evaluation of a policy package", "sim"),
+    "bench": Command("dpstack.bench_cli", "benchmarks: sampler latency, training throughput, transport, servo jitter", "train"),
+    "bridge": Command("dpstack.deploy.bridge_cli", "run the real-robot bridge", "deploy"),
+    "keys": Command("dpstack.deploy.keys_cli", "generate CurveZMQ keys for authenticated links", "deploy"),
+    "demo": Command("dpstack.demo.cli", "end-to-end demo: collect, train, export, serve, evaluate", "all"),
 }
 
 

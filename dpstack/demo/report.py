@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sim.eval_report import SamplerSummary, markdown_table
+from dpstack.sim.eval_report import SamplerSummary, markdown_table
 
 
 def _summaries(results: dict[str, Any]) -> list[SamplerSummary]:

@@ -11,11 +11,11 @@ import importlib
 import sys
 
 BENCHES: dict[str, tuple[str, str]] = {
-    "latency": ("policy.bench_latency", "per-control-step latency of every sampler, onnxruntime vs torch eager"),
-    "train": ("policy.bench_train", "training throughput in samples per second"),
-    "transport": ("runtime.bench_transport", "ZeroMQ round trip through a separate server process"),
-    "jitter": ("runtime.jitter", "how late this computer wakes a sleeping thread, per core (cyclictest)"),
-    "servo": ("deploy.bench_servo", "servo-loop jitter at 125/500 Hz and bridge observation-to-command latency"),
+    "latency": ("dpstack.policy.bench_latency", "per-control-step latency of every sampler, onnxruntime vs torch eager"),
+    "train": ("dpstack.policy.bench_train", "training throughput in samples per second"),
+    "transport": ("dpstack.runtime.bench_transport", "ZeroMQ round trip through a separate server process"),
+    "jitter": ("dpstack.runtime.jitter", "how late this computer wakes a sleeping thread, per core (cyclictest)"),
+    "servo": ("dpstack.deploy.bench_servo", "servo-loop jitter at 125/500 Hz and bridge observation-to-command latency"),
 }
 
 

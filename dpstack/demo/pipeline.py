@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from sim.evaluate import DEFAULT_SEED_BASE, EvalConfig, dpstack_command, run_eval, unseen_seed_base
-from sim.stages import Stage, run_stages
+from dpstack.sim.evaluate import DEFAULT_SEED_BASE, EvalConfig, dpstack_command, run_eval, unseen_seed_base
+from dpstack.demo.stages import Stage, run_stages
 
 CKPT_NAME = "last.pt"      # what `dpstack train` writes in its --out folder
 LOSS_PLOT = "loss.png"
@@ -26,7 +26,7 @@ MANIFEST = "manifest.json"
 
 
 def _sha256(path: Path) -> str:
-    from runtime.package import sha256_file
+    from dpstack.runtime.package import sha256_file
     return sha256_file(path)
 
 
@@ -98,7 +98,7 @@ class Demo:
     def collect_done(self) -> bool:
         if not self.dataset.exists():
             return False
-        from data.replay_buffer import ReplayBuffer
+        from dpstack.data.replay_buffer import ReplayBuffer
         try:
             return ReplayBuffer.open(self.dataset, mode="r").n_episodes >= self.s.episodes
         except Exception:
@@ -112,7 +112,7 @@ class Demo:
     def checkpoint_step(self) -> int:
         if not self.checkpoint.exists():
             return -1
-        from policy.checkpoint import read_checkpoint  # orchestration reads the step; no inference here
+        from dpstack.policy.checkpoint import read_checkpoint  # orchestration reads the step; no inference here
         try:
             return int(read_checkpoint(self.checkpoint)["step"])
         except Exception:
@@ -143,7 +143,7 @@ class Demo:
         manifest = self.policy / MANIFEST
         if not manifest.exists() or not self.checkpoint.exists():
             return False
-        from runtime.package import PackageError, read_manifest, verify_files
+        from dpstack.runtime.package import PackageError, read_manifest, verify_files
         try:
             m = read_manifest(self.policy)
             verify_files(self.policy, m)
@@ -183,5 +183,5 @@ class Demo:
         return report.exists() and results.exists() and report.stat().st_mtime >= results.stat().st_mtime
 
     def report(self) -> None:
-        from sim.report import write_report
+        from dpstack.demo.report import write_report
         write_report(self)

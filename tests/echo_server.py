@@ -3,9 +3,10 @@ tests and for measuring the transport alone. Not a real policy: `EchoPolicy`
 computes its chunk from the observation, its step counter and its seed with
 plain numpy, so a test can predict every reply exactly.
 
-    python -m runtime.testing --bind tcp://127.0.0.1:* [--delay-ms 5]
+    python tests/echo_server.py --bind tcp://127.0.0.1:* [--delay-ms 5]
 
-prints "serving ... on ENDPOINT" once bound and serves until SIGINT/SIGTERM.
+prints the ready line {"ready": true, "endpoint": ...} once bound and serves
+until SIGINT/SIGTERM.
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.protocol import PolicyInfo
-from runtime.spec import ActionSpec, ArraySpec, RobotSpec
+from dpstack.runtime.protocol import PolicyInfo
+from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
 
 def echo_spec(image_hw: int = 8, cameras: int = 1) -> RobotSpec:
     """A state vector plus `cameras` uint8 images (the first is called "image")."""
@@ -80,7 +81,7 @@ def echo_observation(rng: np.random.Generator, spec: RobotSpec = ECHO_SPEC) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runtime.server import InsecureBind, PolicyServer, ServerConfig, run_until_signalled
+    from dpstack.runtime.server import InsecureBind, PolicyServer, ServerConfig, run_until_signalled
 
     p = argparse.ArgumentParser(description="serve the TEST EchoPolicy (protocol/server tests only)")
     p.add_argument("--bind", default="tcp://127.0.0.1:*")
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except InsecureBind as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = run_until_signalled(server, announce=lambda line: print(line, flush=True))
+    summary = run_until_signalled(server)
     print("summary " + json.dumps(summary, sort_keys=True), flush=True)
     return 0
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from sim.peak_memory import PeakMemory
+from dpstack.demo.peak_memory import PeakMemory
 
 
 @dataclass(frozen=True)
