@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--robot-id", default=None, help="name this robot gives the server (default: the YAML's name)")
     p.add_argument("--out", dest="summary", default=None, metavar="FILE", help="also write the run summary as JSON here")
     p.add_argument("--summary", dest="summary", help=argparse.SUPPRESS)  # the old spelling
-    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (connections, chunks, holds)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level, not only warnings and errors")
     realtime.add_arguments(p)
 
 

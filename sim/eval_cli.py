@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="first episode seed (default: 10000, or above the seeds --dataset's collection used)")
     parser.add_argument("--dataset", type=Path, default=None, help="training dataset, to keep evaluation seeds unseen (default: the one the package's manifest names)")
     parser.add_argument("--max-steps", type=int, default=None, help="episode length limit (default: the task's)")
-    parser.add_argument("--threads", dest="server_threads", type=int, default=0,
+    parser.add_argument("--threads", dest="server_threads", type=int, default=0, metavar="N",
                         help="onnxruntime threads per policy server, as `dpstack serve --threads` "
                              "(default: realtime, the cores the arms leave free; lockstep, 2)")
     parser.add_argument("--server-threads", dest="server_threads", type=int, help=argparse.SUPPRESS)  # the old spelling
