@@ -19,7 +19,7 @@ EPILOG = """examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    sub = parser.add_subparsers(dest="data_action", metavar="ACTION", required=True)
+    sub = parser.add_subparsers(dest="data_action", metavar="ACTION", required=True, help="one of:")
 
     p = sub.add_parser("info", help="print episodes, keys, shapes, per-key statistics and attrs",
                        description="Summarise a dataset (zarr directory or .zarr.zip in Diffusion Policy's "

@@ -78,12 +78,17 @@ def _start_zero_server(out: Path):
     return zero_server.start(robot_spec(_config(125)), out.with_suffix(".spec.json"))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpstack bench servo", description=__doc__.split("\n")[0])
-    p.add_argument("--seconds", type=float, default=5.0, help="per measurement")
-    p.add_argument("--rates", type=float, nargs="+", default=[125.0, 500.0])
-    p.add_argument("--out", default="out/bench_servo.json")
-    args = p.parse_args(argv)
+    p.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement (default %(default)s)")
+    p.add_argument("--rates", type=float, nargs="+", default=[125.0, 500.0], metavar="HZ",
+                   help="servo rates to measure (default 125 500)")
+    p.add_argument("--out", default="out/bench_servo.json", help="JSON file to write (default %(default)s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     import os
 
     results: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),

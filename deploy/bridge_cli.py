@@ -1,9 +1,9 @@
 """`dpstack bridge --config deploy/configs/<robot>.yaml`: run the real-robot bridge.
 
     dpstack bridge --config sim --dry-run --duration 10     # compute everything, command nothing
-    dpstack bridge --config ur5e --endpoint tcp://gpu-box:5555
+    dpstack bridge --config ur5e --connect tcp://gpu-box:5555
 E-stop: `kill -USR1 <pid>`, 'e' or space + Enter on the terminal, or
-`python -m deploy.estop tcp://127.0.0.1:5599 estop`; reset with 'r' or `... reset`.
+`python -m dpstack.deploy.estop tcp://127.0.0.1:5599 estop`; reset with 'r' or `... reset`.
 """
 from __future__ import annotations
 
@@ -18,12 +18,15 @@ from dpstack.runtime import realtime
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="robot YAML (path, or a name in deploy/configs: sim, ur5e, franka)")
-    p.add_argument("--endpoint", default=None, help="policy server endpoint (overrides the YAML)")
+    p.add_argument("--connect", dest="endpoint", default=None, metavar="ENDPOINT",
+                   help="policy server endpoint to dial (overrides the YAML's policy.endpoint)")
+    p.add_argument("--endpoint", dest="endpoint", help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--dry-run", action="store_true", help="compute everything, command nothing (logs what it would send)")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: the YAML's, 0 = until stopped)")
     p.add_argument("--robot-id", default=None, help="name this robot gives the server (default: the YAML's name)")
-    p.add_argument("--summary", default=None, help="also write the run summary as JSON here")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--out", dest="summary", default=None, metavar="FILE", help="also write the run summary as JSON here")
+    p.add_argument("--summary", dest="summary", help=argparse.SUPPRESS)  # the old spelling
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level, not only warnings and errors")
     realtime.add_arguments(p)
 
 

@@ -4,7 +4,7 @@ Once latched it stays latched until an explicit `reset()` (the bridge calls
 it from the 'r' key or a `reset` message on the e-stop socket). This is a
 software stop on top of, never instead of, the arm's hardware e-stop.
 
-Send from a shell:  python -m deploy.estop tcp://127.0.0.1:5599 estop|reset|status
+Send from a shell:  python -m dpstack.deploy.estop tcp://127.0.0.1:5599 estop|reset|status
 """
 from __future__ import annotations
 
@@ -150,9 +150,9 @@ def send(endpoint: str, command: str, timeout_s: float = 2.0) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deploy.estop", description="send an e-stop command to a running bridge")
-    p.add_argument("endpoint")
-    p.add_argument("command", choices=["estop", "reset", "status"])
+    p = argparse.ArgumentParser(prog="python -m dpstack.deploy.estop", description="send an e-stop command to a running bridge")
+    p.add_argument("endpoint", help="the bridge's safety.estop_endpoint, e.g. tcp://127.0.0.1:5599")
+    p.add_argument("command", choices=["estop", "reset", "status"], help="stop the arm, clear a stop, or ask its state")
     args = p.parse_args(argv)
     t0 = time.monotonic()
     print(send(args.endpoint, args.command), f"({(time.monotonic() - t0) * 1000:.1f} ms)")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    sub = parser.add_subparsers(dest="keys_command", metavar="ACTION", required=True, help="one of:")
     g = sub.add_parser("generate", help="write NAME.key and NAME.key_secret")
     g.add_argument("--out", required=True, help="directory for the key files")
     g.add_argument("--name", required=True, help="key name, e.g. server or the robot's name")

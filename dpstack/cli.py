@@ -12,6 +12,8 @@ import importlib
 import sys
 from dataclasses import dataclass
 
+from dpstack import __version__
+
 
 @dataclass(frozen=True)
 class Command:
@@ -35,13 +37,31 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+def _install_hint(command: str, missing: str | None, extra: str) -> str:
+    return f"dpstack {command}: missing module {missing!r}; install it with: pip install 'dpstack[{extra}]'"
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """Stands in for a command whose module cannot be imported: it stays in --help and, when run,
+    says which extra to install."""
+    message: str
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.description = self.message
+
+    def run(self, args: argparse.Namespace) -> int:
+        print(self.message, file=sys.stderr)
+        return 3
+
+
 def _load(name: str):
+    """The command's module, or an Unavailable naming the extra that brings what it lacks."""
+    cmd = COMMANDS[name]
     try:
-        return importlib.import_module(COMMANDS[name].module)
+        return importlib.import_module(cmd.module)
     except ModuleNotFoundError as e:
-        if e.name and COMMANDS[name].module.startswith(e.name):
-            return None  # not built yet
-        raise
+        return Unavailable(_install_hint(name, e.name, cmd.extra))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,12 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dpstack",
         description="dpstack: datasets, training, ONNX runtime, simulation and deployment for robot diffusion policies.",
         epilog="Run `dpstack COMMAND --help` for the options of one command.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"dpstack {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help="the command to run:")
     for name, cmd in COMMANDS.items():
         module = _load(name)
-        if module is None:
-            continue
-        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        unavailable = f" (unavailable: pip install 'dpstack[{cmd.extra}]')" if isinstance(module, Unavailable) else ""
+        p = sub.add_parser(name, help=cmd.help + unavailable, description=cmd.help)
         module.add_arguments(p)
         p.set_defaults(_module=module, _extra=cmd.extra)
     return parser
@@ -62,15 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not isinstance(getattr(args, "_module", None), Unavailable):  # it takes any options
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2
     try:
         return int(args._module.run(args) or 0)
     except ModuleNotFoundError as e:
-        print(f"dpstack {args.command}: missing dependency {e.name!r}; "
-              f"install it with: pip install 'dpstack[{args._extra}]'", file=sys.stderr)
+        print(_install_hint(args.command, e.name, args._extra), file=sys.stderr)
         return 3
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stderr.close()

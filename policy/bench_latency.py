@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--models", default=DEFAULT_MODELS, help=f"comma list of {sorted(MODELS)} (default {DEFAULT_MODELS})")
     lat.add_argument("--package", action="append", default=[], help="time an exported package dir instead (onnx only); repeatable")
     lat.add_argument("--samplers", default=DEFAULT_SAMPLERS,
-                     help="semicolon or comma list: ddpm-N, ddim-N, rti-K1,K2,.., streaming-E (default %(default)s)")
+                     help="comma-separated samplers as `dpstack serve --sampler` takes them: ddpm-N, ddim-N, "
+                          "rti (= rti-renoise-20,8,0), rti[-renoise]-K1,K2,.., streaming-E; a bare number continues "
+                          "the rti list before it (default %(default)s)")
     lat.add_argument("--backends", default="onnx,torch", help="onnx and/or torch (default %(default)s)")
     lat.add_argument("--steps", type=int, default=500, help="control steps timed per (model, sampler, backend)")
     lat.add_argument("--max-seconds", type=float, default=60.0,
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--threads", type=int, default=2, help="intra-op threads for onnxruntime and torch (default 2)")
     lat.add_argument("--no-spin", action="store_true",
                      help="onnxruntime threads do not spin-wait (better on an oversubscribed machine)")
-    lat.add_argument("--seed", type=int, default=0)
+    lat.add_argument("--seed", type=int, default=0, help="seed of the random weights, observations and samplers (default 0)")
     return lat
 
 
@@ -229,8 +231,9 @@ def run_latency(args: argparse.Namespace) -> int:
     import tempfile
 
     from dpstack.runtime.package import SessionOptions, load_package
+    from dpstack.runtime.samplers import split_sampler_names
 
-    samplers = split_samplers(args.samplers)
+    samplers = split_sampler_names(args.samplers)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     for b in backends:
         if b not in ("onnx", "torch"):
@@ -313,18 +316,3 @@ def run_latency(args: argparse.Namespace) -> int:
     print(table)
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
-
-
-def split_samplers(text: str) -> list[str]:
-    """'ddpm-100,ddim-10,rti-3,1,0,streaming-1' -> names (commas inside rti's list kept)."""
-    if ";" in text:
-        return [s.strip() for s in text.split(";") if s.strip()]
-    out: list[str] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        if part.lstrip("-").isdigit() and out and out[-1].startswith("rti"):
-            out[-1] += "," + part
-        else:
-            out.append(part)
-    return out

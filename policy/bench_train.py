@@ -1,6 +1,6 @@
 """Training throughput benchmark: samples/second for the U-Net presets on state observations.
 
-    python -m policy.bench_train [--presets small dp] [--batch 256] [--steps 20] [--warmup 3] [--json out.json]
+    dpstack bench train [--presets small dp] [--batch 256] [--steps 20] [--warmup 3] [--out out.json]
 
 Runs the real training step (encoder + denoiser forward, masked loss, backward, grad
 clipping, AdamW, EMA) on a synthetic Lift-shaped batch (state obs 2 x 19, action 7,
@@ -67,12 +67,13 @@ def bench_preset(preset: str, model_kind: str, batch: int, steps: int, warmup: i
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--presets", nargs="+", default=["small", "dp"], help="U-Net presets to measure")
     parser.add_argument("--transformer", action="store_true", help="also measure the transformer (dp preset)")
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=256, help="samples per training step (default 256)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per preset (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per preset first (default 3)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
-    parser.add_argument("--json", type=Path, default=Path("out/bench_train.json"), help="where to write results")
+    parser.add_argument("--out", type=Path, default=Path("out/bench_train.json"), help="JSON file to write (default %(default)s)")
+    parser.add_argument("--json", type=Path, dest="out", help=argparse.SUPPRESS)  # the old spelling
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,16 +97,20 @@ def run(args: argparse.Namespace) -> int:
               "cuda": torch.cuda.get_device_name(0) if device.startswith("cuda") else None, "results": rows}
     if rows and len(rows) > 1:
         result["ratio_first_to_last"] = rows[0]["samples_per_s"] / rows[-1]["samples_per_s"]
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.json}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpstack bench train", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

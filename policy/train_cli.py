@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt at its step")
     parser.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
                         help="override config values, e.g. --set train.steps=500 policy.preset=dp")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument("--quiet", dest="no_progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument("--no-progress", dest="no_progress", action="store_true", help=argparse.SUPPRESS)  # the old spelling
 
 
 def run(args: argparse.Namespace) -> int:

@@ -70,11 +70,15 @@ def measure(image_hw: int, cameras: int, steps: int, warmup: int = 50) -> dict:
             "server_compute_ms_median": stats.get("compute_ms", {}).get("median")}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpstack bench transport", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--out", default="out/bench_transport.json")
-    args = p.parse_args(argv)
+    p.add_argument("--steps", type=int, default=2000, help="round trips timed per payload (default %(default)s)")
+    p.add_argument("--out", default="out/bench_transport.json", help="JSON file to write (default %(default)s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     results = {}
     for name, (hw, cams) in PAYLOADS.items():
         r = measure(hw, cams, args.steps)

@@ -159,7 +159,7 @@ def one_cpu_command(cpu: int, hz: float, stall_ms: float, seconds: float = 0.0, 
             "--stall-ms", str(stall_ms), *sched.argv(), *(["--out", str(out)] if out else [])]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpstack bench jitter", description=__doc__.split("\n\n")[0])
     p.add_argument("--hz", type=float, default=1000.0, help="wake-ups per second (default 1000)")
     p.add_argument("--seconds", type=float, default=10.0, help="how long to measure (0: until SIGTERM or Ctrl-C)")
@@ -167,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a single measuring process
     realtime.add_arguments(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.one:
         return _one_cpu(args)
     try:

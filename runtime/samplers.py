@@ -439,6 +439,22 @@ class SamplerConfig:
         return cfg
 
 
+def split_sampler_names(text: str) -> tuple[str, ...]:
+    """A --samplers list: 'ddim-10,rti-3,1,0,streaming-1' -> ('ddim-10', 'rti-3,1,0', 'streaming-1').
+
+    Commas separate names and a bare number continues the rti refinement list before
+    it; semicolons separate names too ('ddim-10;rti-3,1,0')."""
+    out: list[str] = []
+    for part in (p.strip() for p in text.replace(";", ",").split(",")):
+        if not part:
+            continue
+        if part.isdigit() and out and out[-1].startswith("rti"):
+            out[-1] += "," + part
+        else:
+            out.append(part)
+    return tuple(out)
+
+
 @dataclass
 class TrainedRegimes:
     """What the model saw in training (from the manifest), which some samplers need."""

@@ -27,10 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-key", default="server", help="name of the server's key pair in --keys DIR (default: server)")
     p.add_argument("--session-timeout", type=float, default=30.0, help="drop a robot's session after this many idle seconds")
     p.add_argument("--stats-interval", type=float, default=30.0, help="log server metrics every this many seconds")
-    p.add_argument("--max-sessions", type=int, default=32)
+    p.add_argument("--max-sessions", type=int, default=32, help="robots served at once (default %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     p.add_argument("--providers", default="", help="comma-separated onnxruntime providers (default: TensorRT>CUDA>CPU)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (every module, not only sessions and stats)")
     realtime.add_arguments(p)
 
 

@@ -25,10 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="lockstep: wait for every reply (exact evaluation); realtime: step on the wall clock")
     parser.add_argument("--hz", type=float, default=None,
                         help="realtime wall-clock rate (default: the task's control rate; lower = slow motion)")
-    parser.add_argument("--episodes", type=int, default=1)
+    parser.add_argument("--episodes", type=int, default=1, help="episodes to run (default 1)")
     parser.add_argument("--seed", type=int, default=10_000, help="episode i uses seed + i")
     parser.add_argument("--max-steps", type=int, default=None, help="episode length limit (default: the task's)")
-    parser.add_argument("--robot-id", default="sim-arm")
+    parser.add_argument("--robot-id", default="sim-arm", help="name this arm gives the server (default: sim-arm)")
     parser.add_argument("--cameras", default="", help="comma-separated cameras the policy observes (image policies)")
     parser.add_argument("--reply-timeout", type=float, default=30.0, help="seconds before a missing reply fails the run")
     parser.add_argument("--action-deadline", type=float, default=0.8,
@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fresh-deadline", type=float, default=0.5,
                         help="realtime: fraction of the period to wait for a replan (RTI) chunk before running the look-ahead")
     parser.add_argument("--video", type=int, default=0, metavar="N", help="record the first N episodes to MP4")
-    parser.add_argument("--video-dir", type=Path, default=None)
+    parser.add_argument("--video-dir", type=Path, default=None,
+                        help="where the MP4s go (default: videos/ next to --out, else ./videos)")
     parser.add_argument("--out", type=Path, default=None, help="write the episode records here (JSON)")
     parser.add_argument("--quiet", action="store_true", help="no per-episode lines")
     realtime.add_arguments(parser)

@@ -11,7 +11,7 @@ null-space posture), so the arm moves like a real servo-controlled arm:
   (like the RTDE watchdog), and `stop` decelerates and holds.
 The driver talks to it over runtime/arm_link.py (PUB state, PULL commands).
 
-    python -m sim.arm_process --servo-hz 500
+    python -m dpstack.sim.arm_process --servo-hz 500
 prints one JSON line {"ready": true, "command": ..., "state": ..., ...} once serving.
 """
 from __future__ import annotations
@@ -250,8 +250,8 @@ class ArmController:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sim.arm_process", description=__doc__.split("\n")[0])
-    p.add_argument("--servo-hz", type=float, default=500.0)
+    p = argparse.ArgumentParser(prog="python -m dpstack.sim.arm_process", description=__doc__.split("\n")[0])
+    p.add_argument("--servo-hz", type=float, default=500.0, help="controller rate (default %(default)s)")
     p.add_argument("--command", default="tcp://127.0.0.1:*", help="endpoint to bind for commands (PULL)")
     p.add_argument("--state", default="tcp://127.0.0.1:*", help="endpoint to bind for state (PUB)")
     p.add_argument("--command-latency", type=float, default=0.004, help="seconds before a command takes effect")
@@ -259,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rotation-noise", type=float, default=0.001, help="sensor noise std, radians")
     p.add_argument("--bandwidth-hz", type=float, default=8.0, help="target filter bandwidth")
     p.add_argument("--command-timeout", type=float, default=0.1, help="controller watchdog: stop after this long without servo")
-    p.add_argument("--initial-joints", type=float, nargs=7, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--initial-joints", type=float, nargs=7, default=None, metavar="RAD",
+                   help="seven joint angles to start from (default: the robot's home pose)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sensor noise (default 0)")
     args = p.parse_args(argv)
     if args.servo_hz <= 0 or args.bandwidth_hz <= 0:
         p.error("--servo-hz and --bandwidth-hz must be positive")

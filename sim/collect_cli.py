@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated cameras to record, e.g. agentview,robot0_eye_in_hand (default: state only)")
     parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="square image size in pixels")
     parser.add_argument("--seed", type=int, default=0, help="first seed of a new dataset (a resumed one continues)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)  # the old spelling
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     cfg = CollectConfig(task=args.task, episodes=args.episodes, out=args.out, workers=args.workers,
                         keep_failed=args.keep_failed, cameras=cameras, image_size=args.image_size,
-                        seed=args.seed, progress=not args.no_progress)
+                        seed=args.seed, progress=not args.quiet)
     try:
         result = collect(cfg)
     except ValueError as e:

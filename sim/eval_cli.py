@@ -15,18 +15,21 @@ import argparse
 import sys
 from pathlib import Path
 
+from dpstack.runtime.samplers import split_sampler_names
+
 DEFAULT_SAMPLERS = "ddpm,ddim,rti,streaming"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("policy_dir", type=Path, help="exported policy package (dpstack export)")
-    parser.add_argument("--task", default="lift")
+    parser.add_argument("--task", default="lift", help="registered task (default: lift)")
     parser.add_argument("--episodes", type=int, default=50, help="episodes per sampler")
     parser.add_argument("--samplers", default=DEFAULT_SAMPLERS,
                         help="comma-separated samplers as `dpstack serve --sampler` takes them (ddpm, ddim-10, rti-3,1,0, "
-                             "streaming-1); a bare number continues the previous sampler's step list")
+                             "streaming-1); a bare number continues the rti list before it (default %(default)s)")
     parser.add_argument("--out", type=Path, required=True, help="results directory")
-    parser.add_argument("--mode", choices=("lockstep", "realtime"), default="lockstep")
+    parser.add_argument("--mode", choices=("lockstep", "realtime"), default="lockstep",
+                        help="lockstep: the world waits for every reply (deterministic); realtime: a wall clock at --hz")
     parser.add_argument("--hz", type=float, default=None, help="realtime wall-clock rate (default: the task's)")
     parser.add_argument("--workers", type=int, default=2, help="simulated arms running at once")
     parser.add_argument("--video", type=int, default=0, metavar="N", help="MP4s of the first N episodes per sampler")
@@ -34,8 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="first episode seed (default: 10000, or above the seeds --dataset's collection used)")
     parser.add_argument("--dataset", type=Path, default=None, help="training dataset, to keep evaluation seeds unseen (default: the one the package's manifest names)")
     parser.add_argument("--max-steps", type=int, default=None, help="episode length limit (default: the task's)")
-    parser.add_argument("--server-threads", type=int, default=0,
-                        help="onnxruntime threads per policy server (default: realtime, the cores the arms leave free; lockstep, 2)")
+    parser.add_argument("--threads", dest="server_threads", type=int, default=0, metavar="N",
+                        help="onnxruntime threads per policy server, as `dpstack serve --threads` "
+                             "(default: realtime, the cores the arms leave free; lockstep, 2)")
+    parser.add_argument("--server-threads", dest="server_threads", type=int, help=argparse.SUPPRESS)  # the old spelling
     parser.add_argument("--no-pin", dest="pin", action="store_false",
                         help="realtime: do not give each arm a core of its own and the servers the rest "
                              "(pinning needs more cores than --workers)")
@@ -45,19 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rt-priority", type=int, default=0, metavar="N",
                         help="realtime: run arms and servers at SCHED_FIFO priority N with locked memory "
                              "(needs CAP_SYS_NICE; default: off)")
-
-
-def parse_samplers(text: str) -> tuple[str, ...]:
-    """'ddpm,ddim,rti-3,1,0' -> ('ddpm', 'ddim', 'rti-3,1,0'): a bare number continues the sampler before it."""
-    out: list[str] = []
-    for part in (p.strip() for p in text.replace(";", ",").split(",")):
-        if not part:
-            continue
-        if part.isdigit() and out:
-            out[-1] += "," + part
-        else:
-            out.append(part)
-    return tuple(out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         dataset = args.dataset or training_dataset(args.policy_dir)
         seed = args.seed if args.seed is not None else unseen_seed_base(dataset)
         cfg = EvalConfig(policy_dir=args.policy_dir, out=args.out, task=args.task, episodes=args.episodes,
-                         samplers=parse_samplers(args.samplers), mode=args.mode, hz=args.hz, workers=args.workers,
+                         samplers=split_sampler_names(args.samplers), mode=args.mode, hz=args.hz, workers=args.workers,
                          video=args.video, seed_base=seed, max_steps=args.max_steps, server_threads=args.server_threads,
                          pin=args.pin, rt_priority=args.rt_priority,
                          witness=args.witness)

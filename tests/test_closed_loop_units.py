@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from dpstack.sim.eval_cli import parse_samplers
 from dpstack.sim.eval_report import EpisodeRecord, load_records, summarize, wilson_interval
 from dpstack.sim.evaluate import split_jobs
 from dpstack.demo.stages import Stage, StageFailed, run_stages
@@ -70,11 +69,6 @@ def test_jobs_cover_every_episode_once_per_sampler(tmp_path: Path):
         assert sum(j.video for j in mine) == 2 and mine[0].first == 0 and mine[0].video == 2
     assert len({j.out for j in jobs}) == len(jobs)
     assert all("," not in j.out.parent.name for j in jobs)  # file names stay plain
-
-
-def test_sampler_lists_keep_refinement_steps_together():
-    assert parse_samplers("ddpm,ddim,rti,streaming") == ("ddpm", "ddim", "rti", "streaming")
-    assert parse_samplers("ddim-10, rti-3,1,0 ,streaming-2") == ("ddim-10", "rti-3,1,0", "streaming-2")
 
 
 class _Outputs:

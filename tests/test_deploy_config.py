@@ -62,7 +62,7 @@ def test_bridge_cli_dry_run_on_the_sim_config_end_to_end(tmp_path):
     """`dpstack bridge --config sim --dry-run` as a user runs it (no policy server: it holds)."""
     out = tmp_path / "summary.json"
     r = subprocess.run([sys.executable, "-m", "dpstack.cli", "bridge", "--config", "sim", "--dry-run", "--duration", "1.5",
-                        "--endpoint", "tcp://127.0.0.1:1", "--summary", str(out)],
+                        "--connect", "tcp://127.0.0.1:1", "--out", str(out)],
                        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     import json

@@ -280,3 +280,14 @@ def test_sampler_config_parse_and_build():
     assert st.n_rungs == 15 and st.evals_per_step == 2 and st.actions_per_call == 1
     with pytest.raises(ValueError, match="cannot parse"):
         SamplerConfig.parse("euler-3")
+
+
+def test_sampler_lists_split_one_way_for_every_command():
+    """eval, demo and bench latency read --samplers with this one rule."""
+    from dpstack.runtime.samplers import split_sampler_names
+
+    assert split_sampler_names("ddpm,ddim,rti,streaming") == ("ddpm", "ddim", "rti", "streaming")
+    assert split_sampler_names("ddim-10, rti-3,1,0 ,streaming-2") == ("ddim-10", "rti-3,1,0", "streaming-2")
+    assert split_sampler_names("ddim-2;rti-3,1,0;streaming-1") == ("ddim-2", "rti-3,1,0", "streaming-1")
+    assert split_sampler_names("rti-renoise-20,8,0,ddim-10") == ("rti-renoise-20,8,0", "ddim-10")
+    assert split_sampler_names("ddim,10") == ("ddim", "10")  # only rti takes a list; '10' is refused where it is parsed

@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace) -> DemoSettings:
     from dataclasses import replace
 
-    from dpstack.sim.eval_cli import parse_samplers
+    from dpstack.runtime.samplers import split_sampler_names
 
     s = DemoSettings.quick() if args.quick else DemoSettings()
     over = {}
@@ -81,7 +81,7 @@ def settings_from(args: argparse.Namespace) -> DemoSettings:
     if args.eval_episodes is not None:
         over["eval_episodes"] = args.eval_episodes
     if args.samplers:
-        over["samplers"] = parse_samplers(args.samplers)
+        over["samplers"] = split_sampler_names(args.samplers)
     if args.workers is not None:
         over["workers"] = args.workers
     s = replace(s, **over)
