@@ -24,17 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _stats(values_s) -> dict[str, float]:
-    a = np.abs(np.asarray(values_s, dtype=np.float64)) * 1e3
-    if a.size == 0:
-        return {}
-    return {"p50_ms": float(np.median(a)), "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max()), "n": int(a.size)}
+from dpstack.core.stats import Summary, format_ms, summarize_ms
 
 
-def bare_loop(hz: float, seconds: float) -> dict:
+def period_error(ticks, hz: float) -> Summary:
+    """|measured period - nominal| of consecutive ticks (s), summarised in ms."""
+    return summarize_ms(np.abs(np.diff(np.asarray(ticks, dtype=np.float64)) - 1.0 / hz), scale=1e3)
+
+
+def bare_loop(hz: float, seconds: float) -> Summary:
     from dpstack.runtime.jitter import wake_loop
-    return _stats(np.diff(wake_loop(hz, seconds).wakeups) - 1.0 / hz)
+    return period_error(wake_loop(hz, seconds).wakeups, hz)
 
 
 def _config(hz: float):
@@ -66,7 +66,7 @@ def bridge_loop(hz: float, seconds: float, endpoint: str | None = None) -> dict:
         bridge.close()
         if client is not None:
             client.close()
-    return {"period_error": _stats(np.diff(ticks) - 1.0 / hz), "loop_work": summary["loop_work"],
+    return {"period_error": period_error(ticks, hz), "loop_work": summary["loop_work"],
             "obs_to_chunk": summary["obs_to_chunk"], "obs_to_command": summary["obs_to_command"],
             "chunks": summary["chunks"], "sim_controller_overruns": raw.get("overruns")}
 
@@ -109,11 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'rate':>6} {'loop':<20} {'p50':>8} {'p99':>8} {'max':>8}")
     for hz, r in results["servo"].items():
         for name, st in (("bare sleep", r["bare_sleep_loop"]), ("bridge + MujocoArm", r["bridge_mujoco_arm"]["period_error"])):
-            print(f"{hz:>6} {name:<20} {st['p50_ms']:8.3f} {st['p99_ms']:8.3f} {st['max_ms']:8.3f}")
+            print(f"{hz:>6} {name:<20} " + " ".join(f"{format_ms(st[k], '.3f'):>8}" for k in ("p50_ms", "p99_ms", "max_ms")))
     print("observation -> chunk / -> first command (ms), zero-action policy server in its own process:")
     for hz, r in results["latency"].items():
         a, b = r["obs_to_chunk"], r["obs_to_command"]
-        if a and b:
+        if a["n"] and b["n"]:
             print(f"{hz:>6} chunk p50 {a['p50_ms']:.2f} p99 {a['p99_ms']:.2f} max {a['max_ms']:.2f} | "
                   f"command p50 {b['p50_ms']:.2f} p99 {b['p99_ms']:.2f} max {b['max_ms']:.2f} (n={b['n']})")
     out = Path(args.out)

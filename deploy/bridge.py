@@ -31,6 +31,7 @@ from dpstack.deploy.estop import EStop, EStopServer, KeyWatcher, install_signal
 from dpstack.deploy.interpolate import PoseTrajectory, Waypoint
 from dpstack.deploy.safety import SafetyLayer
 from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
+from dpstack.core.stats import summarize_ms
 
 log = logging.getLogger("dpstack.deploy.bridge")
 
@@ -105,14 +106,6 @@ class BridgeStats:
     obs_to_command_s: deque = field(default_factory=lambda: deque(maxlen=100_000))
     obs_to_chunk_s: deque = field(default_factory=lambda: deque(maxlen=100_000))
     loop_work_s: deque = field(default_factory=lambda: deque(maxlen=200_000))
-
-
-def _percentiles(values) -> dict[str, float]:
-    if not values:
-        return {}
-    a = np.fromiter(values, dtype=np.float64)
-    return {"p50_ms": float(np.median(a) * 1e3), "p99_ms": float(np.percentile(a, 99) * 1e3),
-            "max_ms": float(np.abs(a).max() * 1e3), "n": int(a.size)}
 
 
 class Bridge:
@@ -360,10 +353,10 @@ class Bridge:
             "actions_executed": self.schedule.n_executed, "actions_stale": self.schedule.n_stale,
             "holds": self.schedule.n_hold, "safety": self.safety.summary() if self.safety else {},
             "other": dict(self.counts),
-            "servo_period_error": _percentiles(s.period_error_s),
-            "loop_work": _percentiles(s.loop_work_s),
-            "obs_to_chunk": _percentiles(s.obs_to_chunk_s),
-            "obs_to_command": _percentiles(s.obs_to_command_s),
+            "servo_period_error": summarize_ms(s.period_error_s, scale=1e3),
+            "loop_work": summarize_ms(s.loop_work_s, scale=1e3),
+            "obs_to_chunk": summarize_ms(s.obs_to_chunk_s, scale=1e3),
+            "obs_to_command": summarize_ms(s.obs_to_command_s, scale=1e3),
         }
         if self.client is not None:
             out["link"] = {"reconnects": self.client.n_reconnects, "errors": len(self.client.errors),

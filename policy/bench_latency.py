@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dpstack.core.stats import Summary, summarize_ms
+
 DEFAULT_MODELS = "small,dp,dp-int8,transformer"
 DEFAULT_SAMPLERS = "ddpm-100,ddim-10,rti-3,1,0,streaming-1,streaming-3"
 # model name -> (PolicyConfig.model, preset)
@@ -66,25 +68,15 @@ class Record:
     sampler: str
     backend: str
     nfe_per_step: float           # mean denoiser evaluations per control step (steady state)
-    median_ms: float
-    p99_ms: float
-    max_ms: float
-    mean_ms: float
-    steps: int                    # control steps timed (after the episode-start call)
+    step: Summary                 # the control steps timed (after the episode-start call)
     episode_start_ms: float       # first call of the episode (full denoise for rti/streaming), not in the stats
-    forward_median_ms: float      # one denoiser forward, batch 1, same model and backend, timed after each step
-    forward_p99_ms: float
+    forward: Summary              # one denoiser forward, batch 1, same model and backend, timed after each step
     ratio_p99_to_forward_p99: float
-    ratio_median_to_forward_median: float
+    ratio_p50_to_forward_p50: float
     threads: int
     truncated: bool = False
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def percentiles(ms: list[float]) -> tuple[float, float, float, float]:
-    a = np.asarray(ms)
-    return float(np.median(a)), float(np.percentile(a, 99)), float(a.max()), float(a.mean())
 
 
 def forward_timer(denoise: Callable, horizon: int, action_dim: int, cond_dim: int, rng: np.random.Generator) -> Callable[[], float]:
@@ -184,12 +176,13 @@ def build_and_export(name: str, out: Path, seed: int):
 
 def markdown_table(records: list[Record], targets: list[dict[str, Any]], context: str) -> str:
     lines = [f"# dpstack bench latency\n\n{context}\n",
-             "| model | sampler | backend | nfe/step | median ms | p99 ms | max ms | fwd median ms | fwd p99 ms | p99 / fwd p99 | steps |",
+             "| model | sampler | backend | nfe/step | p50 ms | p99 ms | max ms | fwd p50 ms | fwd p99 ms | p99 / fwd p99 | steps |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        steps = f"{r.steps}{' (capped)' if r.truncated else ''}"
-        lines.append(f"| {r.model} | {r.sampler} | {r.backend} | {r.nfe_per_step:.2f} | {r.median_ms:.2f} | {r.p99_ms:.2f} | "
-                     f"{r.max_ms:.2f} | {r.forward_median_ms:.2f} | {r.forward_p99_ms:.2f} | {r.ratio_p99_to_forward_p99:.2f} | {steps} |")
+        steps = f"{r.step['n']}{' (capped)' if r.truncated else ''}"
+        lines.append(f"| {r.model} | {r.sampler} | {r.backend} | {r.nfe_per_step:.2f} | {r.step['p50_ms']:.2f} | "
+                     f"{r.step['p99_ms']:.2f} | {r.step['max_ms']:.2f} | {r.forward['p50_ms']:.2f} | {r.forward['p99_ms']:.2f} | "
+                     f"{r.ratio_p99_to_forward_p99:.2f} | {steps} |")
     if targets:
         lines += ["", "| target | model | measured | limit | met |", "|---|---|---|---|---|"]
         for t in targets:
@@ -210,8 +203,8 @@ def check_targets(records: list[Record]) -> list[dict[str, Any]]:
             out.append({"target": "streaming 1 nfe/step: step p99 / forward p99", "model": r.model,
                         "value": r.ratio_p99_to_forward_p99, "limit": f"<= {STREAM_TARGET}", "met": r.ratio_p99_to_forward_p99 <= STREAM_TARGET})
             if r.model in ("dp", "dp" + INT8):
-                out.append({"target": f"dp U-Net streaming p99 ms ({r.threads} threads)", "model": r.model, "value": r.p99_ms,
-                            "limit": f"< {DP_STREAM_P99_MS}", "met": r.p99_ms < DP_STREAM_P99_MS})
+                out.append({"target": f"dp U-Net streaming p99 ms ({r.threads} threads)", "model": r.model,
+                            "value": r.step["p99_ms"], "limit": f"< {DP_STREAM_P99_MS}", "met": r.step["p99_ms"] < DP_STREAM_P99_MS})
         if r.sampler.startswith("rti") and round(r.nfe_per_step) == 3:
             out.append({"target": "RTI 3 refinements: step p99 / forward p99", "model": r.model,
                         "value": r.ratio_p99_to_forward_p99, "limit": f"<= {RTI_TARGET}", "met": r.ratio_p99_to_forward_p99 <= RTI_TARGET})
@@ -220,8 +213,8 @@ def check_targets(records: list[Record]) -> list[dict[str, Any]]:
         t = by.get((r.model, r.sampler, "torch"))
         if r.backend == "onnx" and t is not None and MODELS.get(r.model, ("",))[0] == "unet" and r.model not in seen:
             seen.add(r.model)
-            speedup = t.forward_median_ms / r.forward_median_ms
-            out.append({"target": "onnxruntime speed-up over torch eager (forward median)", "model": r.model,
+            speedup = t.forward["p50_ms"] / r.forward["p50_ms"]
+            out.append({"target": "onnxruntime speed-up over torch eager (forward p50)", "model": r.model,
                         "value": speedup, "limit": f">= {ORT_SPEEDUP_TARGET}", "met": speedup >= ORT_SPEEDUP_TARGET})
     return out
 
@@ -280,8 +273,7 @@ def run_latency(args: argparse.Namespace) -> int:
                     forward()
                 for sampler in samplers:
                     res = time_sampler(pkg, sampler, args.steps, args.max_seconds, args.seed, forward)
-                    med, p99, mx, mean = percentiles(res["ms"])
-                    fmed, fp99, _, _ = percentiles(res["fwd"])
+                    step, fwd = summarize_ms(res["ms"]), summarize_ms(res["fwd"])
                     note = ""
                     if res["truncated"]:
                         note = f"records marked (capped) stopped at --max-seconds {args.max_seconds:g} before {args.steps} steps"
@@ -289,9 +281,9 @@ def run_latency(args: argparse.Namespace) -> int:
                         note = note or f"chunked samplers run the full denoise once every Ta={res['actions_per_call']} steps; p99/max are that call"
                     records.append(Record(
                         model=name, sampler=res["name"], backend=backend, nfe_per_step=res["nfe"] / len(res["ms"]),
-                        median_ms=med, p99_ms=p99, max_ms=mx, mean_ms=mean, steps=len(res["ms"]),
-                        episode_start_ms=res["first_ms"], forward_median_ms=fmed, forward_p99_ms=fp99,
-                        ratio_p99_to_forward_p99=p99 / fp99, ratio_median_to_forward_median=med / fmed, threads=args.threads,
+                        step=step, episode_start_ms=res["first_ms"], forward=fwd,
+                        ratio_p99_to_forward_p99=step["p99_ms"] / fwd["p99_ms"],
+                        ratio_p50_to_forward_p50=step["p50_ms"] / fwd["p50_ms"], threads=args.threads,
                         truncated=res["truncated"], note=note,
                         extra={"episode_start_nfe": res["first_nfe"], "actions_per_call": res["actions_per_call"],
                                "cond_dim": cond_dim, "horizon": pkg.horizon}))

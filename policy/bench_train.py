@@ -4,18 +4,19 @@
 
 Runs the real training step (encoder + denoiser forward, masked loss, backward, grad
 clipping, AdamW, EMA) on a synthetic Lift-shaped batch (state obs 2 x 19, action 7,
-Tp 16), times each step after warm-up, and reports the median and p99 step time and
-samples/s = batch / median step time.
+Tp 16), times each step after warm-up, and reports the p50 and p99 step time and
+samples/s = batch / p50 step time.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
+
+from dpstack.core.stats import summarize_ms
 
 
 def bench_preset(preset: str, model_kind: str, batch: int, steps: int, warmup: int, device: str) -> dict:
@@ -58,10 +59,9 @@ def bench_preset(preset: str, model_kind: str, batch: int, steps: int, warmup: i
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    p99 = float(np.percentile(times, 99))
+    step = summarize_ms(times, scale=1e3)
     return {"model": model_kind, "preset": preset, "params": model.num_parameters()["total"], "batch": batch,
-            "steps": steps, "median_step_s": med, "p99_step_s": p99, "samples_per_s": batch / med}
+            "step": step, "samples_per_s": batch / (step["p50_ms"] / 1e3)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,11 +86,11 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     print(f"training throughput, state obs, batch {args.batch}, {args.steps} timed steps after {args.warmup} warm-up, "
           f"device {device} ({torch.get_num_threads()} threads)")
-    print(f"{'model':<12}{'preset':<8}{'params':>10}{'median s/step':>15}{'p99 s/step':>12}{'samples/s':>12}")
+    print(f"{'model':<12}{'preset':<8}{'params':>10}{'p50 ms/step':>15}{'p99 ms/step':>12}{'samples/s':>12}")
     for kind, preset in jobs:
         r = bench_preset(preset, kind, args.batch, args.steps, args.warmup, device)
         rows.append(r)
-        print(f"{kind:<12}{preset:<8}{r['params'] / 1e6:>9.1f}M{r['median_step_s']:>15.4f}{r['p99_step_s']:>12.4f}"
+        print(f"{kind:<12}{preset:<8}{r['params'] / 1e6:>9.1f}M{r['step']['p50_ms']:>15.1f}{r['step']['p99_ms']:>12.1f}"
               f"{r['samples_per_s']:>12.1f}", flush=True)
     result = {"benchmark": "train_throughput", "device": device, "threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine(), "torch": torch.__version__,

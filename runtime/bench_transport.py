@@ -5,7 +5,7 @@ overhead, not a policy.
 
     dpstack bench transport [--steps 2000] [--out out/bench_transport.json]
 
-Prints median / p99 / max per payload and writes JSON. Timings depend on the
+Prints p50 / p99 / max per payload and writes JSON. Timings depend on the
 machine's load; say so when quoting them.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
+from dpstack.core.stats import format_ms, summarize_ms
 
 PAYLOADS = {  # name -> (image side, cameras)
     "lowdim+8x8": (8, 1),
@@ -58,16 +59,15 @@ def measure(image_hw: int, cameras: int, steps: int, warmup: int = 50) -> dict:
         for k in range(warmup + steps):
             if client.request(observations[k % 16], float(k), timeout_s=5.0) is None:
                 raise RuntimeError(f"request {k} failed: {list(client.errors)[-1:]}")
-        lat = np.array(list(client.latencies_s)[warmup:]) * 1e3
+        round_trip = summarize_ms(list(client.latencies_s)[warmup:], scale=1e3)
         stats = client.request_stats(2.0) or {}
         client.close()
     finally:
         proc.stop()
     payload = 16 + cameras * image_hw * image_hw * 3
-    return {"payload_bytes": payload, "steps": int(lat.size), "median_ms": float(np.median(lat)),
-            "p99_ms": float(np.percentile(lat, 99)), "max_ms": float(lat.max()),
-            "server_queue_ms_median": stats.get("queue_ms", {}).get("median"),
-            "server_compute_ms_median": stats.get("compute_ms", {}).get("median")}
+    # the server's summaries cover every request it answered, warm-up included
+    return {"payload_bytes": payload, "round_trip": round_trip,
+            "server_queue": stats.get("queue"), "server_compute": stats.get("compute")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, (hw, cams) in PAYLOADS.items():
         r = measure(hw, cams, args.steps)
         results[name] = r
-        print(f"{name:36s} {r['payload_bytes']:>8d} B  round trip median {r['median_ms']:.3f} ms  "
-              f"p99 {r['p99_ms']:.3f} ms  max {r['max_ms']:.2f} ms  (n={r['steps']})", flush=True)
+        rt = r["round_trip"]
+        print(f"{name:36s} {r['payload_bytes']:>8d} B  round trip p50 {format_ms(rt['p50_ms'], '.3f')} ms  "
+              f"p99 {format_ms(rt['p99_ms'], '.3f')} ms  max {format_ms(rt['max_ms'])} ms  (n={rt['n']})", flush=True)
     report = {"benchmark": "transport round trip (observation -> chunk), zero-action policy, tcp loopback",
               "host": platform.node(), "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results}

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from dpstack.core.process import announce_ready
+from dpstack.core.stats import Summary, format_ms, summarize_ms
 from dpstack.runtime import realtime
 
 
@@ -33,9 +34,7 @@ class JitterResult:
     hz: float
     seconds: float
     wakeups: int
-    late_p50_ms: float
-    late_p99_ms: float
-    late_max_ms: float
+    late: Summary                        # how late the wake-ups came (ms)
     stall_ms: float                      # a wake-up later than this is a stall
     # (monotonic time the thread should have woken, ms late): the core was not the
     # thread's from then until then + ms late
@@ -88,19 +87,14 @@ def wake_loop(hz: float, seconds: float | None, stop: Callable[[], bool] = lambd
 
 
 def summarize(log: WakeLog, hz: float, stall_ms: float) -> JitterResult:
-    late = sorted(log.late_ms)
-    n = len(late)
-
-    def pct(q: float) -> float:
-        return late[min(n - 1, int(q * n))] if n else float("nan")
-
+    n = len(log.late_ms)
     stalls = [(round(t - ms / 1e3, 6), round(ms, 3)) for t, ms in zip(log.wakeups, log.late_ms) if ms >= stall_ms]
     span = (log.wakeups[-1] - log.wakeups[0]) if n > 1 else 0.0
     work = sorted(log.work_us)
     work_p50 = work[len(work) // 2] if work else 0.0
     scheduling = realtime.current_scheduling()
     return JitterResult(cpu=scheduling.get("cpus", ""), hz=hz, seconds=span, wakeups=n,
-                        late_p50_ms=pct(0.5), late_p99_ms=pct(0.99), late_max_ms=late[-1] if n else float("nan"),
+                        late=summarize_ms(log.late_ms),
                         stall_ms=stall_ms, stalls=stalls, work_p50_us=work_p50,
                         slowdowns=slowdowns(log, work_p50, 1.0 / hz), scheduling=scheduling)
 
@@ -194,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'cpu':>4} {'policy':>8} {'wake-ups':>9} {'late p50':>9} {'p99':>8} {'max (ms)':>9} {'stalls':>7} {'slowdowns':>10}")
     for r in results:
         s = r["scheduling"]
+        late = {k: format_ms(v, ".3f") for k, v in r["late"].items() if k != "n"}
         print(f"{r['cpu']:>4} {s.get('policy', '?') + str(s.get('priority') or ''):>8} {r['wakeups']:>9} "
-              f"{r['late_p50_ms']:>9.3f} {r['late_p99_ms']:>8.3f} {r['late_max_ms']:>9.3f} {len(r['stalls']):>7} "
+              f"{late['p50_ms']:>9} {late['p99_ms']:>8} {late['max_ms']:>9} {len(r['stalls']):>7} "
               f"{len(r['slowdowns']):>10}")
     if args.out:
         _write_atomic(Path(args.out), json.dumps({"hz": args.hz, "seconds": args.seconds, "cpus": results}, indent=1))

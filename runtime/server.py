@@ -30,6 +30,7 @@ from dpstack.runtime.protocol import (DEFAULT_LIMITS, ActionReply, Bye, Error, E
                               Hello, HelloAck, Limits, Message, Observation, PolicyInfo, ProtocolError, Reset,
                               ResetAck, Stats, StatsRequest, check_arrays, decode, encode)
 from dpstack.core.spec import RobotSpec, SpecMismatch
+from dpstack.core.stats import summarize_ms
 
 log = logging.getLogger(__name__)
 
@@ -132,16 +133,10 @@ class Metrics:
         self.n_history = 0
 
     def summary(self, active_sessions: int) -> dict[str, Any]:
-        def pct(values: collections.deque[float]) -> dict[str, float]:
-            if not values:
-                return {}
-            a = np.fromiter(values, dtype=np.float64)
-            return {"median": float(np.median(a)), "p99": float(np.percentile(a, 99)),
-                    "max": float(a.max()), "n": int(a.size)}
         return {"uptime_s": time.time() - self.started, "chunks": self.n_chunks, "history_only": self.n_history,
                 "active_sessions": active_sessions, "sessions": dict(self.sessions),
                 "messages": dict(self.messages), "errors": dict(self.errors),
-                "compute_ms": pct(self.compute_ms), "queue_ms": pct(self.queue_ms)}
+                "compute": summarize_ms(self.compute_ms), "queue": summarize_ms(self.queue_ms)}
 
 
 class PolicyServer:

@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from dpstack.core.stats import format_ms, summarize_ms
 from dpstack.runtime import realtime
 from dpstack.sim.arm import MODES
 
@@ -63,10 +64,10 @@ def run(args: argparse.Namespace) -> int:
 
     def show(r) -> None:
         if not args.quiet:
-            lat = sorted(r.chunk_latency_ms)
-            p50 = lat[len(lat) // 2] if lat else float("nan")
+            lat = summarize_ms(r.chunk_latency_ms)
             print(f"episode {r.episode} seed {r.seed}: {'success' if r.success else 'failure'} in {r.steps} steps, "
-                  f"{len(lat)} chunks, chunk latency p50 {p50:.1f} ms, deadline misses {r.deadline_misses}", flush=True)
+                  f"{lat['n']} chunks, chunk latency p50 {format_ms(lat['p50_ms'], '.1f')} ms, "
+                  f"deadline misses {r.deadline_misses}", flush=True)
 
     arm = SimArm(config, progress=show)
     try:
@@ -83,7 +84,6 @@ def run(args: argparse.Namespace) -> int:
                                                 "scheduling": realtime.current_scheduling()},
                                      "summary": summary.to_dict(),
                                      "episodes": [r.to_dict() for r in records]})
-    print(json.dumps({k: summary.to_dict()[k] for k in ("sampler", "episodes", "success_rate", "step_latency_p50_ms",
-                                                         "step_latency_p99_ms", "chunk_latency_p50_ms",
-                                                         "deadline_misses")}), flush=True)
+    print(json.dumps({k: summary.to_dict()[k] for k in ("sampler", "episodes", "success_rate", "step_latency",
+                                                         "chunk_latency", "deadline_misses")}), flush=True)
     return 0

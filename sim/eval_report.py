@@ -6,6 +6,7 @@ and a latency plot. Only plain JSON crosses process boundaries.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from dpstack.core.stats import Summary, format_ms, summarize_ms
 
 
 @dataclass
@@ -84,26 +87,23 @@ class SamplerSummary:
     success_rate: float
     success_ci95: tuple[float, float]
     mean_episode_steps: float
-    step_latency_p50_ms: float
-    step_latency_p99_ms: float
-    chunk_latency_p50_ms: float
-    chunk_latency_p99_ms: float
+    # summaries (dpstack.core.stats) pooled over the episodes of the EpisodeRecord lists
+    # of the same names; start_latency has one value per episode (all 0 in lockstep)
+    step_latency: Summary
+    chunk_latency: Summary
+    physics: Summary
+    start_latency: Summary
     chunks: int
     deadline_misses: int
     evaluations_per_step: float
     mode: str
     hz: float
-    # realtime: median wait for the episode's first chunk, before the clock starts
-    start_latency_p50_ms: float = 0.0
     # the two kinds of deadline miss: no action to run (held), action out after its deadline (late)
     held_steps: int = 0
     late_steps: int = 0
     # steps whose simulation needed longer than the period (the world paused; not misses)
     overruns: int = 0
     lookahead_steps: int = 0
-    physics_p50_ms: float = 0.0
-    physics_p99_ms: float = 0.0
-    physics_max_ms: float = 0.0
     # realtime: steps the computer stalled (stolen + run-queue time >= STALL_FRACTION of
     # the period), and the deadline misses on such a step or during a stall the jitter
     # witness saw (dpstack eval --witness)
@@ -138,11 +138,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def _percentiles(lists: Sequence[Sequence[float]]) -> tuple[float, float]:
-    values = np.concatenate([np.asarray(v, dtype=np.float64) for v in lists]) if lists else np.zeros(0)
-    if not values.size:
-        return (math.nan, math.nan)
-    return (float(np.percentile(values, 50)), float(np.percentile(values, 99)))
+def _pooled(lists: Iterable[Sequence[float]]) -> Summary:
+    return summarize_ms(itertools.chain.from_iterable(lists))
 
 
 def stall_misses(record: EpisodeRecord, witness_stalls: Sequence[tuple[float, float]] = ()) -> int:
@@ -162,26 +159,22 @@ def summarize(sampler: str, records: Sequence[EpisodeRecord], mode: str, hz: flo
         raise ValueError(f"sampler {sampler!r}: no episodes to summarise")
     successes = sum(bool(r.success) for r in records)
     steps = sum(r.steps for r in records)
-    p50, p99 = _percentiles([r.step_latency_ms for r in records])
-    c50, c99 = _percentiles([r.chunk_latency_ms for r in records])
-    f50, f99 = _percentiles([r.physics_ms for r in records])
-    fmax = max((max(r.physics_ms) for r in records if r.physics_ms), default=math.nan)
     return SamplerSummary(
         sampler=sampler, episodes=len(records), successes=successes,
         success_rate=successes / len(records), success_ci95=wilson_interval(successes, len(records)),
         mean_episode_steps=steps / len(records),
-        step_latency_p50_ms=p50, step_latency_p99_ms=p99, chunk_latency_p50_ms=c50, chunk_latency_p99_ms=c99,
+        step_latency=_pooled(r.step_latency_ms for r in records), chunk_latency=_pooled(r.chunk_latency_ms for r in records),
+        physics=_pooled(r.physics_ms for r in records), start_latency=summarize_ms(r.start_latency_ms for r in records),
         chunks=sum(len(r.chunk_latency_ms) for r in records),
         deadline_misses=sum(r.deadline_misses for r in records),
         held_steps=sum(r.held_steps for r in records),
         late_steps=sum(r.late_steps for r in records),
         overruns=sum(r.overruns for r in records),
         lookahead_steps=sum(r.lookahead_steps for r in records),
-        physics_p50_ms=f50, physics_p99_ms=f99, physics_max_ms=fmax,
         stalled_steps=sum(len(stalled(r)) for r in records),
         stall_misses=sum(stall_misses(r, witness_stalls) for r in records),
         evaluations_per_step=(sum(r.evaluations for r in records) / steps) if steps else 0.0,
-        mode=mode, hz=hz, start_latency_p50_ms=float(np.median([r.start_latency_ms for r in records])))
+        mode=mode, hz=hz)
 
 
 def load_records(paths: Iterable[Path]) -> list[EpisodeRecord]:
@@ -200,8 +193,8 @@ def markdown_table(summaries: Sequence[SamplerSummary]) -> str:
     for s in summaries:
         lo, hi = s.success_ci95
         lines.append(f"| {s.sampler} | {s.success_rate:.2f} | [{lo:.2f}, {hi:.2f}] | {s.episodes} | "
-                     f"{s.mean_episode_steps:.1f} | {s.step_latency_p50_ms:.2f} / {s.step_latency_p99_ms:.2f} | "
-                     f"{s.chunk_latency_p50_ms:.2f} / {s.chunk_latency_p99_ms:.2f} | "
+                     f"{s.mean_episode_steps:.1f} | {format_ms(s.step_latency['p50_ms'])} / {format_ms(s.step_latency['p99_ms'])} | "
+                     f"{format_ms(s.chunk_latency['p50_ms'])} / {format_ms(s.chunk_latency['p99_ms'])} | "
                      f"{s.evaluations_per_step:.2f} | {s.deadline_misses} ({s.held_steps} / {s.late_steps}) | {s.lookahead_steps} "
                      f"| {s.overruns} | {s.stalled_steps} ({s.stall_misses}) |")
     return "\n".join(lines) + "\n"

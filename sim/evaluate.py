@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from dpstack.core.process import ChildFailed, ChildProcess
+from dpstack.core.stats import format_ms
 from dpstack.runtime.realtime import RealtimeConfig, available_cpus, format_cpus
 from dpstack.sim.eval_report import (EpisodeRecord, SamplerSummary, latency_plot, load_records, markdown_table, summarize,
                              write_json_atomic)
@@ -343,7 +344,7 @@ def _run_jobs(cfg: EvalConfig, jobs: list[_Job], endpoints: dict[str, str], serv
                     bar.update(job.count)
                     done = json.loads(job.out.read_text())["summary"]
                     bar.write(f"{job.sampler}: episodes {job.first}-{job.first + job.count - 1}: "
-                              f"success {done['success_rate']:.2f}, chunk latency p50 {done['chunk_latency_p50_ms']:.1f} ms")
+                              f"success {done['success_rate']:.2f}, chunk latency p50 {format_ms(done['chunk_latency']['p50_ms'], '.1f')} ms")
                 for server in servers:
                     if server.proc.poll() is not None:
                         raise EvalError(_failure(server))
@@ -359,7 +360,7 @@ def write_results(out: Path, cfg: EvalConfig, summaries: Sequence[SamplerSummary
         "task": cfg.task, "mode": cfg.mode, "hz": summaries[0].hz if summaries else cfg.hz,
         "seed_base": cfg.seed_base, "episodes_per_sampler": cfg.episodes,
         "scheduling": scheduling_summary(cfg, available_cpus()),
-        "witness": [{k: w[k] for k in ("cpu", "hz", "seconds", "wakeups", "late_p50_ms", "late_p99_ms", "late_max_ms")}
+        "witness": [{k: w[k] for k in ("cpu", "hz", "seconds", "wakeups", "late")}
                     | {"stalls": len(w["stalls"]), "slowdowns": len(w.get("slowdowns", ()))} for w in witness],
         "results": [s.to_dict() for s in summaries]})
     table = markdown_table(summaries)

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from dpstack.core.stats import summarize_ms
+
 
 def evaluate_task(task: str, seeds: range, progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
@@ -43,15 +45,15 @@ def evaluate_task(task: str, seeds: range, progress: bool = True) -> dict[str, A
         bar.set_postfix(success=f"{succeeded}/{len(lengths)}")
     wall = time.perf_counter() - start
     env.close()
-    lengths_a, st = np.array(lengths), np.array(step_times) * 1e3
+    lengths_a = np.array(lengths)
     return {
         "task": task, "episodes": len(lengths), "successes": succeeded,
         "success_rate": succeeded / len(lengths), "failed_seeds": failed,
-        "episode_length": {"mean": float(lengths_a.mean()), "median": float(np.median(lengths_a)),
+        "episode_length": {"mean": float(lengths_a.mean()), "p50": float(np.median(lengths_a)),
                            "min": int(lengths_a.min()), "max": int(lengths_a.max())},
         "env_steps": int(lengths_a.sum()), "wall_s": wall,
         "env_steps_per_s": float(lengths_a.sum() / wall),
-        "ms_per_step": {"median": float(np.median(st)), "p99": float(np.percentile(st, 99))},
+        "step_time": summarize_ms(step_times, scale=1e3),
         "env_create_s": create_s,
     }
 
@@ -78,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         results[task] = r
         print(f"{task}: success {r['successes']}/{r['episodes']} ({100 * r['success_rate']:.0f}%), "
               f"length mean {r['episode_length']['mean']:.0f} steps, "
-              f"{r['env_steps_per_s']:.0f} env steps/s (median {r['ms_per_step']['median']:.1f} ms/step, "
-              f"p99 {r['ms_per_step']['p99']:.1f}), failed seeds {r['failed_seeds']}")
+              f"{r['env_steps_per_s']:.0f} env steps/s (p50 {r['step_time']['p50_ms']:.1f} ms/step, "
+              f"p99 {r['step_time']['p99_ms']:.1f}), failed seeds {r['failed_seeds']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"note": "state only, one process, expert included in step time",
                                     "tasks": results}, indent=2))

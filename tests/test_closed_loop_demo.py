@@ -57,14 +57,14 @@ def test_results_cover_every_sampler_with_the_agreed_fields(demo):
     assert set(by_sampler) == set(SAMPLERS)
     for name, r in by_sampler.items():
         for field in ("sampler", "episodes", "success_rate", "success_ci95", "mean_episode_steps",
-                      "step_latency_p50_ms", "step_latency_p99_ms", "deadline_misses", "mode", "hz"):
+                      "step_latency", "chunk_latency", "deadline_misses", "mode", "hz"):
             assert field in r, (name, field)
         assert r["episodes"] == 2
         lo, hi = r["success_ci95"]
         assert 0.0 <= lo <= r["success_rate"] <= hi <= 1.0
         assert 0 < r["mean_episode_steps"] <= 30  # --quick caps episodes at 30 steps
-        assert r["chunks"] > 0 and r["chunk_latency_p50_ms"] > 0
-        assert r["step_latency_p50_ms"] <= r["step_latency_p99_ms"]
+        assert r["chunks"] == r["chunk_latency"]["n"] > 0 and r["chunk_latency"]["p50_ms"] > 0
+        assert r["step_latency"]["p50_ms"] <= r["step_latency"]["p99_ms"] <= r["step_latency"]["max_ms"]
         assert r["evaluations_per_step"] > 0
         assert r["deadline_misses"] == 0  # lockstep waits for every chunk
     # Full samplers replan every Ta steps; DDPM spends 100 evaluations per chunk, DDIM 10.

@@ -36,10 +36,12 @@ def test_summary_pools_episodes():
     s = summarize("ddim", records, "realtime", 20.0)
     assert (s.episodes, s.successes, s.success_rate) == (2, 1, 0.5)
     assert s.mean_episode_steps == 50.0
-    assert s.step_latency_p50_ms == 3.0 and s.chunk_latency_p99_ms == pytest.approx(30.0)
+    assert s.step_latency["p50_ms"] == 3.0 and s.chunk_latency["p99_ms"] == pytest.approx(30.0)
+    assert s.chunk_latency["n"] == s.chunks and s.start_latency == {"n": 2, "mean_ms": 0.0, "p50_ms": 0.0,
+                                                                     "p99_ms": 0.0, "max_ms": 0.0}
     assert s.chunks == 13 and s.deadline_misses == 4
     assert (s.held_steps, s.late_steps, s.overruns, s.lookahead_steps) == (1, 3, 3, 5)
-    assert s.physics_p50_ms == 5.0 and s.physics_max_ms == 31.0
+    assert s.physics["p50_ms"] == 5.0 and s.physics["max_ms"] == 31.0 and s.physics["n"] == 40
     # A stall is >= 10% of the 50 ms period stolen or queued: steps 3 and 7 of the first
     # episode; 4.9 ms of queueing is not one. The miss at 3 is the computer's; the one at 8,
     # after the stalled step 7, is not (a slow step pauses the simulated world, it does not
@@ -181,3 +183,21 @@ def test_realtime_eval_gives_each_arm_a_core_and_the_servers_the_rest(tmp_path: 
     assert argv[argv.index("--cpus") + 1] == "0"
     with pytest.raises(ValueError, match="rt_priority"):
         cfg(rt_priority=100)
+
+
+def test_the_demo_summarises_again_results_an_older_version_wrote(tmp_path: Path):
+    from types import SimpleNamespace
+
+    from dpstack.demo.pipeline import Demo
+
+    demo = Demo(tmp_path, SimpleNamespace(samplers=["ddim"], eval_episodes=1))
+    demo.policy.mkdir()
+    (demo.policy / "manifest.json").write_text("{}")
+    demo.eval_dir.mkdir()
+    summary = summarize("ddim", [EpisodeRecord(0, 10_000, True, 3, step_latency_ms=[1.0] * 3)], "lockstep", 20.0)
+    results = {"package_sha256": demo.package_id(), "mode": "lockstep", "results": [summary.to_dict()]}
+    (demo.eval_dir / "results.json").write_text(json.dumps(results))
+    assert demo.eval_done()
+    old = {k: v for k, v in summary.to_dict().items() if k != "step_latency"} | {"step_latency_p50_ms": 1.0}
+    (demo.eval_dir / "results.json").write_text(json.dumps(results | {"results": [old]}))
+    assert not demo.eval_done()  # its report could not be built from these fields

@@ -36,7 +36,7 @@ def all_messages() -> list:
         Reset(seed=5), Reset(), ResetAck(2),
         Heartbeat(123.5), HeartbeatAck(123.5, 1.7e9),
         Error(ErrorCode.BAD_SHAPE.value, "state: shape (3,)", seq=4), Error("internal", "x"),
-        Bye("done"), StatsRequest(), Stats({"chunks": 3, "compute_ms": {"median": 1.0}}),
+        Bye("done"), StatsRequest(), Stats({"chunks": 3, "compute": {"n": 1, "p50_ms": 1.0}}),
     ]
 
 

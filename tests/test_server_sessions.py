@@ -116,7 +116,7 @@ def test_sigterm_closes_gracefully_with_a_summary() -> None:
     assert rc == 0, out
     summary = json.loads(out.split("summary ", 1)[1].splitlines()[0])
     assert summary["chunks"] == 5 and summary["messages"]["observation"] == 5
-    assert summary["compute_ms"]["n"] == 5 and summary["queue_ms"]["median"] >= 0
+    assert summary["compute"]["n"] == 5 and summary["queue"]["p50_ms"] >= 0
     # the server said bye: the client notices and goes back to connecting
     t_end = time.monotonic() + 1.0
     while client.state is ClientState.READY and time.monotonic() < t_end:

@@ -14,9 +14,11 @@ import os
 import shutil
 import subprocess
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
+from dpstack.sim.eval_report import SamplerSummary
 from dpstack.sim.evaluate import DEFAULT_SEED_BASE, EvalConfig, dpstack_command, run_eval, unseen_seed_base
 from dpstack.demo.stages import Stage, run_stages
 
@@ -167,7 +169,9 @@ class Demo:
             results = json.loads(path.read_text())
         except ValueError:
             return False
-        got = {r["sampler"]: r["episodes"] for r in results.get("results", [])}
+        # a summary with other fields (an older dpstack's) is summarised again from the kept episodes
+        names = {f.name for f in fields(SamplerSummary)}
+        got = {r["sampler"]: r["episodes"] for r in results.get("results", []) if set(r) == names}
         return (results.get("package_sha256") == self.package_id() and results.get("mode") == self.mode
                 and all(got.get(s) == self.s.eval_episodes for s in self.s.samplers))
 
