@@ -18,6 +18,8 @@ from dpstack.runtime import realtime
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="robot YAML (path, or a name in deploy/configs: sim, ur5e, franka)")
+    p.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                   help="override robot YAML values, e.g. --set safety.max_linear_speed=0.1 (the YAML's checks still apply)")
     p.add_argument("--endpoint", default=None, help="policy server endpoint (overrides the YAML)")
     p.add_argument("--dry-run", action="store_true", help="compute everything, command nothing (logs what it would send)")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: the YAML's, 0 = until stopped)")
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("deploy").setLevel(logging.INFO)
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"dpstack bridge: {e}", file=sys.stderr)
         return 2
