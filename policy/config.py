@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, get_args
 
 from dpstack.core.typed_yaml import ConfigError, apply_overrides, find_config, from_data, load_yaml, to_data
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+Model = Literal["unet", "transformer"]
+Device = Literal["auto", "cpu", "cuda"]
 
 
 @dataclass
@@ -25,7 +27,7 @@ class PolicyConfig:
     horizon: int = 16           # Tp
     n_obs_steps: int = 2        # To
     n_action_steps: int = 8     # Ta
-    model: Literal["unet", "transformer"] = "unet"
+    model: Model = "unet"
     preset: str = "small"       # unet: test | small | dp; transformer: test | small | dp
     # Encoder for images: base width of the ResNet-18-style CNN (64 = ResNet-18) and keypoints.
     image_width: int = 64
@@ -46,6 +48,9 @@ class PolicyConfig:
     num_train_steps: int = 100  # diffusion steps of runtime.schedule.NoiseSchedule
 
     def validate(self) -> None:
+        # YAML is checked against the Literal while loading; this catches a config built in code.
+        if self.model not in get_args(Model):
+            raise ConfigError(f"policy.model must be one of {list(get_args(Model))}, got {self.model!r}")
         if self.horizon % 4:
             raise ConfigError(f"policy.horizon must be divisible by 4 (two U-Net downsamplings), got {self.horizon}")
         if not 1 <= self.n_obs_steps <= self.horizon or not 1 <= self.n_action_steps <= self.horizon:
@@ -80,7 +85,7 @@ class TrainConfig:
     eval_samples: int = 32
     eval_ddim_steps: int = 10
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     # CPU threads for torch (0 = torch's default). 1 is much faster on an oversubscribed machine.
     cpu_threads: int = 0
 
@@ -92,6 +97,8 @@ class TrainConfig:
             raise ConfigError("train.lr and train.grad_clip must be > 0, train.warmup_steps >= 0")
         if len(self.betas) != 2:
             raise ConfigError(f"train.betas must have 2 values, got {self.betas}")
+        if self.device not in get_args(Device):
+            raise ConfigError(f"train.device must be one of {list(get_args(Device))}, got {self.device!r}")
 
 
 @dataclass

@@ -143,3 +143,8 @@ def test_bridge_set_overrides_use_the_same_rules():
     r = subprocess.run([sys.executable, "-m", "dpstack.cli", "bridge", "--config", "sim", "--dry-run",
                         "--set", "safety.max_speed=1"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert r.returncode == 2 and "unknown key(s) ['safety.max_speed']" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_policy_config_built_in_code_is_checked_against_the_same_literal():
+    with pytest.raises(ConfigError, match=re.escape("policy.model must be one of ['unet', 'transformer'], got 'lstm'")):
+        policy_config.PolicyConfig(model="lstm").validate()
