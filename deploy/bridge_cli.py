@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connect", dest="endpoint", default=None, metavar="ENDPOINT",
                    help="policy server endpoint to dial (overrides the YAML's policy.endpoint)")
     p.add_argument("--endpoint", dest="endpoint", help=argparse.SUPPRESS)  # the old spelling
+    p.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                   help="override robot YAML values, e.g. --set safety.max_linear_speed=0.1 (the YAML's checks still apply)")
     p.add_argument("--dry-run", action="store_true", help="compute everything, command nothing (logs what it would send)")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: the YAML's, 0 = until stopped)")
     p.add_argument("--robot-id", default=None, help="name this robot gives the server (default: the YAML's name)")
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("deploy").setLevel(logging.INFO)
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"dpstack bridge: {e}", file=sys.stderr)
         return 2

@@ -2,15 +2,17 @@
 
 Every robot constant the bridge and the safety layer use lives in that file:
 workspace, speed and acceleration limits, action scaling, servo parameters.
+It is read by the shared loader (dpstack.core.typed_yaml), with the same rules as
+the training config.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Iterable, Literal
 
-from dpstack.deploy.typed_yaml import ConfigError, load_yaml
+from dpstack.core.typed_yaml import ConfigError, find_config, load_yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -217,12 +219,9 @@ class BridgeConfig:
             raise ValueError("action gripper widths exceed safety.gripper_max_width")
 
 
-def load_config(path: str | Path) -> BridgeConfig:
-    """Load deploy/configs/<robot>.yaml (a bare name like 'sim' looks there)."""
-    p = Path(path)
-    if not p.is_file() and not p.suffix and (CONFIG_DIR / f"{p}.yaml").exists():
-        p = CONFIG_DIR / f"{p}.yaml"
-    return load_yaml(BridgeConfig, p)
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> BridgeConfig:
+    """Load a robot YAML (a bare name like 'sim' is deploy/configs/sim.yaml), plus `a.b=value` overrides."""
+    return load_yaml(BridgeConfig, find_config(path, CONFIG_DIR), overrides)
 
 
 __all__ = ["BridgeConfig", "ConfigError", "load_config"]

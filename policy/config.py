@@ -1,26 +1,21 @@
-"""Typed training configuration, loaded from YAML (safe_load only) plus
-`--set section.key=value` overrides. Values are plain data; nothing is executed.
+"""Typed training configuration, loaded from YAML plus `--set section.key=value`
+overrides by the shared loader (dpstack.core.typed_yaml: safe_load only, unknown
+keys refused, every error names the key).
 
 A config file has two sections, `policy:` (what the network is; saved with the
 checkpoint and needed to rebuild it) and `train:` (how it is optimised).
-Every key is checked against the dataclass field types; unknown keys are errors.
 """
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping, get_args
 
-import yaml
+from dpstack.core.typed_yaml import ConfigError, apply_overrides, find_config, from_data, load_yaml, to_data
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key."""
+Model = Literal["unet", "transformer"]
+Device = Literal["auto", "cpu", "cuda"]
 
 
 @dataclass
@@ -32,7 +27,7 @@ class PolicyConfig:
     horizon: int = 16           # Tp
     n_obs_steps: int = 2        # To
     n_action_steps: int = 8     # Ta
-    model: str = "unet"         # "unet" | "transformer"
+    model: Model = "unet"
     preset: str = "small"       # unet: test | small | dp; transformer: test | small | dp
     # Encoder for images: base width of the ResNet-18-style CNN (64 = ResNet-18) and keypoints.
     image_width: int = 64
@@ -53,8 +48,9 @@ class PolicyConfig:
     num_train_steps: int = 100  # diffusion steps of runtime.schedule.NoiseSchedule
 
     def validate(self) -> None:
-        if self.model not in ("unet", "transformer"):
-            raise ConfigError(f"policy.model must be 'unet' or 'transformer', got {self.model!r}")
+        # YAML is checked against the Literal while loading; this catches a config built in code.
+        if self.model not in get_args(Model):
+            raise ConfigError(f"policy.model must be one of {list(get_args(Model))}, got {self.model!r}")
         if self.horizon % 4:
             raise ConfigError(f"policy.horizon must be divisible by 4 (two U-Net downsamplings), got {self.horizon}")
         if not 1 <= self.n_obs_steps <= self.horizon or not 1 <= self.n_action_steps <= self.horizon:
@@ -89,7 +85,7 @@ class TrainConfig:
     eval_samples: int = 32
     eval_ddim_steps: int = 10
     seed: int = 0
-    device: str = "auto"        # auto | cpu | cuda
+    device: Device = "auto"
     # CPU threads for torch (0 = torch's default). 1 is much faster on an oversubscribed machine.
     cpu_threads: int = 0
 
@@ -101,8 +97,8 @@ class TrainConfig:
             raise ConfigError("train.lr and train.grad_clip must be > 0, train.warmup_steps >= 0")
         if len(self.betas) != 2:
             raise ConfigError(f"train.betas must have 2 values, got {self.betas}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device not in get_args(Device):
+            raise ConfigError(f"train.device must be one of {list(get_args(Device))}, got {self.device!r}")
 
 
 @dataclass
@@ -110,115 +106,22 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def validate(self) -> "Config":
+    def __post_init__(self) -> None:
         self.policy.validate()
         self.train.validate()
-        return self
 
     def to_dict(self) -> dict[str, Any]:
-        return {"policy": section_to_dict(self.policy), "train": section_to_dict(self.train)}
+        return to_data(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Config":
-        if not isinstance(d, Mapping):
-            raise ConfigError(f"config must be a mapping, got {type(d).__name__}")
-        unknown = set(d) - {"policy", "train"}
-        if unknown:
-            raise ConfigError(f"unknown config section(s) {sorted(unknown)}; have 'policy', 'train'")
-        return cls(policy=section_from_dict(PolicyConfig, d.get("policy") or {}, "policy"),
-                   train=section_from_dict(TrainConfig, d.get("train") or {}, "train")).validate()
-
-
-def section_to_dict(section: Any) -> dict[str, Any]:
-    return {f.name: list(v) if isinstance(v := getattr(section, f.name), tuple) else v
-            for f in dataclasses.fields(section)}
-
-
-def section_from_dict(cls: type, d: Mapping[str, Any], prefix: str) -> Any:
-    if not isinstance(d, Mapping):
-        raise ConfigError(f"{prefix} must be a mapping, got {type(d).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-        raise ConfigError(f"unknown key(s) {sorted(f'{prefix}.{k}' for k in unknown)}")
-    return cls(**{k: coerce(v, hints[k], f"{prefix}.{k}") for k, v in d.items()})
-
-
-def coerce(value: Any, typ: Any, key: str) -> Any:
-    """Check `value` against a field type (int, float, bool, str, tuple[X, ...])."""
-    origin = typing.get_origin(typ)
-    if origin is tuple:
-        (item,) = {a for a in typing.get_args(typ) if a is not Ellipsis}
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return tuple(coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"{key}: union types are not supported")
-    if typ is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if typ is float:
-        if isinstance(value, str):
-            # PyYAML (YAML 1.1) reads "1e-4" without a dot as a string; accept plain numerals.
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if typ is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported field type {typ}")
-
-
-def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` strings; values are parsed as YAML scalars/lists."""
-    out = {k: dict(v or {}) for k, v in d.items()}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        section, dot, name = key.strip().partition(".")
-        if not sep or not dot or not name:
-            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.steps=500)")
-        if section not in ("policy", "train"):
-            raise ConfigError(f"override {item!r}: unknown section {section!r}; have 'policy', 'train'")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: cannot parse value: {e}") from None
-        out.setdefault(section, {})[name] = value
-    return out
-
-
-def resolve_config_path(name_or_path: str) -> Path:
-    """A shipped config name (`lift_state_small`) or a path to a YAML file."""
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") and p.exists():
-        return p
-    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
-    if shipped.exists():
-        return shipped
-    have = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
-    raise ConfigError(f"no config {name_or_path!r}: not a YAML file and not one of the shipped configs {have}")
+        return from_data(cls, d)
 
 
 def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    d: dict[str, Any] = {}
-    if name_or_path is not None:
-        path = resolve_config_path(name_or_path)
-        with open(path) as f:
-            try:
-                d = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: invalid YAML: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: top level must be a mapping with 'policy' and 'train'")
-    return Config.from_dict(apply_overrides(d, list(overrides)))
+    """A shipped config name (`lift_state_small`) or a YAML path (None: the defaults), plus overrides."""
+    path = find_config(name_or_path, CONFIG_DIR) if name_or_path is not None else None
+    return load_yaml(Config, path, overrides)
+
+
+__all__ = ["CONFIG_DIR", "Config", "ConfigError", "PolicyConfig", "TrainConfig", "apply_overrides", "load_config"]

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpstack.runtime.package import PackageError
+    from dpstack.runtime.package import MANIFEST, PackageError
     from dpstack.runtime.verify import VerifyError, verify_onnx_only
 
     try:
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
             print("dpstack export: need CHECKPOINT and --out POLICY_DIR (or --verify POLICY_DIR)", file=sys.stderr)
             return 2
         out = export_checkpoint(args.checkpoint, args.out, args.tolerance, args.force, args.weights)
-        manifest = json.loads((out / "manifest.json").read_text())
+        manifest = json.loads((out / MANIFEST).read_text())
         print(f"wrote {out}: parity max abs error {manifest['export']['parity_max_abs_error']}")
         return 0
     except (VerifyError, PackageError, CheckpointError, ValueError) as e:

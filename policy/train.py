@@ -32,10 +32,7 @@ from .dataset import ACTION, TrainingData, load_dataset
 from .ema import EMA
 from .model import DiffusionPolicyModel
 from .regimes import sample_levels
-
-CKPT_NAME = "last.pt"
-METRICS_NAME = "metrics.jsonl"
-PLOT_NAME = "loss.png"
+from .train_outputs import CHECKPOINT_FILE, CONFIG_FILE, LOSS_PLOT_FILE, METRICS_FILE
 
 
 # -- distributed --------------------------------------------------------------------
@@ -232,7 +229,7 @@ def train(config: Config, dataset: str | os.PathLike | TrainingData, out_dir: st
     would (saving a resumable checkpoint); used by tests and for time-boxed runs."""
     out = Path(out_dir)
     info = init_distributed(config.train.device)
-    ckpt_path = out / CKPT_NAME
+    ckpt_path = out / CHECKPOINT_FILE
     payload = None
     if resume:
         payload = read_checkpoint(ckpt_path)
@@ -279,14 +276,14 @@ def train(config: Config, dataset: str | os.PathLike | TrainingData, out_dir: st
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
 
-    metrics_path = out / METRICS_NAME
+    metrics_path = out / METRICS_FILE
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if resume:
             _truncate_metrics(metrics_path, step)
         elif metrics_path.exists():
             metrics_path.unlink()
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        (out / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
 
     def save(at_step: int, last_loss: float | None) -> Path | None:
         if info.is_main:
@@ -296,7 +293,7 @@ def train(config: Config, dataset: str | os.PathLike | TrainingData, out_dir: st
                                    "torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist()}}
             save_checkpoint(ckpt_path, build_payload(model, ema.state, config, at_step, dataset_info, train_state,
                                                      {"loss": last_loss}))
-            plot_metrics(metrics_path, out / PLOT_NAME) if metrics_path.exists() else None
+            plot_metrics(metrics_path, out / LOSS_PLOT_FILE) if metrics_path.exists() else None
         _barrier(info)
         return ckpt_path
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .train_outputs import CHECKPOINT_FILE, LOSS_PLOT_FILE, METRICS_FILE
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="lift_state_small",
                         help="a shipped config name (policy/configs/*.yaml) or a path to a YAML file")
     parser.add_argument("--dataset", required=True, help="dataset (zarr directory or .zarr.zip)")
-    parser.add_argument("--out", required=True, help="output directory: last.pt, metrics.jsonl, loss.png")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt at its step")
+    parser.add_argument("--out", required=True, help=f"output directory: {CHECKPOINT_FILE}, {METRICS_FILE}, {LOSS_PLOT_FILE}")
+    parser.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT_FILE} at its step")
     parser.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
                         help="override config values, e.g. --set train.steps=500 policy.preset=dp")
     parser.add_argument("--quiet", dest="no_progress", action="store_true", help="no progress bar (logs only)")
@@ -29,12 +31,12 @@ def run(args: argparse.Namespace) -> int:
 
     from .checkpoint import CheckpointError, read_checkpoint
     from .config import Config, ConfigError, apply_overrides, load_config
-    from .train import CKPT_NAME, train
+    from .train import train
 
     try:
         if args.resume:
             # The checkpoint's config is authoritative; --set may still change train.* (e.g. more steps).
-            saved = read_checkpoint(Path(args.out) / CKPT_NAME)["config"]
+            saved = read_checkpoint(Path(args.out) / CHECKPOINT_FILE)["config"]
             config = Config.from_dict(apply_overrides(saved, list(args.overrides)))
         else:
             config = load_config(args.config, args.overrides)

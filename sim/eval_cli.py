@@ -53,11 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpstack.sim.evaluate import EvalConfig, EvalError, run_eval, training_dataset, unseen_seed_base
+    from dpstack.runtime.package import MANIFEST
+    from dpstack.sim.evaluate import RESULTS_FILE, EvalConfig, EvalError, run_eval, training_dataset, unseen_seed_base
     from dpstack.sim.eval_report import markdown_table
 
-    if not (args.policy_dir / "manifest.json").is_file():
-        print(f"dpstack eval: {args.policy_dir} is not a policy package (no manifest.json); "
+    if not (args.policy_dir / MANIFEST).is_file():
+        print(f"dpstack eval: {args.policy_dir} is not a policy package (no {MANIFEST}); "
               "make one with `dpstack export CHECKPOINT --out DIR`", file=sys.stderr)
         return 2
     try:
@@ -79,5 +80,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"dpstack eval: {e}", file=sys.stderr)
         return 1
     print(markdown_table(summaries))
-    print(f"results in {args.out / 'results.json'}")
+    print(f"results in {args.out / RESULTS_FILE}")
     return 0

@@ -27,6 +27,12 @@ from dpstack.sim.eval_report import (EpisodeRecord, SamplerSummary, latency_plot
 DEFAULT_SAMPLERS = ("ddpm", "ddim", "rti", "streaming")
 DEFAULT_SEED_BASE = 10_000
 OVERRUN_WARNING = 0.01  # realtime: above this share of simulator overruns, say the world ran slow
+# What an evaluation writes into its --out folder; RAW_DIR holds per-sampler episode records.
+RESULTS_FILE = "results.json"
+RESULTS_TABLE_FILE = "results.md"
+LATENCY_PLOT_FILE = "latency.png"
+RAW_DIR = "raw"
+RUN_KEY_FILE = "run.json"  # in RAW_DIR: the package and settings the raw records belong to
 
 
 class EvalError(RuntimeError):
@@ -40,8 +46,10 @@ def dpstack_command(*args: str) -> list[str]:
 
 def training_dataset(policy_dir: Path) -> Path | None:
     """The dataset a package was trained on, as its manifest records it (if still there)."""
+    from dpstack.runtime.package import MANIFEST
+
     try:
-        source = json.loads((Path(policy_dir) / "manifest.json").read_text()).get("dataset", {}).get("source")
+        source = json.loads((Path(policy_dir) / MANIFEST).read_text()).get("dataset", {}).get("source")
     except (OSError, ValueError, AttributeError):
         return None
     return Path(source) if source and Path(source).exists() else None
@@ -192,7 +200,7 @@ def arm_argv(cfg: EvalConfig, job: _Job, endpoint: str, video_dir: Path, schedul
 def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[SamplerSummary]:
     """Serve every sampler, run all episodes, write results.json/results.md/latency.png."""
     out = Path(cfg.out)
-    raw_dir, log_dir, video_dir = out / "raw", out / "logs", out / "videos"
+    raw_dir, log_dir, video_dir = out / RAW_DIR, out / "logs", out / "videos"
     for d in (raw_dir, log_dir):
         d.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "PYTHONUNBUFFERED": "1", **cfg.env}
@@ -276,9 +284,9 @@ def read_witness(witness_dir: Path, log: Callable[[str], None] = print) -> list[
 
 
 def _package_sha256(policy_dir: Path) -> str | None:
-    from dpstack.runtime.package import sha256_file
+    from dpstack.runtime.package import MANIFEST, sha256_file
 
-    manifest = Path(policy_dir) / "manifest.json"
+    manifest = Path(policy_dir) / MANIFEST
     return sha256_file(manifest) if manifest.exists() else None
 
 
@@ -289,7 +297,7 @@ def _jobs_to_run(cfg: EvalConfig, jobs: list[_Job], raw_dir: Path) -> list[_Job]
     run_key = {"package_sha256": _package_sha256(cfg.policy_dir), "task": cfg.task, "mode": cfg.mode,
                "hz": cfg.hz, "max_steps": cfg.max_steps, "seed_base": cfg.seed_base, "episodes": cfg.episodes,
                "workers": cfg.workers, "video": cfg.video}
-    key_path = raw_dir / "run.json"
+    key_path = raw_dir / RUN_KEY_FILE
     try:
         same = json.loads(key_path.read_text()) == run_key
     except (OSError, ValueError):
@@ -355,7 +363,7 @@ def _run_jobs(cfg: EvalConfig, jobs: list[_Job], endpoints: dict[str, str], serv
 
 def write_results(out: Path, cfg: EvalConfig, summaries: Sequence[SamplerSummary],
                   latencies: dict[str, dict[str, list[float]]], witness: Sequence[dict] = ()) -> None:
-    write_json_atomic(out / "results.json", {
+    write_json_atomic(out / RESULTS_FILE, {
         "policy": str(cfg.policy_dir), "package_sha256": _package_sha256(cfg.policy_dir),
         "task": cfg.task, "mode": cfg.mode, "hz": summaries[0].hz if summaries else cfg.hz,
         "seed_base": cfg.seed_base, "episodes_per_sampler": cfg.episodes,
@@ -364,10 +372,10 @@ def write_results(out: Path, cfg: EvalConfig, summaries: Sequence[SamplerSummary
                     | {"stalls": len(w["stalls"]), "slowdowns": len(w.get("slowdowns", ()))} for w in witness],
         "results": [s.to_dict() for s in summaries]})
     table = markdown_table(summaries)
-    (out / "results.md").write_text(f"# Closed-loop evaluation: {cfg.task}, {cfg.mode}\n\n{table}")
-    latency_plot(latencies, out / "latency.png", title=f"{cfg.task} latency ({cfg.mode})")
+    (out / RESULTS_TABLE_FILE).write_text(f"# Closed-loop evaluation: {cfg.task}, {cfg.mode}\n\n{table}")
+    latency_plot(latencies, out / LATENCY_PLOT_FILE, title=f"{cfg.task} latency ({cfg.mode})")
 
 
 def read_results(out: Path) -> list[dict]:
-    path = Path(out) / "results.json"
+    path = Path(out) / RESULTS_FILE
     return json.loads(path.read_text())["results"] if path.exists() else []

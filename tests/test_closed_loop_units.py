@@ -117,6 +117,7 @@ def test_evaluation_seeds_start_above_every_seed_the_collection_tried(tmp_path: 
 
     from dpstack.data.replay_buffer import DatasetAttrs, ReplayBuffer
     from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
+    from dpstack.runtime.package import MANIFEST
     from dpstack.sim.evaluate import training_dataset, unseen_seed_base
 
     spec = RobotSpec("lift", "Panda", 20.0, (ArraySpec("state", (2,)),), ActionSpec(shape=(7,)))
@@ -127,7 +128,7 @@ def test_evaluation_seeds_start_above_every_seed_the_collection_tried(tmp_path: 
     assert unseen_seed_base(tmp_path / "d.zarr", default=20_000) == 20_000
     assert unseen_seed_base(None) == 10_000
     (tmp_path / "policy").mkdir()
-    (tmp_path / "policy" / "manifest.json").write_text(json.dumps({"dataset": {"source": str(tmp_path / "d.zarr")}}))
+    (tmp_path / "policy" / MANIFEST).write_text(json.dumps({"dataset": {"source": str(tmp_path / "d.zarr")}}))
     assert training_dataset(tmp_path / "policy") == tmp_path / "d.zarr"
 
 

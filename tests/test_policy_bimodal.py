@@ -10,7 +10,8 @@ from _policy_data import bimodal_dataset, one_thread  # noqa: F401  (fixture)
 from dpstack.policy.checkpoint import load_checkpoint
 from dpstack.policy.config import load_config
 from dpstack.policy.torch_callables import torch_callables
-from dpstack.policy.train import CKPT_NAME, train
+from dpstack.policy.train import train
+from dpstack.policy.train_outputs import CHECKPOINT_FILE
 from dpstack.runtime.samplers import sample_full
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,7 +29,7 @@ def test_sampling_reproduces_both_modes(tmp_path: Path):
     result = train(cfg, data, tmp_path / "out", progress=False)
     assert result.step == STEPS
 
-    model, _ = load_checkpoint(tmp_path / "out" / CKPT_NAME)
+    model, _ = load_checkpoint(tmp_path / "out" / CHECKPOINT_FILE)
     fns = torch_callables(model)
     n = 200
     first_obs = np.array([[0.0, 0.3], [0.004, 0.3]], dtype=np.float32)          # the start of every episode

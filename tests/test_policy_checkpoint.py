@@ -14,7 +14,8 @@ from _policy_data import bimodal_dataset, one_thread  # noqa: F401  (fixture)
 from dpstack.policy.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from dpstack.policy.config import load_config
 from dpstack.policy.torch_callables import torch_callables
-from dpstack.policy.train import CKPT_NAME, METRICS_NAME, train
+from dpstack.policy.train import train
+from dpstack.policy.train_outputs import CHECKPOINT_FILE, LOSS_PLOT_FILE, METRICS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["policy.preset=test", "policy.regime_plain=0.5", "policy.regime_ladder=0.5", "policy.ladder_rungs=15",
@@ -32,11 +33,11 @@ def toy(tmp_path_factory) -> Path:
 def test_round_trip_same_outputs(toy, tmp_path):
     cfg = load_config(None, FAST + ["train.steps=4"])
     result = train(cfg, toy, tmp_path, progress=False)
-    assert result.step == 4 and not result.interrupted and (tmp_path / "loss.png").stat().st_size > 0
-    model, info = load_checkpoint(tmp_path / CKPT_NAME)
+    assert result.step == 4 and not result.interrupted and (tmp_path / LOSS_PLOT_FILE).stat().st_size > 0
+    model, info = load_checkpoint(tmp_path / CHECKPOINT_FILE)
     assert info["step"] == 4 and len(info["dataset"]["fingerprint"]) == 64
     assert info["config"].policy.preset == "test"
-    again, _ = load_checkpoint(tmp_path / CKPT_NAME)
+    again, _ = load_checkpoint(tmp_path / CHECKPOINT_FILE)
     fns_a, fns_b = torch_callables(model), torch_callables(again)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 16, 3)).astype(np.float32)
@@ -46,7 +47,7 @@ def test_round_trip_same_outputs(toy, tmp_path):
     cond = fns_a.encode(obs)
     assert np.array_equal(fns_a.denoise(x, t, cond), fns_b.denoise(x, t, cond))
     # The EMA weights (deployed) and the raw weights are both there and differ after training.
-    raw, _ = load_checkpoint(tmp_path / CKPT_NAME, use_ema=False)
+    raw, _ = load_checkpoint(tmp_path / CHECKPOINT_FILE, use_ema=False)
     assert not np.array_equal(torch_callables(raw).denoise(x, t, cond), fns_a.denoise(x, t, cond))
 
 
@@ -55,11 +56,11 @@ def test_resume_equals_straight_run(toy, tmp_path):
     train(cfg, toy, tmp_path / "straight", progress=False)
     first = train(cfg, toy, tmp_path / "split", progress=False, stop_at=4)
     assert first.step == 4 and first.interrupted
-    assert read_checkpoint(tmp_path / "split" / CKPT_NAME)["step"] == 4
+    assert read_checkpoint(tmp_path / "split" / CHECKPOINT_FILE)["step"] == 4
     second = train(cfg, toy, tmp_path / "split", resume=True, progress=False)
     assert second.step == 8 and not second.interrupted
-    a = read_checkpoint(tmp_path / "straight" / CKPT_NAME)
-    b = read_checkpoint(tmp_path / "split" / CKPT_NAME)
+    a = read_checkpoint(tmp_path / "straight" / CHECKPOINT_FILE)
+    b = read_checkpoint(tmp_path / "split" / CHECKPOINT_FILE)
     for part in ("model", "ema"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), f"{part}.{k}"
@@ -69,7 +70,7 @@ def test_resume_equals_straight_run(toy, tmp_path):
         assert torch.equal(state["step"], ob["state"][pid]["step"])
     assert a["train_state"]["scheduler"] == b["train_state"]["scheduler"]
     assert a["train_state"]["ema"] == b["train_state"]["ema"]
-    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (tmp_path / "split" / METRICS_NAME).read_text().splitlines()]
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (tmp_path / "split" / METRICS_FILE).read_text().splitlines()]
     assert steps == [2, 4, 6, 8]                                                     # metrics continue, no duplicates
 
 
@@ -84,7 +85,7 @@ def test_resume_refuses_another_dataset(toy, tmp_path):
 def test_damaged_checkpoints_are_refused(toy, tmp_path):
     cfg = load_config(None, FAST + ["train.steps=2"])
     train(cfg, toy, tmp_path, progress=False)
-    good = (tmp_path / CKPT_NAME).read_bytes()
+    good = (tmp_path / CHECKPOINT_FILE).read_bytes()
     cases = {
         "truncated.pt": good[: len(good) // 2],
         "garbage.pt": os.urandom(4096),
@@ -93,7 +94,7 @@ def test_damaged_checkpoints_are_refused(toy, tmp_path):
     }
     flipped = bytearray(good)
     # Flip bytes inside the largest stored tensor (the zip keeps data uncompressed).
-    payload = read_checkpoint(tmp_path / CKPT_NAME)
+    payload = read_checkpoint(tmp_path / CHECKPOINT_FILE)
     biggest = max(payload["model"].values(), key=lambda v: v.numel())
     needle = biggest.contiguous().view(torch.uint8).numpy().tobytes()[:64]
     at = good.find(needle)
@@ -120,7 +121,7 @@ def test_sigint_saves_a_resumable_checkpoint(toy, tmp_path):
            "train.log_every=1", "train.ckpt_every=100000"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = out / METRICS_NAME
+    metrics = out / METRICS_FILE
     deadline = time.time() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         assert proc.poll() is None, proc.communicate()
@@ -129,10 +130,10 @@ def test_sigint_saves_a_resumable_checkpoint(toy, tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    saved = read_checkpoint(out / CKPT_NAME)
+    saved = read_checkpoint(out / CHECKPOINT_FILE)
     assert saved["step"] >= 2 and "--resume" in err
     # And it continues from there.
     rc = subprocess.run(cmd[:-3] + [f"train.steps={saved['step'] + 2}", "train.log_every=1"] + ["--resume"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert rc.returncode == 0, rc.stderr
-    assert read_checkpoint(out / CKPT_NAME)["step"] == saved["step"] + 2
+    assert read_checkpoint(out / CHECKPOINT_FILE)["step"] == saved["step"] + 2

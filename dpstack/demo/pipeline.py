@@ -18,18 +18,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
-from dpstack.sim.eval_report import SamplerSummary
-from dpstack.sim.evaluate import DEFAULT_SEED_BASE, EvalConfig, dpstack_command, run_eval, unseen_seed_base
+from dpstack.demo.report import REPORT_FILE, TABLE_FILE
 from dpstack.demo.stages import Stage, run_stages
-
-CKPT_NAME = "last.pt"      # what `dpstack train` writes in its --out folder
-LOSS_PLOT = "loss.png"
-MANIFEST = "manifest.json"
-
-
-def _sha256(path: Path) -> str:
-    from dpstack.runtime.package import sha256_file
-    return sha256_file(path)
+from dpstack.policy.train_outputs import CHECKPOINT_FILE
+from dpstack.runtime.package import MANIFEST, sha256_file
+from dpstack.sim.eval_report import SamplerSummary
+from dpstack.sim.evaluate import DEFAULT_SEED_BASE, RESULTS_FILE, EvalConfig, dpstack_command, run_eval, unseen_seed_base
 
 
 class Demo:
@@ -42,7 +36,7 @@ class Demo:
         self.log = log
         self.dataset = self.out / "data" / f"{task}.zarr"
         self.train_dir = self.out / "train"
-        self.checkpoint = self.train_dir / CKPT_NAME
+        self.checkpoint = self.train_dir / CHECKPOINT_FILE
         self.policy = self.out / "policy"
         self.eval_dir = self.out / "eval"
         self.report_dir = self.out / "report"
@@ -68,9 +62,9 @@ class Demo:
         seconds = time.monotonic() - start
         peaks = [o.peak_mb for o in outcomes if o.peak_mb is not None]
         peak = f", peak memory {max(peaks):.0f} MB (largest stage, all its processes)" if peaks else ""
-        self.log(f"demo finished in {seconds:.0f} s{peak}; report: {self.report_dir / 'report.md'}")
+        self.log(f"demo finished in {seconds:.0f} s{peak}; report: {self.report_dir / REPORT_FILE}")
         self.write_run_record(outcomes, seconds)
-        table = self.report_dir / "table.md"
+        table = self.report_dir / TABLE_FILE
         if table.exists():
             self.log("\n" + table.read_text())
         return outcomes
@@ -81,7 +75,7 @@ class Demo:
             return
         record = {"seconds": seconds, "stages": [vars(o) for o in outcomes]}
         (self.report_dir / "run.json").write_text(json.dumps(record, indent=2))
-        report = self.report_dir / "report.md"
+        report = self.report_dir / REPORT_FILE
         if report.exists() and any(o.name == "report" and o.status == "ran" for o in outcomes):
             rows = [f"| {o.name} | {o.status} | {o.seconds:.0f} | "
                     f"{'' if o.peak_mb is None else f'{o.peak_mb:.0f}'} |" for o in outcomes]
@@ -152,17 +146,17 @@ class Demo:
         except (PackageError, ValueError, OSError):
             return False
         # Exported from THIS checkpoint (a retrained one needs a new package).
-        return (m.get("checkpoint") or {}).get("sha256") == _sha256(self.checkpoint)
+        return (m.get("checkpoint") or {}).get("sha256") == sha256_file(self.checkpoint)
 
     def export(self) -> None:
         self._call("export", str(self.checkpoint), "--out", str(self.policy), "--force")
 
     # ------------------------------------------------------------------ 4. serve + evaluate
     def package_id(self) -> str:
-        return _sha256(self.policy / MANIFEST)
+        return sha256_file(self.policy / MANIFEST)
 
     def eval_done(self) -> bool:
-        path = self.eval_dir / "results.json"
+        path = self.eval_dir / RESULTS_FILE
         if not path.exists() or not (self.policy / MANIFEST).exists():
             return False
         try:
@@ -183,7 +177,7 @@ class Demo:
 
     # ------------------------------------------------------------------ 5. report
     def report_done(self) -> bool:
-        report, results = self.report_dir / "report.md", self.eval_dir / "results.json"
+        report, results = self.report_dir / REPORT_FILE, self.eval_dir / RESULTS_FILE
         return report.exists() and results.exists() and report.stat().st_mtime >= results.stat().st_mtime
 
     def report(self) -> None:

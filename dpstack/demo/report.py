@@ -8,7 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dpstack.policy.train_outputs import LOSS_PLOT_FILE
 from dpstack.sim.eval_report import SamplerSummary, markdown_table
+from dpstack.sim.evaluate import LATENCY_PLOT_FILE, RAW_DIR, RESULTS_FILE
+
+REPORT_FILE = "report.md"
+TABLE_FILE = "table.md"
+VIDEO_FILE = "rollout.mp4"
 
 
 def _summaries(results: dict[str, Any]) -> list[SamplerSummary]:
@@ -26,7 +32,7 @@ def pick_video(raw_dir: Path) -> Path | None:
     for f in sorted(raw_dir.glob("*.json")):
         data = json.loads(f.read_text())
         if "sampler" not in data:
-            continue  # raw/run.json: the run's settings, not a sampler's episodes
+            continue  # raw/run.json (evaluate.RUN_KEY_FILE): the run's settings, not a sampler's episodes
         for ep in data["episodes"]:
             if ep.get("video") and Path(ep["video"]).exists():
                 candidates.append((not ep["success"], ep["steps"], Path(ep["video"])))
@@ -37,22 +43,23 @@ def write_report(demo: Any) -> Path:
     """Write demo.report_dir/{report.md, table.md, loss.png, latency.png, rollout.mp4}."""
     out: Path = demo.report_dir
     out.mkdir(parents=True, exist_ok=True)
-    results = json.loads((demo.eval_dir / "results.json").read_text())
+    results = json.loads((demo.eval_dir / RESULTS_FILE).read_text())
     summaries = _summaries(results)
     table = markdown_table(summaries)
-    (out / "table.md").write_text(table)
+    (out / TABLE_FILE).write_text(table)
 
     figures = []
-    for src, name, caption in ((demo.train_dir / "loss.png", "loss.png", "Training loss"),
-                               (demo.eval_dir / "latency.png", "latency.png", "Latency per sampler: per control step and per chunk request")):
+    for src, name, caption in ((demo.train_dir / LOSS_PLOT_FILE, LOSS_PLOT_FILE, "Training loss"),
+                               (demo.eval_dir / LATENCY_PLOT_FILE, LATENCY_PLOT_FILE,
+                                "Latency per sampler: per control step and per chunk request")):
         if src.exists():
             shutil.copyfile(src, out / name)
             figures.append(f"![{caption}]({name})\n\n*{caption}.*\n")
-    video = pick_video(demo.eval_dir / "raw")
+    video = pick_video(demo.eval_dir / RAW_DIR)
     video_line = "No rollout was recorded."
     if video is not None:
-        shutil.copyfile(video, out / "rollout.mp4")
-        video_line = f"[rollout.mp4](rollout.mp4): {video.stem}."
+        shutil.copyfile(video, out / VIDEO_FILE)
+        video_line = f"[{VIDEO_FILE}]({VIDEO_FILE}): {video.stem}."
 
     s = demo.s
     lines = [
@@ -86,5 +93,5 @@ def write_report(demo: Any) -> Path:
         video_line,
         "",
     ]
-    (out / "report.md").write_text("\n".join(lines))
-    return out / "report.md"
+    (out / REPORT_FILE).write_text("\n".join(lines))
+    return out / REPORT_FILE
