@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from dpstack.core.files import write_atomic
 from dpstack.core.spec import RobotSpec
 
 SOURCES = ("scripted_expert", "human", "import")
@@ -83,15 +83,6 @@ class DatasetAttrs:
 
 def _is_zip(path: Path) -> bool:
     return path.suffix == ".zip"
-
-
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _time_chunk(step_shape: tuple[int, ...], dtype: np.dtype) -> int:
@@ -418,10 +409,10 @@ class ReplayBuffer:
         payload = chunk.tobytes(order=meta.get("order", "C"))
         if meta.get("compressor"):
             payload = bytes(numcodecs.get_codec(meta["compressor"]).encode(payload))
-        _atomic_write_bytes(folder / str(ci), payload)
+        write_atomic(folder / str(ci), payload)
         _stage("commit:chunk")
         meta["shape"] = [int(ends.size)]
-        _atomic_write_bytes(zarray_path, json.dumps(meta, indent=4, sort_keys=True).encode())
+        write_atomic(zarray_path, json.dumps(meta, indent=4, sort_keys=True).encode())
         _stage("commit:done")
         self._episode_ends = ends
 

@@ -96,7 +96,9 @@ def load_dataset(path: str | Path, config: PolicyConfig, normalizer: Normalizer 
 
     rb = ReplayBuffer.open(path)
     if rb.attrs is None:
-        raise ConfigError(f"{path}: dataset has no dpstack attributes (RobotSpec); import it with `dpstack data` first")
+        raise ConfigError(f"{path}: dataset has no dpstack attributes (task, rate, RobotSpec); attach them once with "
+                          "ReplayBuffer.set_attrs, as docs/datasets.md 'Bringing your own data' shows "
+                          "(a robomimic .hdf5 file imports with them: `dpstack data convert`)")
     spec = rb.attrs.spec
     keys = (*resolve_obs_keys(config, spec), ACTION)
     arrays = rb.load(keys)

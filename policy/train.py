@@ -26,7 +26,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import build_payload, read_checkpoint, save_checkpoint
+from dpstack.core.files import write_atomic
+
+from .checkpoint import CheckpointError, build_payload, read_checkpoint, save_checkpoint
 from .config import Config, ConfigError
 from .dataset import ACTION, TrainingData, load_dataset
 from .ema import EMA
@@ -147,11 +149,28 @@ def stop_on_signals() -> Iterator[StopFlag]:
 # -- metrics ---------------------------------------------------------------------------
 
 def _truncate_metrics(path: Path, after_step: int) -> None:
-    """On resume drop lines beyond the checkpoint's step (they were not saved in it)."""
+    """On resume drop lines beyond the checkpoint's step (they were not saved in it), and a
+    torn last line left by a process killed mid-write."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= after_step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= after_step:
+            keep.append(line)
+    write_atomic(path, "".join(line + "\n" for line in keep))
+
+
+def log_line(row: dict[str, Any], total_steps: int) -> str:
+    """One metrics row for a terminal or a log file."""
+    line = (f"step {row['step']}/{total_steps}  loss {row['loss']:.4g}  lr {row['lr']:.2e}  "
+            f"{row['samples_per_s']:.0f} samples/s  epoch {row['epoch']:g}")
+    if "eval_action_mse" in row:
+        line += f"  eval_action_mse {row['eval_action_mse']:.4g}"
+    return line
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> None:
@@ -216,6 +235,7 @@ class TrainResult:
     checkpoint: Path | None
     last_loss: float | None
     model: DiffusionPolicyModel | None = None   # the trained (non-EMA) model, unwrapped from DDP
+    already_complete: bool = False              # resumed at or past its last step: nothing was done
 
 
 def _to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -223,21 +243,49 @@ def _to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, 
             for k, v in batch.items()}
 
 
+def policy_changes(saved: Config, now: Config) -> list[str]:
+    """The policy fields that differ, as 'policy.KEY (SAVED in the checkpoint, NOW now)'."""
+    a, b = saved.to_dict()["policy"], now.to_dict()["policy"]
+    return [f"policy.{k} ({a.get(k)!r} in the checkpoint, {b[k]!r} now)" for k in b if a.get(k) != b[k]]
+
+
+def _refuse_to_replace(ckpt_path: Path) -> None:
+    """A fresh run must not overwrite a saved one (its checkpoint and its metrics)."""
+    if not ckpt_path.exists():
+        return
+    try:
+        step = read_checkpoint(ckpt_path)["step"]
+    except CheckpointError as e:
+        raise ConfigError(f"{e}; nothing was changed: move it away, or give another --out to start afresh") from None
+    raise ConfigError(f"{ckpt_path.parent} already holds a training run ({CHECKPOINT_FILE} at step {step}); nothing was "
+                      "changed: continue it with --resume, or give another --out to start afresh")
+
+
 def train(config: Config, dataset: str | os.PathLike | TrainingData, out_dir: str | os.PathLike,
-          resume: bool = False, progress: bool = True, stop_at: int | None = None) -> TrainResult:
+          resume: bool = False, progress: bool = True, stop_at: int | None = None,
+          log_lines: bool = False) -> TrainResult:
     """Train (or resume) into out_dir. `stop_at` ends early at that step as an interruption
-    would (saving a resumable checkpoint); used by tests and for time-boxed runs."""
+    would (saving a resumable checkpoint); used by tests and for time-boxed runs.
+    `progress` shows a progress bar; `log_lines` prints each metrics row to stdout."""
     out = Path(out_dir)
     info = init_distributed(config.train.device)
     ckpt_path = out / CHECKPOINT_FILE
-    payload = None
-    if resume:
-        payload = read_checkpoint(ckpt_path)
-        saved = Config.from_dict(payload["config"])
-        if saved.policy != config.policy:
-            raise ConfigError(f"--resume: the policy config differs from the checkpoint's ({ckpt_path}); "
-                              "only train.* may change when resuming")
     tc, pc = config.train, config.policy
+    end_step = tc.steps if stop_at is None else min(tc.steps, stop_at)
+    payload = None
+    if not resume:
+        _refuse_to_replace(ckpt_path)
+    else:
+        payload = read_checkpoint(ckpt_path)
+        changes = policy_changes(Config.from_dict(payload["config"]), config)
+        if changes:
+            raise ConfigError(f"--resume: {ckpt_path} was trained with another policy config: {'; '.join(changes)}. "
+                              "Only train.* may change when resuming: drop --config to resume with the checkpoint's own, "
+                              "or start a new run in another --out")
+        if int(payload["step"]) >= end_step:
+            return TrainResult(step=int(payload["step"]), interrupted=int(payload["step"]) < tc.steps,
+                               checkpoint=ckpt_path, last_loss=payload.get("metrics", {}).get("loss"),
+                               already_complete=True)
     if tc.batch_size % info.world:
         raise ConfigError(f"train.batch_size {tc.batch_size} is not divisible by the {info.world} ranks")
     torch.manual_seed(tc.seed)
@@ -263,13 +311,14 @@ def train(config: Config, dataset: str | os.PathLike | TrainingData, out_dir: st
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.steps))
     ema = EMA(model, tc.ema_power, tc.ema_max_decay)
-    step = 0
+    step, last_loss = 0, None
     if payload:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["train_state"]["optimizer"])
         scheduler.load_state_dict(payload["train_state"]["scheduler"])
         ema.load_state_dict(payload["train_state"]["ema"], payload["ema"])
         step = int(payload["step"])
+        last_loss = payload.get("metrics", {}).get("loss")
         del payload
     ddp_model = model
     if info.world > 1:
@@ -283,7 +332,7 @@ def train(config: Config, dataset: str | os.PathLike | TrainingData, out_dir: st
             _truncate_metrics(metrics_path, step)
         elif metrics_path.exists():
             metrics_path.unlink()
-        (out / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+        write_atomic(out / CONFIG_FILE, json.dumps(config.to_dict(), indent=2))
 
     def save(at_step: int, last_loss: float | None) -> Path | None:
         if info.is_main:
@@ -298,12 +347,11 @@ def train(config: Config, dataset: str | os.PathLike | TrainingData, out_dir: st
         return ckpt_path
 
     per_rank = tc.batch_size // info.world
-    end_step = tc.steps if stop_at is None else min(tc.steps, stop_at)
     bar = None
     if info.is_main and progress:
         from tqdm import tqdm
         bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    loss_sum, loss_n, t_window, last_loss = 0.0, 0, time.perf_counter(), None
+    loss_sum, loss_n, t_window = 0.0, 0, time.perf_counter()
     stopped = False
     model.train()
     with stop_on_signals() as flag:
@@ -350,6 +398,8 @@ def train(config: Config, dataset: str | os.PathLike | TrainingData, out_dir: st
                             f.write(json.dumps(row) + "\n")
                         if bar is not None:
                             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}")
+                        if log_lines:
+                            print(log_line(row, tc.steps), flush=True)
                     loss_sum, loss_n, t_window = 0.0, 0, time.perf_counter()
                 if _should_stop(flag, info):
                     stopped = True

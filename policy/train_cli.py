@@ -1,7 +1,7 @@
 """`dpstack train --config lift_state_small --dataset PATH --out DIR [--resume] [--set k=v ...]`
 
 Multi-GPU / multi-node: run this module under torchrun, e.g.
-    torchrun --nproc_per_node 4 -m policy.train_cli --config lift_state_dp --dataset d.zarr --out runs/x
+    torchrun --nproc_per_node 4 -m dpstack.policy.train_cli --config lift_state_dp --dataset d.zarr --out runs/x
 (see docs/training.md).
 """
 from __future__ import annotations
@@ -11,16 +11,19 @@ import sys
 
 from .train_outputs import CHECKPOINT_FILE, LOSS_PLOT_FILE, METRICS_FILE
 
+DEFAULT_CONFIG = "lift_state_small"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="lift_state_small",
-                        help="a shipped config name (policy/configs/*.yaml) or a path to a YAML file")
+    parser.add_argument("--config", default=None,
+                        help="a shipped config name (policy/configs/*.yaml) or a path to a YAML file "
+                             f"(default: {DEFAULT_CONFIG}; with --resume: the checkpoint's own)")
     parser.add_argument("--dataset", required=True, help="dataset (zarr directory or .zarr.zip)")
     parser.add_argument("--out", required=True, help=f"output directory: {CHECKPOINT_FILE}, {METRICS_FILE}, {LOSS_PLOT_FILE}")
     parser.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT_FILE} at its step")
     parser.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
                         help="override config values, e.g. --set train.steps=500 policy.preset=dp")
-    parser.add_argument("--quiet", dest="no_progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument("--quiet", dest="no_progress", action="store_true", help="no progress bar: one log line per logged step")
     parser.add_argument("--no-progress", dest="no_progress", action="store_true", help=argparse.SUPPRESS)  # the old spelling
 
 
@@ -34,21 +37,29 @@ def run(args: argparse.Namespace) -> int:
     from .train import train
 
     try:
-        if args.resume:
-            # The checkpoint's config is authoritative; --set may still change train.* (e.g. more steps).
+        if args.resume and args.config is None:
+            # Without --config the checkpoint's config is the base; --set may change train.* (e.g. more steps).
             saved = read_checkpoint(Path(args.out) / CHECKPOINT_FILE)["config"]
             config = Config.from_dict(apply_overrides(saved, list(args.overrides)))
         else:
-            config = load_config(args.config, args.overrides)
-        result = train(config, args.dataset, args.out, resume=args.resume, progress=not args.no_progress)
+            # train() refuses a --resume whose policy section differs from the checkpoint's.
+            config = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+        result = train(config, args.dataset, args.out, resume=args.resume, progress=not args.no_progress,
+                       log_lines=args.no_progress)
     except (ConfigError, CheckpointError, DatasetError, FileNotFoundError) as e:
         print(f"dpstack train: {e}", file=sys.stderr)
         return 2
+    if result.already_complete:
+        # Not a failure: the run the user asked to continue is already done.
+        print(f"{args.out} is already complete at step {result.step} (train.steps {config.train.steps}); "
+              f"nothing was done. To train further: --resume --set train.steps=N with N > {result.step}")
+        return 0
     if result.interrupted and result.step < config.train.steps:
         print(f"dpstack train: stopped at step {result.step}; checkpoint {result.checkpoint} "
               f"(continue with --resume)", file=sys.stderr)
         return 130
-    print(f"trained {result.step} steps, loss {result.last_loss:.4g}; checkpoint {result.checkpoint}")
+    loss = "" if result.last_loss is None else f", loss {result.last_loss:.4g}"
+    print(f"trained {result.step} steps{loss}; checkpoint {result.checkpoint}")
     return 0
 
 

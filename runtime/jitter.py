@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from dpstack.core.files import write_atomic
 from dpstack.core.process import announce_ready
 from dpstack.core.stats import Summary, format_ms, summarize_ms
 from dpstack.runtime import realtime
@@ -132,17 +132,10 @@ def _one_cpu(args: argparse.Namespace) -> int:
     result = summarize(log, args.hz, args.stall_ms).to_dict()
     text = json.dumps(result)
     if args.out:
-        _write_atomic(Path(args.out), text)
+        write_atomic(args.out, text)
     else:
         print(text, flush=True)
     return 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def one_cpu_command(cpu: int, hz: float, stall_ms: float, seconds: float = 0.0, priority: int = 0,
@@ -193,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{late['p50_ms']:>9} {late['p99_ms']:>8} {late['max_ms']:>9} {len(r['stalls']):>7} "
               f"{len(r['slowdowns']):>10}")
     if args.out:
-        _write_atomic(Path(args.out), json.dumps({"hz": args.hz, "seconds": args.seconds, "cpus": results}, indent=1))
+        write_atomic(args.out, json.dumps({"hz": args.hz, "seconds": args.seconds, "cpus": results}, indent=1))
         print(f"wrote {args.out}")
     return 1 if failed else 0
 

@@ -1,4 +1,5 @@
 """Checkpoints: round trip, exact resume, refusal of damaged files, Ctrl-C saves."""
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import torch
 
 from _policy_data import bimodal_dataset, one_thread  # noqa: F401  (fixture)
 from dpstack.policy.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
-from dpstack.policy.config import load_config
+from dpstack.policy.config import ConfigError, load_config
 from dpstack.policy.torch_callables import torch_callables
 from dpstack.policy.train import train
 from dpstack.policy.train_outputs import CHECKPOINT_FILE, LOSS_PLOT_FILE, METRICS_FILE
@@ -80,6 +81,35 @@ def test_resume_refuses_another_dataset(toy, tmp_path):
     other = bimodal_dataset(tmp_path / "other.zarr", n_episodes=4, length=20, seed=1)
     with pytest.raises(ValueError, match="not the one the checkpoint was trained on"):
         train(cfg, other, tmp_path, resume=True, progress=False)
+
+
+def test_resume_refuses_another_policy_and_names_the_fields(toy, tmp_path):
+    cfg = load_config(None, FAST + ["train.steps=4"])
+    train(cfg, toy, tmp_path, progress=False, stop_at=2)
+    other = load_config(None, FAST + ["train.steps=4", "policy.horizon=8", "policy.prefix_max=2"])
+    with pytest.raises(ConfigError, match=r"policy.horizon \(16 in the checkpoint, 8 now\); "
+                                          r"policy.prefix_max \(3 in the checkpoint, 2 now\)"):
+        train(other, toy, tmp_path, resume=True, progress=False)
+
+
+def test_a_fresh_run_never_replaces_a_saved_one(toy, tmp_path):
+    cfg = load_config(None, FAST + ["train.steps=2"])
+    train(cfg, toy, tmp_path, progress=False)
+    before = (tmp_path / CHECKPOINT_FILE).read_bytes(), (tmp_path / METRICS_FILE).read_text()
+    with pytest.raises(ConfigError, match="already holds a training run"):
+        train(cfg, toy, tmp_path, progress=False)
+    assert ((tmp_path / CHECKPOINT_FILE).read_bytes(), (tmp_path / METRICS_FILE).read_text()) == before
+
+
+def test_resume_after_a_crash_mid_log_line(toy, tmp_path):
+    """A process killed while appending to metrics.jsonl leaves a torn last line; resume drops it."""
+    cfg = load_config(None, FAST + ["train.steps=6", "train.ckpt_every=2"])
+    train(cfg, toy, tmp_path, progress=False, stop_at=4)
+    metrics = tmp_path / METRICS_FILE
+    metrics.write_text(metrics.read_text() + '{"step": 6, "loss": 0.')
+    assert train(cfg, toy, tmp_path, resume=True, progress=False).step == 6
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [2, 4, 6]
 
 
 def test_damaged_checkpoints_are_refused(toy, tmp_path):
