@@ -31,13 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("convert", help="import a robomimic HDF5 file into a zarr dataset",
                        description="Import robomimic demonstrations (data/demo_<i>/{obs/*, actions, rewards, dones}) "
                                    "into a new zarr dataset. Demos keep their numeric order; 'actions' becomes "
-                                   "'action'; task, control rate and robot come from the file's env_args. Gripper "
-                                   "dims are the action dims that only take the values -1/+1 unless given.")
+                                   "'action'; robomimic's 'object' is stored as robosuite's 'object-state' (the "
+                                   "name the shipped configs use); task, control rate and robot come from the "
+                                   "file's env_args. Gripper dims are the action dims that only take the values "
+                                   "-1/+1 unless given.")
     p.add_argument("src", type=Path, help="robomimic .hdf5 file")
     p.add_argument("--out", type=Path, required=True, help="destination .zarr directory (must not exist)")
     p.add_argument("--obs-keys", nargs="+", metavar="KEY", help="observation keys to keep (default: all in the file)")
     p.add_argument("--task", help="task name to record (default: env_args env_name)")
     p.add_argument("--hz", type=float, help="control rate in Hz (default: env_args env_kwargs control_freq)")
+    p.add_argument("--robot", help="robot name to record (default: env_args env_kwargs robots)")
+    p.add_argument("--rename", action="extend", nargs="+", default=[], metavar="OLD=NEW",
+                   help="store observation OLD as NEW (default: object=object-state; "
+                        "--rename object=object keeps robomimic's name)")
     p.add_argument("--gripper-dims", type=int, nargs="*", metavar="DIM",
                    help="action dims that are binary gripper commands (default: inferred from the data)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -47,8 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    "With several image keys, cameras are shown side by side.")
     p.add_argument("path", type=Path, help="dataset: a .zarr directory or a .zarr.zip file")
     p.add_argument("--episode", type=int, required=True, help="episode index (negative counts from the end)")
-    p.add_argument("--key", action="append", metavar="KEY",
-                   help="image key to show; repeat for several (default: every image key)")
+    p.add_argument("--key", action="extend", nargs="+", metavar="KEY",
+                   help="image key(s) to show, left to right (default: every image key)")
     p.add_argument("--out", type=Path, help="output .mp4 (default: <dataset name>_ep<N>.mp4 here)")
     p.add_argument("--fps", type=float, help="frames per second (default: the dataset's control rate, else 20)")
 
@@ -75,10 +81,21 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from dpstack.data.replay_buffer import DatasetError
     from dpstack.data.robomimic import convert_robomimic
 
-    rb = convert_robomimic(args.src, args.out, obs_keys=args.obs_keys, task=args.task, control_hz=args.hz,
-                           gripper_dims=args.gripper_dims, overwrite=args.overwrite)
+    rename = {}
+    for item in args.rename:
+        old, sep, new = item.partition("=")
+        if not (sep and old and new):
+            raise DatasetError(f"--rename {item}: expected OLD=NEW, e.g. --rename object=object-state")
+        rename[old] = new
+    try:
+        rb = convert_robomimic(args.src, args.out, obs_keys=args.obs_keys, task=args.task, control_hz=args.hz,
+                               gripper_dims=args.gripper_dims, overwrite=args.overwrite, robot=args.robot,
+                               rename=rename)
+    except FileExistsError:
+        raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it") from None
     print(f"wrote {rb.n_episodes} episodes, {rb.n_steps} steps, keys {list(rb.keys)} to {args.out}")
     return 0
 

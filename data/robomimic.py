@@ -3,8 +3,10 @@
 robomimic layout: data/demo_<i>/{obs/<key>, actions, rewards, dones}, with the
 environment description as a JSON string in the `env_args` attribute of `data`.
 Episodes are imported in numeric demo order (demo_2 before demo_10), the action
-key becomes "action", observation keys keep their names, rewards/dones become
-"reward"/"done". Each demo is committed as it is written, so an interrupted
+key becomes "action", rewards/dones become "reward"/"done". Observation keys keep
+their names except "object", which robomimic renamed from robosuite's "object-state"
+and which goes back to that name (the one our tasks and shipped configs use); `rename`
+changes or undoes that. Each demo is committed as it is written, so an interrupted
 import leaves a valid dataset of the demos done so far.
 """
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -22,6 +25,8 @@ from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
 
 _DEMO = re.compile(r"^demo_(\d+)$")
 _RESERVED = ("action", "reward", "done")
+# robomimic stores robosuite's "object-state" as "object"; dpstack's tasks publish "object-state".
+DEFAULT_RENAME = {"object": "object-state"}
 
 
 def demo_names(data_group: Any) -> list[str]:
@@ -56,21 +61,36 @@ def _robot_name(env_kwargs: dict[str, Any]) -> str:
 
 
 def _obs_spec(key: str, ds: Any) -> ArraySpec:
+    """The spec of observation `key`, stored from h5py dataset `ds` (named in errors)."""
     step = tuple(ds.shape[1:])
     if ds.dtype == np.uint8:
         return ArraySpec(key, step, "uint8")
     if len(step) == 3:
-        raise DatasetError(f"obs/{key}: image-shaped {step} but dtype {ds.dtype}, expected uint8")
+        raise DatasetError(f"{ds.name}: image-shaped {step} but dtype {ds.dtype}, expected uint8")
     if np.dtype(ds.dtype).kind not in "fiub":
-        raise DatasetError(f"obs/{key}: unsupported dtype {ds.dtype}")
+        raise DatasetError(f"{ds.name}: unsupported dtype {ds.dtype}")
     return ArraySpec(key, step, "float32")
+
+
+def stored_names(available: Sequence[str], rename: Mapping[str, str] | None) -> dict[str, str]:
+    """file key -> dataset key for every key that changes name: DEFAULT_RENAME where it applies
+    (its source is in the file and its target is not), then `rename`."""
+    rename = dict(rename or {})
+    for old, new in rename.items():
+        if old not in available:
+            raise DatasetError(f"--rename {old}={new}: the file has no observation {old!r} (have {list(available)})")
+    names = {old: new for old, new in DEFAULT_RENAME.items() if old in available and new not in available}
+    names.update(rename)
+    return {old: new for old, new in names.items() if old != new}
 
 
 def convert_robomimic(src: str | os.PathLike, dst: str | os.PathLike, obs_keys: Sequence[str] | None = None,
                       task: str | None = None, control_hz: float | None = None,
                       gripper_dims: Sequence[int] | None = None, overwrite: bool = False,
-                      progress: bool = True) -> ReplayBuffer:
-    """Convert robomimic HDF5 `src` into a new dataset at `dst`; returns it opened for appending."""
+                      progress: bool = True, robot: str | None = None,
+                      rename: Mapping[str, str] | None = None) -> ReplayBuffer:
+    """Convert robomimic HDF5 `src` into a new dataset at `dst`; returns it opened for appending.
+    `obs_keys` may name a key as in the file or as renamed; `rename` maps file keys to stored ones."""
     import h5py
     from tqdm import tqdm
 
@@ -96,10 +116,16 @@ def convert_robomimic(src: str | os.PathLike, dst: str | os.PathLike, obs_keys: 
             if k not in first:
                 raise DatasetError(f"{src}: data/{names[0]}/{k} missing")
         available = list(first["obs"].keys())
-        keys = list(obs_keys) if obs_keys else available
-        for k in keys:
+        renames = stored_names(available, rename)
+        from_stored = {new: old for old, new in renames.items()}
+        keys = [k if k in available else from_stored.get(k, k) for k in obs_keys] if obs_keys else available
+        stored = {k: renames.get(k, k) for k in keys}
+        for k in stored.values():
             if k in _RESERVED:
                 raise DatasetError(f"obs key {k!r} clashes with a reserved dataset key {_RESERVED}")
+        twice = sorted(k for k, n in Counter(stored.values()).items() if n > 1)
+        if twice:
+            raise DatasetError(f"two observations would be stored as {twice}; change --rename")
         for name in names:
             demo = data[name]
             for k in keys:
@@ -110,7 +136,7 @@ def convert_robomimic(src: str | os.PathLike, dst: str | os.PathLike, obs_keys: 
 
         task = task or env_args.get("env_name")
         if not task:
-            raise DatasetError(f"{src}: no env_args.env_name; pass a task name")
+            raise DatasetError(f"{src}: env_args has no env_name; pass the task (--task)")
         hz = control_hz or env_kwargs.get("control_freq")
         if not hz:
             raise DatasetError(f"{src}: env_args.env_kwargs has no control_freq; pass the control rate (--hz)")
@@ -124,15 +150,16 @@ def convert_robomimic(src: str | os.PathLike, dst: str | os.PathLike, obs_keys: 
         adim = all_actions.shape[1]
         action = ActionSpec(shape=(adim,), gripper_dims=grippers,
                             low=(-1.0,) * adim if bounded else (), high=(1.0,) * adim if bounded else ())
-        spec = RobotSpec(task=task, robot=_robot_name(env_kwargs), control_hz=float(hz),
-                         observations=tuple(_obs_spec(k, first["obs"][k]) for k in keys), action=action)
+        spec = RobotSpec(task=task, robot=robot or _robot_name(env_kwargs), control_hz=float(hz),
+                         observations=tuple(_obs_spec(stored[k], first["obs"][k]) for k in keys), action=action)
         attrs = DatasetAttrs(task=task, control_hz=float(hz), spec=spec, source="import",
-                             extra={"imported_from": src.name, "format": "robomimic",
-                                    "demos": names, "env_args": env_args})
+                             extra={"imported_from": src.name, "format": "robomimic", "demos": names,
+                                    "renamed": {k: v for k, v in stored.items() if k != v}, "env_args": env_args})
         rb = ReplayBuffer.create(dst, attrs, overwrite=overwrite)
         for name in tqdm(names, desc=f"import {src.name}", unit="demo", disable=not progress):
             demo = data[name]
-            episode = {k: np.asarray(demo["obs"][k][:]).astype(np.dtype(spec.obs(k).dtype), copy=False) for k in keys}
+            episode = {stored[k]: np.asarray(demo["obs"][k][:]).astype(np.dtype(spec.obs(stored[k]).dtype), copy=False)
+                       for k in keys}
             episode["action"] = np.asarray(demo["actions"][:], dtype=np.float32)
             if "rewards" in demo:
                 episode["reward"] = np.asarray(demo["rewards"][:], dtype=np.float32)

@@ -78,8 +78,32 @@ def test_convert_via_cli(tmp_path, capsys):
     assert "wrote 4 episodes" in capsys.readouterr().out
     rb = ReplayBuffer.open(dst)
     assert rb.attrs.spec.obs_keys == ("robot0_eef_pos", "agentview_image")
-    # refuses to overwrite without --overwrite
+    # refuses to overwrite without --overwrite, and names the flag
     assert main(["data", "convert", str(tmp_path / "src.hdf5"), "--out", str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "overwrite=True" not in err
+    assert ReplayBuffer.open(dst).attrs.spec.obs_keys == ("robot0_eef_pos", "agentview_image")
+
+
+def test_convert_robot_and_rename_flags(tmp_path, capsys):
+    write_robomimic(tmp_path / "src.hdf5")
+    dst = tmp_path / "out.zarr"
+    assert main(["data", "convert", str(tmp_path / "src.hdf5"), "--out", str(dst), "--robot", "UR5e",
+                 "--rename", "robot0_eef_pos=eef", "--rename", "agentview_image=cam_image"]) == 0
+    spec = ReplayBuffer.open(dst).attrs.spec
+    assert spec.robot == "UR5e" and set(spec.obs_keys) == {"eef", "object-state", "cam_image"}
+    assert main(["data", "convert", str(tmp_path / "src.hdf5"), "--out", str(tmp_path / "x.zarr"),
+                 "--rename", "robot0_eef_pos"]) == 2
+    assert "OLD=NEW" in capsys.readouterr().err
+
+
+def test_video_key_takes_several_values(tmp_path):
+    rb = small_dataset(tmp_path / "d.zarr")
+    out = tmp_path / "ep0.mp4"
+    assert main(["data", "video", str(tmp_path / "d.zarr"), "--episode", "0", "--key", "agentview_image",
+                 "agentview_image", "--out", str(out)]) == 0
+    with imageio.get_reader(out, format="FFMPEG") as reader:
+        assert next(reader.iter_data()).shape == (32, 96, 3)        # the same camera twice, side by side
 
 
 def test_help_texts():

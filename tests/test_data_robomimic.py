@@ -17,7 +17,8 @@ def test_import_keeps_numeric_order_keys_and_attrs(tmp_path):
     order = ["demo_0", "demo_1", "demo_2", "demo_10"]  # demo_2 before demo_10
     assert rb.n_episodes == 4
     assert rb.episode_lengths().tolist() == [LENGTHS[n] for n in order]
-    assert set(rb.keys) == {"robot0_eef_pos", "object", "agentview_image", "action", "reward", "done"}
+    # robomimic's "object" is robosuite's "object-state", the name our tasks and shipped configs use.
+    assert set(rb.keys) == {"robot0_eef_pos", "object-state", "agentview_image", "action", "reward", "done"}
     for i, name in enumerate(order):
         ep = rb.get_episode(i)
         np.testing.assert_allclose(ep["robot0_eef_pos"], demos[name]["robot0_eef_pos"], rtol=1e-6)
@@ -40,9 +41,27 @@ def test_import_subset_of_obs_keys_and_overrides(tmp_path):
         convert_robomimic(src, tmp_path / "a.zarr", progress=False)
     rb = convert_robomimic(src, tmp_path / "b.zarr", obs_keys=["object"], task="can", control_hz=10,
                            gripper_dims=[], progress=False)
-    assert rb.attrs.spec.obs_keys == ("object",) and rb.attrs.task == "can" and rb.attrs.control_hz == 10
+    assert rb.attrs.spec.obs_keys == ("object-state",) and rb.attrs.task == "can" and rb.attrs.control_hz == 10
     assert rb.attrs.spec.action.gripper_dims == ()
-    assert set(rb.keys) == {"object", "action", "reward", "done"}
+    assert set(rb.keys) == {"object-state", "action", "reward", "done"}
+
+
+def test_import_renames_keys_and_sets_the_robot(tmp_path):
+    src = tmp_path / "x.hdf5"
+    demos = write_robomimic(src)
+    rb = convert_robomimic(src, tmp_path / "a.zarr", obs_keys=["object-state", "robot0_eef_pos"],
+                           rename={"robot0_eef_pos": "eef"}, robot="UR5e", progress=False)
+    assert rb.attrs.spec.obs_keys == ("object-state", "eef") and rb.attrs.spec.robot == "UR5e"
+    np.testing.assert_allclose(rb.get_episode(0)["eef"], demos["demo_0"]["robot0_eef_pos"], rtol=1e-6)
+    # The default rename can be undone.
+    rb = convert_robomimic(src, tmp_path / "b.zarr", obs_keys=["object"], rename={"object": "object"}, progress=False)
+    assert rb.attrs.spec.obs_keys == ("object",)
+    with pytest.raises(DatasetError, match=r"--rename nope=x: the file has no observation 'nope'"):
+        convert_robomimic(src, tmp_path / "c.zarr", rename={"nope": "x"}, progress=False)
+    with pytest.raises(DatasetError, match="reserved"):
+        convert_robomimic(src, tmp_path / "d.zarr", rename={"robot0_eef_pos": "action"}, progress=False)
+    with pytest.raises(DatasetError, match="two observations"):
+        convert_robomimic(src, tmp_path / "e.zarr", rename={"robot0_eef_pos": "object-state"}, progress=False)
 
 
 def test_import_errors_name_the_problem(tmp_path):
@@ -57,3 +76,7 @@ def test_import_errors_name_the_problem(tmp_path):
         convert_robomimic(bad, tmp_path / "b.zarr", progress=False)
     with pytest.raises(FileNotFoundError):
         convert_robomimic(tmp_path / "nope.hdf5", tmp_path / "c.zarr", progress=False)
+    nameless = tmp_path / "nameless.hdf5"
+    write_robomimic(nameless, env_args={"env_kwargs": {"control_freq": 20}})
+    with pytest.raises(DatasetError, match=r"--task"):
+        convert_robomimic(nameless, tmp_path / "d.zarr", progress=False)
