@@ -27,6 +27,7 @@ from typing import Any, Mapping
 
 import torch
 
+from dpstack.core.files import write_atomic
 from dpstack.core.normalizer import Normalizer
 from dpstack.core.schedule import NoiseSchedule
 from dpstack.core.spec import RobotSpec
@@ -73,19 +74,7 @@ def build_payload(model: DiffusionPolicyModel, ema_state: Mapping[str, torch.Ten
 
 def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
     """Atomic write: tmp file in the same directory, fsync, os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(dict(payload), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_atomic(path, lambda f: torch.save(dict(payload), f))
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

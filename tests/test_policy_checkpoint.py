@@ -1,4 +1,5 @@
-"""Checkpoints: round trip, exact resume, refusal of damaged files, Ctrl-C saves."""
+"""Checkpoints: round trip, exact resume, refusal of damaged files, Ctrl-C saves; what
+`dpstack train` refuses so that no saved run is lost or mislabelled, and what it says."""
 import json
 import os
 import signal
@@ -12,7 +13,9 @@ import pytest
 import torch
 
 from _policy_data import bimodal_dataset, one_thread  # noqa: F401  (fixture)
-from dpstack.policy.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from dpstack.cli import main
+from dpstack.data.replay_buffer import ReplayBuffer
+from dpstack.policy.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from dpstack.policy.config import ConfigError, load_config
 from dpstack.policy.torch_callables import torch_callables
 from dpstack.policy.train import train
@@ -22,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = ["policy.preset=test", "policy.regime_plain=0.5", "policy.regime_ladder=0.5", "policy.ladder_rungs=15",
         "policy.prefix_prob=0.3", "policy.prefix_max=3", "train.batch_size=16", "train.warmup_steps=2",
         "train.log_every=2", "train.lr=1e-3"]
+CLI = ["policy.obs_keys=[pos]", "train.log_every=1", "train.ckpt_every=100", "train.eval_every=0"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,6 +116,17 @@ def test_resume_after_a_crash_mid_log_line(toy, tmp_path):
     assert steps == [2, 4, 6]
 
 
+def test_a_save_that_fails_midway_leaves_the_saved_checkpoint(toy, tmp_path):
+    cfg = load_config(None, FAST + ["train.steps=2"])
+    train(cfg, toy, tmp_path, progress=False)
+    before = (tmp_path / CHECKPOINT_FILE).read_bytes()
+    payload = read_checkpoint(tmp_path / CHECKPOINT_FILE)
+    with pytest.raises(Exception):
+        save_checkpoint(tmp_path / CHECKPOINT_FILE, {**payload, "metrics": {"loss": lambda: 0}})  # unpicklable, late
+    assert (tmp_path / CHECKPOINT_FILE).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []   # no temporary left
+
+
 def test_damaged_checkpoints_are_refused(toy, tmp_path):
     cfg = load_config(None, FAST + ["train.steps=2"])
     train(cfg, toy, tmp_path, progress=False)
@@ -141,6 +156,76 @@ def test_damaged_checkpoints_are_refused(toy, tmp_path):
             load_checkpoint(path)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def train_cli(toy: Path, out: Path, *extra: str, config: str | None = "lift_state_small", steps: int = 2) -> int:
+    argv = ["train", "--dataset", str(toy), "--out", str(out), "--quiet"]
+    if config:
+        argv += ["--config", config]
+    return main(argv + [*extra, "--set", *FAST, *CLI, f"train.steps={steps}"])
+
+
+def saved(out: Path) -> tuple[bytes, str]:
+    return (out / CHECKPOINT_FILE).read_bytes(), (out / METRICS_FILE).read_text()
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_a_run(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cli(toy, out, steps=3) == 0
+    before = saved(out)
+    capsys.readouterr()
+    assert train_cli(toy, out, steps=2) == 2
+    err = capsys.readouterr().err
+    assert "already holds a training run" in err and "step 3" in err and "--resume" in err
+    assert "Traceback" not in err
+    assert saved(out) == before                                 # nothing the user made is lost
+
+
+def test_resume_with_another_config_names_the_fields_that_differ(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cli(toy, out, steps=2) == 0
+    before = saved(out)
+    capsys.readouterr()
+    # lift_state_transformer differs from lift_state_small in policy.model (FAST sets the rest alike).
+    assert train_cli(toy, out, "--resume", config="lift_state_transformer", steps=4) == 2
+    err = capsys.readouterr().err
+    assert "policy.model" in err and "'unet'" in err and "'transformer'" in err
+    assert "policy.preset" not in err                           # only the fields that differ
+    assert saved(out) == before
+    # Without --config the checkpoint's own config is resumed (--set may add steps).
+    assert train_cli(toy, out, "--resume", config=None, steps=4) == 0
+    assert read_checkpoint(out / CHECKPOINT_FILE)["step"] == 4
+
+
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cli(toy, out, steps=2) == 0
+    before = saved(out)
+    capsys.readouterr()
+    assert train_cli(toy, out, "--resume", steps=2) == 0
+    captured = capsys.readouterr()
+    assert "already complete at step 2" in captured.out and "nothing was done" in captured.out
+    assert "train.steps" in captured.out                        # how to train further
+    assert "Traceback" not in captured.err
+    assert saved(out) == before
+
+
+def test_no_progress_prints_the_log_lines(toy, tmp_path, capsys):
+    assert train_cli(toy, tmp_path / "run", steps=3) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert all("loss" in line and "lr" in line for line in lines)
+
+
+def test_a_dataset_without_attrs_points_at_set_attrs(toy, tmp_path, capsys):
+    import shutil
+    foreign = tmp_path / "foreign.zarr"
+    shutil.copytree(toy, foreign)
+    (foreign / ".zattrs").write_text(json.dumps({}))            # as Diffusion Policy's own stores are
+    assert ReplayBuffer.open(foreign).attrs is None
+    assert train_cli(foreign, tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert "set_attrs" in err and "docs/datasets.md" in err and "`dpstack data` first" not in err
 
 
 @pytest.mark.slow
