@@ -3,7 +3,7 @@
     dpstack bridge --config sim --dry-run --duration 10     # compute everything, command nothing
     dpstack bridge --config ur5e --endpoint tcp://gpu-box:5555
 E-stop: `kill -USR1 <pid>`, 'e' or space + Enter on the terminal, or
-`python -m deploy.estop tcp://127.0.0.1:5599 estop`; reset with 'r' or `... reset`.
+`python -m dpstack.deploy.estop tcp://127.0.0.1:5599 estop`; reset with 'r' or `... reset`.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from dpstack.deploy.drivers import make_driver
     from dpstack.runtime import auth
     from dpstack.runtime.client import PolicyClient
+    from dpstack.runtime.endpoint import EndpointError, check_endpoint
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -45,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"dpstack bridge: {e}", file=sys.stderr)
         return 2
     endpoint = args.endpoint or cfg.policy.endpoint
+    try:
+        check_endpoint(endpoint)
+    except EndpointError as e:
+        print(f"dpstack bridge: policy endpoint: {e}", file=sys.stderr)
+        return 2
     security = None
     link = cfg.policy
     if link.server_public_key or link.client_secret_key:
@@ -88,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"e-stop socket: {bridge.estop_endpoint}", flush=True)
         print(f"bridge running ({'DRY RUN' if bridge.dry_run else 'LIVE'}); policy at {endpoint}", flush=True)
         summary = bridge.run(duration_s=duration, should_stop=lambda: stop["flag"])
+    except EndpointError as e:  # the e-stop socket could not bind: no bridge without its e-stop
+        print(f"dpstack bridge: safety.estop_endpoint: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         summary = bridge.summary()
     finally:

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if not realtime.apply_from_args(args, "dpstack serve"):  # before any thread starts: threads inherit it
         return 2
     from dpstack.runtime.package import PackageError
+    from dpstack.runtime.endpoint import EndpointError
     from dpstack.runtime.server import InsecureBind, PolicyServer, ServerConfig, run_until_signalled
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
                           stats_interval_s=args.stats_interval, max_sessions=args.max_sessions, security=security)
     try:
         server = PolicyServer(factory, spec, info, config)
-    except InsecureBind as e:
+    except (InsecureBind, EndpointError) as e:
         print(f"dpstack serve: {e}", file=sys.stderr)
         return 2
     try:

@@ -36,8 +36,10 @@ from typing import Callable
 
 import numpy as np
 
+from dpstack.runtime.endpoint import check_endpoint
 from dpstack.runtime.realtime import StallProbe
 from dpstack.sim.eval_report import EpisodeRecord
+from dpstack.sim.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ class ArmConfig:
     sampler_label: str = ""              # filled from the server's HelloAck when empty
 
     def __post_init__(self) -> None:
+        get_task(self.task)  # an unknown task is refused here, before any process or connection
+        check_endpoint(self.connect)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.episodes < 1:
