@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not realtime.apply_from_args(args, "dpstack bridge"):  # before any thread starts: threads inherit it
         return 2
+    from dpstack.core.process import EXIT_INTERRUPTED
     from dpstack.deploy.bridge import Bridge
     from dpstack.deploy.config import ConfigError, load_config
     from dpstack.deploy.drivers import make_driver
@@ -88,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_term)
     duration = cfg.max_duration_s if args.duration is None else args.duration
     summary = None
+    status = 0
     try:
         bridge.start()
         if bridge.estop_endpoint:
@@ -97,8 +99,9 @@ def run(args: argparse.Namespace) -> int:
     except EndpointError as e:  # the e-stop socket could not bind: no bridge without its e-stop
         print(f"dpstack bridge: safety.estop_endpoint: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: stopped as on SIGTERM, but the exit status says a person interrupted it
         summary = bridge.summary()
+        status = EXIT_INTERRUPTED
     finally:
         bridge.close()
         client.close()
@@ -109,4 +112,4 @@ def run(args: argparse.Namespace) -> int:
     if args.summary:
         with open(args.summary, "w") as f:
             f.write(text + "\n")
-    return 0
+    return status

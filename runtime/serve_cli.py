@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if not realtime.apply_from_args(args, "dpstack serve"):  # before any thread starts: threads inherit it
         return 2
     from dpstack.runtime.package import PackageError
+    from dpstack.core.process import EXIT_INTERRUPTED
     from dpstack.runtime.endpoint import EndpointError
     from dpstack.runtime.server import InsecureBind, PolicyServer, ServerConfig, run_until_signalled
 
@@ -92,4 +93,4 @@ def run(args: argparse.Namespace) -> int:
         if security is not None:
             security.stop()
     print("summary " + json.dumps(summary, sort_keys=True), flush=True)
-    return 0
+    return EXIT_INTERRUPTED if summary["stopped_by"] == "SIGINT" else 0  # SIGTERM: a service stop

@@ -331,21 +331,22 @@ class PolicyServer:
 
 
 def run_until_signalled(server: PolicyServer) -> dict[str, Any]:
-    """Announce readiness, serve until SIGINT/SIGTERM, then close and return the final stats."""
+    """Announce readiness, serve until SIGINT/SIGTERM, then close and return the final stats,
+    with `stopped_by` naming the signal (SIGINT: a person pressed Ctrl-C; SIGTERM: a service stop)."""
     import signal
 
-    stop = {"flag": False}
+    stop: dict[str, str] = {}
 
     def on_signal(signum, frame) -> None:
-        stop["flag"] = True
+        stop.setdefault("by", signal.Signals(signum).name)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         log.info("serving %s (%s) on %s", server.info.name, server.info.sampler, server.endpoint)
         announce_ready(endpoint=server.endpoint, policy=server.info.name, sampler=server.info.sampler)
-        server.serve(lambda: stop["flag"])
+        server.serve(lambda: bool(stop))
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
         summary = server.close()
-    return summary
+    return {**summary, "stopped_by": stop.get("by", "")}
