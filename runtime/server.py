@@ -67,9 +67,9 @@ def check_bind(endpoint: str, insecure: bool = False, authenticated: bool = Fals
         return
     if not insecure:
         raise InsecureBind(
-            f"refusing to bind {endpoint}: not a loopback address, and anyone who can reach it could "
-            "drive the robot. Authenticated (CurveZMQ) binds come with the deploy issue; pass --insecure "
-            "to serve unauthenticated on a network you trust.")
+            f"refusing to bind {endpoint}: not a loopback address, and anyone who can reach it could drive "
+            "the robot; serve with --keys DIR to admit only robots whose keys you allowed (CurveZMQ: dpstack keys "
+            "generate, dpstack keys allow), or, on a network you trust, serve unauthenticated with --insecure")
     log.warning("serving UNAUTHENTICATED on %s (--insecure)", endpoint)
 
 
