@@ -46,8 +46,9 @@ def build_factory(policy_dir: str, sampler: str, threads: int = 2, providers: tu
     # The robot must publish what the encoder reads, not every key of the training dataset.
     spec = package.spec.with_observations(package.obs_keys)
     probe = PolicyRunner(package, config)  # builds the sampler once: a bad choice fails before binding
-    info = PolicyInfo(name=str(package.manifest.get("name") or package.path.name), sampler=probe.sampler.name,
-                      horizon=package.horizon, n_obs_steps=package.n_obs_steps,
+    # Results show the name as typed ("rti"), with what it resolved to beside it.
+    info = PolicyInfo(name=str(package.manifest.get("name") or package.path.name), sampler=sampler.strip(),
+                      sampler_resolved=probe.sampler.name, horizon=package.horizon, n_obs_steps=package.n_obs_steps,
                       n_action_steps=package.n_action_steps, control_hz=spec.control_hz, action=spec.action)
 
     def factory(robot_spec):

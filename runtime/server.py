@@ -342,8 +342,11 @@ def run_until_signalled(server: PolicyServer) -> dict[str, Any]:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        log.info("serving %s (%s) on %s", server.info.name, server.info.sampler, server.endpoint)
-        announce_ready(endpoint=server.endpoint, policy=server.info.name, sampler=server.info.sampler)
+        info = server.info
+        log.info("serving %s (%s%s) on %s", info.name, info.sampler,
+                 f" = {info.sampler_resolved}" if info.sampler_resolved not in ("", info.sampler) else "", server.endpoint)
+        announce_ready(endpoint=server.endpoint, policy=info.name, sampler=info.sampler,
+                       sampler_resolved=info.sampler_resolved)
         server.serve(lambda: bool(stop))
     finally:
         for s, h in previous.items():

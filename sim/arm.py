@@ -70,7 +70,8 @@ class ArmConfig:
     video_dir: Path | None = None
     video_size: int = 160
     video_camera: str = "agentview"
-    sampler_label: str = ""              # filled from the server's HelloAck when empty
+    sampler_label: str = ""              # filled from the server's HelloAck when empty: the name as typed there
+    sampler_resolved: str = ""           # filled from the HelloAck: what that name resolved to
 
     def __post_init__(self) -> None:
         get_task(self.task)  # an unknown task is refused here, before any process or connection
@@ -149,6 +150,7 @@ class SimArm:
         info = self.client.policy
         if not self.config.sampler_label and info is not None:
             self.config.sampler_label = info.sampler
+            self.config.sampler_resolved = info.sampler_resolved
 
     def _reset(self, seed: int) -> dict[str, np.ndarray]:
         obs = self.env.reset(seed=seed)
@@ -190,7 +192,7 @@ class SimArm:
             recorder = FrameRecorder(self.env, self.config.video_camera, self.config.video_size)
         obs = self._reset(seed)
         record = EpisodeRecord(episode=episode, seed=seed, success=False, steps=0, sampler=self.config.sampler_label,
-                               mode=self.config.mode, hz=self.hz)
+                               sampler_resolved=self.config.sampler_resolved, mode=self.config.mode, hz=self.hz)
         if recorder is not None:
             recorder.capture()
         if self.config.mode == "lockstep":

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             if len(finished) < args.episodes:
                 print(f"dpstack sim: kept the {len(finished)} finished episodes of {args.episodes} in {args.out}",
                       file=sys.stderr)
-    print(json.dumps({k: summary.to_dict()[k] for k in ("sampler", "episodes", "success_rate", "step_latency_p50_ms",
+    print(json.dumps({k: summary.to_dict()[k] for k in ("sampler", "sampler_resolved", "episodes", "success_rate", "step_latency_p50_ms",
                                                          "step_latency_p99_ms", "chunk_latency_p50_ms",
                                                          "deadline_misses")}), flush=True)
     return 0

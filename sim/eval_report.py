@@ -57,7 +57,8 @@ class EpisodeRecord:
     # realtime: the episode's first chunk (RTI and streaming fully denoise there), waited
     # for with the arm at rest before the clock starts (ms; 0 in lockstep).
     start_latency_ms: float = 0.0
-    sampler: str = ""
+    sampler: str = ""            # as typed for the server (e.g. "rti")
+    sampler_resolved: str = ""   # what the server resolved it to (e.g. "rti-renoise-20,8,0")
     mode: str = "lockstep"
     hz: float = 20.0
     video: str | None = None
@@ -93,6 +94,8 @@ class SamplerSummary:
     evaluations_per_step: float
     mode: str
     hz: float
+    # what the server resolved `sampler` (the name as typed) to, e.g. rti -> rti-renoise-20,8,0
+    sampler_resolved: str = ""
     # realtime: median wait for the episode's first chunk, before the clock starts
     start_latency_p50_ms: float = 0.0
     # the two kinds of deadline miss: no action to run (held), action out after its deadline (late)
@@ -167,7 +170,8 @@ def summarize(sampler: str, records: Sequence[EpisodeRecord], mode: str, hz: flo
     f50, f99 = _percentiles([r.physics_ms for r in records])
     fmax = max((max(r.physics_ms) for r in records if r.physics_ms), default=math.nan)
     return SamplerSummary(
-        sampler=sampler, episodes=len(records), successes=successes,
+        sampler=sampler, sampler_resolved=", ".join(sorted({r.sampler_resolved for r in records} - {""})),
+        episodes=len(records), successes=successes,
         success_rate=successes / len(records), success_ci95=wilson_interval(successes, len(records)),
         mean_episode_steps=steps / len(records),
         step_latency_p50_ms=p50, step_latency_p99_ms=p99, chunk_latency_p50_ms=c50, chunk_latency_p99_ms=c99,
@@ -193,13 +197,13 @@ def load_records(paths: Iterable[Path]) -> list[EpisodeRecord]:
 
 
 def markdown_table(summaries: Sequence[SamplerSummary]) -> str:
-    lines = ["| sampler | success | 95% CI | episodes | mean steps | step latency p50 / p99 (ms) "
+    lines = ["| sampler | resolved | success | 95% CI | episodes | mean steps | step latency p50 / p99 (ms) "
              "| chunk latency p50 / p99 (ms) | evals/step | deadline misses (held / late) | look-ahead steps "
              "| sim overruns | stalled steps (misses there) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         lo, hi = s.success_ci95
-        lines.append(f"| {s.sampler} | {s.success_rate:.2f} | [{lo:.2f}, {hi:.2f}] | {s.episodes} | "
+        lines.append(f"| {s.sampler} | {s.sampler_resolved} | {s.success_rate:.2f} | [{lo:.2f}, {hi:.2f}] | {s.episodes} | "
                      f"{s.mean_episode_steps:.1f} | {s.step_latency_p50_ms:.2f} / {s.step_latency_p99_ms:.2f} | "
                      f"{s.chunk_latency_p50_ms:.2f} / {s.chunk_latency_p99_ms:.2f} | "
                      f"{s.evaluations_per_step:.2f} | {s.deadline_misses} ({s.held_steps} / {s.late_steps}) | {s.lookahead_steps} "
