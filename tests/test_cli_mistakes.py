@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -66,12 +65,10 @@ def test_sim_with_a_connect_endpoint_without_a_scheme():
 
 
 def test_eval_with_an_unknown_task_refuses_before_serving(tiny, tmp_path):
-    start = time.monotonic()
     line = one_sentence(dpstack("eval", str(tiny), "--task", "nope", "--samplers", "ddim-2",
                                 "--episodes", "1", "--out", str(tmp_path / "eval")))
     assert "'nope'" in line and "lift" in line
     assert not (tmp_path / "eval" / "logs").exists()  # no server was started
-    assert time.monotonic() - start < 60
 
 
 def test_eval_with_an_unknown_sampler_refuses_before_serving(tiny, tmp_path):
