@@ -35,11 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not realtime.apply_from_args(args, "dpstack bridge"):  # before any thread starts: threads inherit it
         return 2
+    from dpstack.core.process import EXIT_INTERRUPTED
     from dpstack.deploy.bridge import Bridge
     from dpstack.deploy.config import ConfigError, load_config
     from dpstack.deploy.drivers import make_driver
     from dpstack.runtime import auth
     from dpstack.runtime.client import PolicyClient
+    from dpstack.runtime.endpoint import EndpointError, check_endpoint
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -50,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"dpstack bridge: {e}", file=sys.stderr)
         return 2
     endpoint = args.endpoint or cfg.policy.endpoint
+    try:
+        check_endpoint(endpoint)
+    except EndpointError as e:
+        print(f"dpstack bridge: policy endpoint: {e}", file=sys.stderr)
+        return 2
     security = None
     link = cfg.policy
     if link.server_public_key or link.client_secret_key:
@@ -87,14 +94,19 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_term)
     duration = cfg.max_duration_s if args.duration is None else args.duration
     summary = None
+    status = 0
     try:
         bridge.start()
         if bridge.estop_endpoint:
             print(f"e-stop socket: {bridge.estop_endpoint}", flush=True)
         print(f"bridge running ({'DRY RUN' if bridge.dry_run else 'LIVE'}); policy at {endpoint}", flush=True)
         summary = bridge.run(duration_s=duration, should_stop=lambda: stop["flag"])
-    except KeyboardInterrupt:
+    except EndpointError as e:  # the e-stop socket could not bind: no bridge without its e-stop
+        print(f"dpstack bridge: safety.estop_endpoint: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C: stopped as on SIGTERM, but the exit status says a person interrupted it
         summary = bridge.summary()
+        status = EXIT_INTERRUPTED
     finally:
         bridge.close()
         client.close()
@@ -105,4 +117,4 @@ def run(args: argparse.Namespace) -> int:
     if args.summary:
         with open(args.summary, "w") as f:
             f.write(text + "\n")
-    return 0
+    return status

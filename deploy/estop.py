@@ -99,13 +99,18 @@ class EStopServer(threading.Thread):
         super().__init__(daemon=True, name="estop-zmq")
         import zmq
 
+        from dpstack.runtime.endpoint import EndpointError, bind
+
         self.estop = estop
         self.endpoint = endpoint
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.REP)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.bind(endpoint)
-        self.bound = self._sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        try:
+            self.bound = bind(self._sock, endpoint)  # EndpointError: no scheme, port in use
+        except EndpointError:
+            self._sock.close(0)
+            raise
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -137,6 +142,9 @@ def send(endpoint: str, command: str, timeout_s: float = 2.0) -> str:
     """Send one e-stop command; returns the reply. Raises TimeoutError if nobody answers."""
     import zmq
 
+    from dpstack.runtime.endpoint import check_endpoint
+
+    check_endpoint(endpoint)
     sock = zmq.Context.instance().socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
@@ -154,8 +162,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("endpoint", help="the bridge's safety.estop_endpoint, e.g. tcp://127.0.0.1:5599")
     p.add_argument("command", choices=["estop", "reset", "status"], help="stop the arm, clear a stop, or ask its state")
     args = p.parse_args(argv)
+    from dpstack.runtime.endpoint import EndpointError
+
     t0 = time.monotonic()
-    print(send(args.endpoint, args.command), f"({(time.monotonic() - t0) * 1000:.1f} ms)")
+    try:
+        reply = send(args.endpoint, args.command)
+    except TimeoutError:
+        # Loud on purpose: an operator must not believe the arm was stopped.
+        print(f"{p.prog}: {args.command} NOT delivered: no bridge answered at {args.endpoint}; check that the "
+              "bridge runs with this safety.estop_endpoint, and use the arm's hardware e-stop meanwhile",
+              file=sys.stderr)
+        return 1
+    except EndpointError as e:
+        print(f"{p.prog}: {e}", file=sys.stderr)
+        return 2
+    print(reply, f"({(time.monotonic() - t0) * 1000:.1f} ms)")
     return 0
 
 

@@ -4,15 +4,29 @@ still run `dpstack serve` and `dpstack bridge`.
 
 Each subcommand module provides `add_arguments(parser)` and `run(args) -> int`;
 it imports heavy dependencies inside `run`, never at module level.
+
+Stopping, one rule for every command:
+- Ctrl-C (SIGINT) means a person interrupted the command. It stops in order,
+  keeps what finished (train saves a resumable checkpoint, sim writes its finished
+  episodes, eval keeps its finished jobs, serve says Bye to its robots, the bridge
+  stops the arm), and exits 130 (EXIT_INTERRUPTED, the shell's 128 + SIGINT).
+- SIGTERM is how a service manager (systemd's KillSignal, deploy/systemd/) stops the
+  long-running services: `serve` and `bridge` stop in the same order and exit 0, a
+  normal end, so `Restart=on-failure` leaves them stopped. Every other command
+  treats SIGTERM as Ctrl-C: it stops in order (eval stops its servers and arms)
+  and exits 130.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 
 from dpstack import __version__
+from dpstack.core.process import EXIT_INTERRUPTED
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2
+    previous = _stop_on_sigterm()
     try:
         return int(args._module.run(args) or 0)
     except ModuleNotFoundError as e:
@@ -98,7 +113,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         print(f"dpstack {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm():
+    """SIGTERM stops a batch command as Ctrl-C does (in order, children too); serve and
+    bridge install their own handler. Returns the handler replaced (None: not the main thread)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 if __name__ == "__main__":

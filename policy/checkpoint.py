@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -37,6 +38,7 @@ from .model import DiffusionPolicyModel
 
 FORMAT = "dpstack-policy"
 VERSION = 1
+WRITTEN_BY = "use a checkpoint written by `dpstack train`"
 REQUIRED = ("format", "version", "config", "spec", "normalizer", "schedule", "model", "ema", "step", "integrity")
 
 
@@ -83,12 +85,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint file")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a damaged file; all mean the same to the user
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        with warnings.catch_warnings():  # torch's notes on foreign pickles; the error below says what matters
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        # torch raises many types for a foreign or damaged file, some with advice to load it
+        # with weights_only=False (running its code): never the fix here.
+        raise CheckpointError(f"{path}: not a dpstack checkpoint, or a damaged one (torch cannot read it); "
+                              f"{WRITTEN_BY}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a dpstack policy checkpoint")
+        raise CheckpointError(f"{path}: not a dpstack checkpoint (it has no format {FORMAT!r}); {WRITTEN_BY}")
     if payload.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint version {payload.get('version')} unsupported (this is {VERSION})")
     missing = [k for k in REQUIRED if k not in payload]

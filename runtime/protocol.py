@@ -146,16 +146,17 @@ class PolicyInfo:
     """What the server tells a robot about the policy it will be served by."""
 
     name: str
-    sampler: str
+    sampler: str            # as the server's operator typed it (e.g. "rti"): what results show
     horizon: int            # Tp: predicted steps
     n_obs_steps: int        # To: observation history the policy conditions on
     n_action_steps: int     # Ta: actions executed per chunk
     control_hz: float
     action: ActionSpec
+    sampler_resolved: str = ""  # what that name resolved to (e.g. "rti-renoise-20,8,0"); optional on the wire
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "sampler": self.sampler, "horizon": self.horizon,
-                "n_obs_steps": self.n_obs_steps, "n_action_steps": self.n_action_steps,
+        return {"name": self.name, "sampler": self.sampler, "sampler_resolved": self.sampler_resolved,
+                "horizon": self.horizon, "n_obs_steps": self.n_obs_steps, "n_action_steps": self.n_action_steps,
                 "control_hz": self.control_hz, "action": self.action.to_dict()}
 
     @classmethod
@@ -172,7 +173,8 @@ class PolicyInfo:
                    n_obs_steps=_uint("policy.n_obs_steps", d.get("n_obs_steps"), limits),
                    n_action_steps=_uint("policy.n_action_steps", d.get("n_action_steps"), limits),
                    control_hz=_float("policy.control_hz", d.get("control_hz"), limits),
-                   action=action)
+                   action=action,
+                   sampler_resolved=_optional(_str)("policy.sampler_resolved", d.get("sampler_resolved"), limits) or "")
 
 
 def _policy_info(name: str, v: Any, limits: Limits) -> PolicyInfo:

@@ -46,8 +46,9 @@ def build_factory(policy_dir: str, sampler: str, threads: int = 2, providers: tu
     # The robot must publish what the encoder reads, not every key of the training dataset.
     spec = package.spec.with_observations(package.obs_keys)
     probe = PolicyRunner(package, config)  # builds the sampler once: a bad choice fails before binding
-    info = PolicyInfo(name=str(package.manifest.get("name") or package.path.name), sampler=probe.sampler.name,
-                      horizon=package.horizon, n_obs_steps=package.n_obs_steps,
+    # Results show the name as typed ("rti"), with what it resolved to beside it.
+    info = PolicyInfo(name=str(package.manifest.get("name") or package.path.name), sampler=sampler.strip(),
+                      sampler_resolved=probe.sampler.name, horizon=package.horizon, n_obs_steps=package.n_obs_steps,
                       n_action_steps=package.n_action_steps, control_hz=spec.control_hz, action=spec.action)
 
     def factory(robot_spec):
@@ -59,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     if not realtime.apply_from_args(args, "dpstack serve"):  # before any thread starts: threads inherit it
         return 2
     from dpstack.runtime.package import PackageError
+    from dpstack.core.process import EXIT_INTERRUPTED
+    from dpstack.runtime.endpoint import EndpointError
     from dpstack.runtime.server import InsecureBind, PolicyServer, ServerConfig, run_until_signalled
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
                           stats_interval_s=args.stats_interval, max_sessions=args.max_sessions, security=security)
     try:
         server = PolicyServer(factory, spec, info, config)
-    except InsecureBind as e:
+    except (InsecureBind, EndpointError) as e:
         print(f"dpstack serve: {e}", file=sys.stderr)
         return 2
     try:
@@ -91,4 +94,4 @@ def run(args: argparse.Namespace) -> int:
         if security is not None:
             security.stop()
     print("summary " + json.dumps(summary, sort_keys=True), flush=True)
-    return 0
+    return EXIT_INTERRUPTED if summary["stopped_by"] == "SIGINT" else 0  # SIGTERM: a service stop

@@ -13,7 +13,6 @@ long a robot waited behind the others.
 from __future__ import annotations
 
 import collections
-import ipaddress
 import json
 import gc
 import logging
@@ -26,6 +25,7 @@ import numpy as np
 import zmq
 
 from dpstack.core.process import announce_ready
+from dpstack.runtime.endpoint import EndpointError, bind, is_loopback_endpoint  # noqa: F401 (re-exported)
 from dpstack.runtime.protocol import (DEFAULT_LIMITS, ActionReply, Bye, Error, ErrorCode, Heartbeat, HeartbeatAck,
                               Hello, HelloAck, Limits, Message, Observation, PolicyInfo, ProtocolError, Reset,
                               ResetAck, Stats, StatsRequest, check_arrays, decode, encode)
@@ -62,33 +62,15 @@ class InsecureBind(ValueError):
     """A bind that would expose an unauthenticated policy server to the network."""
 
 
-def is_loopback_endpoint(endpoint: str) -> bool:
-    """True for ipc://, inproc:// and tcp:// on a loopback address."""
-    scheme, sep, rest = endpoint.partition("://")
-    if not sep:
-        raise ValueError(f"endpoint {endpoint!r} has no scheme (tcp://, ipc://)")
-    if scheme in ("ipc", "inproc"):
-        return True
-    if scheme != "tcp":
-        return False
-    host = rest.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # "*", interface names, host names: treat as exposed
-
-
 def check_bind(endpoint: str, insecure: bool = False, authenticated: bool = False) -> None:
     """Refuse a non-loopback bind unless it is authenticated or explicitly insecure."""
     if is_loopback_endpoint(endpoint) or authenticated:
         return
     if not insecure:
         raise InsecureBind(
-            f"refusing to bind {endpoint}: not a loopback address, and anyone who can reach it could "
-            "drive the robot. Authenticated (CurveZMQ) binds come with the deploy issue; pass --insecure "
-            "to serve unauthenticated on a network you trust.")
+            f"refusing to bind {endpoint}: not a loopback address, and anyone who can reach it could drive "
+            "the robot; serve with --keys DIR to admit only robots whose keys you allowed (CurveZMQ: dpstack keys "
+            "generate, dpstack keys allow), or, on a network you trust, serve unauthenticated with --insecure")
     log.warning("serving UNAUTHENTICATED on %s (--insecure)", endpoint)
 
 
@@ -154,8 +136,11 @@ class PolicyServer:
         self._socket.setsockopt(zmq.MAXMSGSIZE, self.config.hard_frame_bytes)
         if self.config.security is not None:
             self.config.security(self._socket)
-        self._socket.bind(self.config.bind)
-        self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        try:
+            self.endpoint: str = bind(self._socket, self.config.bind)
+        except EndpointError:
+            self._release(linger_ms=0)
+            raise
         self.sessions: dict[bytes, Session] = {}
         self.metrics = Metrics()
         self._dt = 1.0 / policy_spec.control_hz
@@ -195,13 +180,16 @@ class PolicyServer:
         for s in list(self.sessions.values()):
             self._send([s.identity], Bye("server shutting down"))
         self.sessions.clear()
-        self._socket.close(linger=500)  # long enough for the byes to leave, never a hang
+        self._release(linger_ms=500)  # long enough for the byes to leave, never a hang
+        return self.stats()
+
+    def _release(self, linger_ms: int) -> None:
+        self._socket.close(linger=linger_ms)
         stop = getattr(self.config.security, "stop", None)
         if callable(stop):  # e.g. runtime.auth.CurveServer's ZAP thread, which would block term()
             stop()
         if self._own_context:
             self._context.term()  # waits (up to the linger) until the byes are out
-        return self.stats()
 
     # ------------------------------------------------------------------ handling
     def _handle(self, t_recv: float, frames: list) -> None:
@@ -338,21 +326,25 @@ class PolicyServer:
 
 
 def run_until_signalled(server: PolicyServer) -> dict[str, Any]:
-    """Announce readiness, serve until SIGINT/SIGTERM, then close and return the final stats."""
+    """Announce readiness, serve until SIGINT/SIGTERM, then close and return the final stats,
+    with `stopped_by` naming the signal (SIGINT: a person pressed Ctrl-C; SIGTERM: a service stop)."""
     import signal
 
-    stop = {"flag": False}
+    stop: dict[str, str] = {}
 
     def on_signal(signum, frame) -> None:
-        stop["flag"] = True
+        stop.setdefault("by", signal.Signals(signum).name)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        log.info("serving %s (%s) on %s", server.info.name, server.info.sampler, server.endpoint)
-        announce_ready(endpoint=server.endpoint, policy=server.info.name, sampler=server.info.sampler)
-        server.serve(lambda: stop["flag"])
+        info = server.info
+        log.info("serving %s (%s%s) on %s", info.name, info.sampler,
+                 f" = {info.sampler_resolved}" if info.sampler_resolved not in ("", info.sampler) else "", server.endpoint)
+        announce_ready(endpoint=server.endpoint, policy=info.name, sampler=info.sampler,
+                       sampler_resolved=info.sampler_resolved)
+        server.serve(lambda: bool(stop))
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
         summary = server.close()
-    return summary
+    return {**summary, "stopped_by": stop.get("by", "")}

@@ -36,8 +36,10 @@ from typing import Callable
 
 import numpy as np
 
+from dpstack.runtime.endpoint import check_endpoint
 from dpstack.runtime.realtime import StallProbe
 from dpstack.sim.eval_report import EpisodeRecord
+from dpstack.sim.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +70,12 @@ class ArmConfig:
     video_dir: Path | None = None
     video_size: int = 160
     video_camera: str = "agentview"
-    sampler_label: str = ""              # filled from the server's HelloAck when empty
+    sampler_label: str = ""              # filled from the server's HelloAck when empty: the name as typed there
+    sampler_resolved: str = ""           # filled from the HelloAck: what that name resolved to
 
     def __post_init__(self) -> None:
+        get_task(self.task)  # an unknown task is refused here, before any process or connection
+        check_endpoint(self.connect)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.episodes < 1:
@@ -145,6 +150,7 @@ class SimArm:
         info = self.client.policy
         if not self.config.sampler_label and info is not None:
             self.config.sampler_label = info.sampler
+            self.config.sampler_resolved = info.sampler_resolved
 
     def _reset(self, seed: int) -> dict[str, np.ndarray]:
         obs = self.env.reset(seed=seed)
@@ -186,7 +192,7 @@ class SimArm:
             recorder = FrameRecorder(self.env, self.config.video_camera, self.config.video_size)
         obs = self._reset(seed)
         record = EpisodeRecord(episode=episode, seed=seed, success=False, steps=0, sampler=self.config.sampler_label,
-                               mode=self.config.mode, hz=self.hz)
+                               sampler_resolved=self.config.sampler_resolved, mode=self.config.mode, hz=self.hz)
         if recorder is not None:
             recorder.capture()
         if self.config.mode == "lockstep":

@@ -62,28 +62,35 @@ def run(args: argparse.Namespace) -> int:
         print(f"dpstack sim: {e}", file=sys.stderr)
         return 2
 
-    def show(r) -> None:
+    finished = []  # every episode that ran to its end, kept whatever stops the run
+
+    def on_episode(r) -> None:
+        finished.append(r)
         if not args.quiet:
             lat = summarize_ms(r.chunk_latency_ms)
             print(f"episode {r.episode} seed {r.seed}: {'success' if r.success else 'failure'} in {r.steps} steps, "
                   f"{lat['n']} chunks, chunk latency p50 {format_ms(lat['p50_ms'], '.1f')} ms, "
                   f"deadline misses {r.deadline_misses}", flush=True)
 
-    arm = SimArm(config, progress=show)
+    arm = SimArm(config, progress=on_episode)
     try:
-        records = arm.run()
+        arm.run()
     except ArmError as e:
         print(f"dpstack sim: {e}", file=sys.stderr)
         return 1
-    finally:
+    finally:  # also on Ctrl-C: what finished is written, as `dpstack eval` keeps its finished jobs
         arm.close()
-    summary = summarize(config.sampler_label or "policy", records, config.mode, arm.hz)
-    if args.out is not None:
-        write_json_atomic(args.out, {"config": {"task": args.task, "connect": args.connect, "mode": args.mode,
-                                                "hz": arm.hz, "seed": args.seed, "episodes": args.episodes,
-                                                "scheduling": realtime.current_scheduling()},
-                                     "summary": summary.to_dict(),
-                                     "episodes": [r.to_dict() for r in records]})
-    print(json.dumps({k: summary.to_dict()[k] for k in ("sampler", "episodes", "success_rate", "step_latency",
-                                                         "chunk_latency", "deadline_misses")}), flush=True)
+        summary = summarize(config.sampler_label or "policy", finished, config.mode, arm.hz) if finished else None
+        if args.out is not None and summary is not None:
+            write_json_atomic(args.out, {"config": {"task": args.task, "connect": args.connect, "mode": args.mode,
+                                                    "hz": arm.hz, "seed": args.seed, "episodes": args.episodes,
+                                                    "scheduling": realtime.current_scheduling()},
+                                         "summary": summary.to_dict(),
+                                         "episodes": [r.to_dict() for r in finished]})
+            if len(finished) < args.episodes:
+                print(f"dpstack sim: kept the {len(finished)} finished episodes of {args.episodes} in {args.out}",
+                      file=sys.stderr)
+    print(json.dumps({k: summary.to_dict()[k] for k in ("sampler", "sampler_resolved", "episodes", "success_rate",
+                                                         "step_latency", "chunk_latency", "deadline_misses")}),
+          flush=True)
     return 0

@@ -60,7 +60,8 @@ class EpisodeRecord:
     # realtime: the episode's first chunk (RTI and streaming fully denoise there), waited
     # for with the arm at rest before the clock starts (ms; 0 in lockstep).
     start_latency_ms: float = 0.0
-    sampler: str = ""
+    sampler: str = ""            # as typed for the server (e.g. "rti")
+    sampler_resolved: str = ""   # what the server resolved it to (e.g. "rti-renoise-20,8,0")
     mode: str = "lockstep"
     hz: float = 20.0
     video: str | None = None
@@ -98,6 +99,8 @@ class SamplerSummary:
     evaluations_per_step: float
     mode: str
     hz: float
+    # what the server resolved `sampler` (the name as typed) to, e.g. rti -> rti-renoise-20,8,0
+    sampler_resolved: str = ""
     # the two kinds of deadline miss: no action to run (held), action out after its deadline (late)
     held_steps: int = 0
     late_steps: int = 0
@@ -160,7 +163,8 @@ def summarize(sampler: str, records: Sequence[EpisodeRecord], mode: str, hz: flo
     successes = sum(bool(r.success) for r in records)
     steps = sum(r.steps for r in records)
     return SamplerSummary(
-        sampler=sampler, episodes=len(records), successes=successes,
+        sampler=sampler, sampler_resolved=", ".join(sorted({r.sampler_resolved for r in records} - {""})),
+        episodes=len(records), successes=successes,
         success_rate=successes / len(records), success_ci95=wilson_interval(successes, len(records)),
         mean_episode_steps=steps / len(records),
         step_latency=_pooled(r.step_latency_ms for r in records), chunk_latency=_pooled(r.chunk_latency_ms for r in records),
@@ -186,13 +190,13 @@ def load_records(paths: Iterable[Path]) -> list[EpisodeRecord]:
 
 
 def markdown_table(summaries: Sequence[SamplerSummary]) -> str:
-    lines = ["| sampler | success | 95% CI | episodes | mean steps | step latency p50 / p99 (ms) "
+    lines = ["| sampler | resolved | success | 95% CI | episodes | mean steps | step latency p50 / p99 (ms) "
              "| chunk latency p50 / p99 (ms) | evals/step | deadline misses (held / late) | look-ahead steps "
              "| sim overruns | stalled steps (misses there) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         lo, hi = s.success_ci95
-        lines.append(f"| {s.sampler} | {s.success_rate:.2f} | [{lo:.2f}, {hi:.2f}] | {s.episodes} | "
+        lines.append(f"| {s.sampler} | {s.sampler_resolved} | {s.success_rate:.2f} | [{lo:.2f}, {hi:.2f}] | {s.episodes} | "
                      f"{s.mean_episode_steps:.1f} | {format_ms(s.step_latency['p50_ms'])} / {format_ms(s.step_latency['p99_ms'])} | "
                      f"{format_ms(s.chunk_latency['p50_ms'])} / {format_ms(s.chunk_latency['p99_ms'])} | "
                      f"{s.evaluations_per_step:.2f} | {s.deadline_misses} ({s.held_steps} / {s.late_steps}) | {s.lookahead_steps} "

@@ -21,8 +21,10 @@ from typing import Callable, Sequence
 from dpstack.core.process import ChildFailed, ChildProcess
 from dpstack.core.stats import format_ms
 from dpstack.runtime.realtime import RealtimeConfig, available_cpus, format_cpus
+from dpstack.runtime.samplers import SamplerConfig
 from dpstack.sim.eval_report import (EpisodeRecord, SamplerSummary, latency_plot, load_records, markdown_table, summarize,
                              write_json_atomic)
+from dpstack.sim.tasks import get_task
 
 DEFAULT_SAMPLERS = ("ddpm", "ddim", "rti", "streaming")
 DEFAULT_SEED_BASE = 10_000
@@ -98,6 +100,9 @@ class EvalConfig:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if not self.samplers:
             raise ValueError("no samplers to evaluate")
+        get_task(self.task)
+        for name in self.samplers:  # a typo is refused now, not after every other server has started
+            SamplerConfig.parse(name)
         if self.witness and self.mode != "realtime":
             raise ValueError("witness is for realtime mode: lockstep has no deadlines to witness")
         if not 0 <= self.rt_priority <= 99:

@@ -79,7 +79,8 @@ DEFAULT_IMAGE_SIZE: int = 84
 
 
 def get_task(name: str) -> TaskDef:
+    """The registered task; ValueError naming the known ones (a user typed the name)."""
     try:
         return TASKS[name]
     except KeyError:
-        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None

@@ -67,6 +67,10 @@ def test_results_cover_every_sampler_with_the_agreed_fields(demo):
         assert r["step_latency"]["p50_ms"] <= r["step_latency"]["p99_ms"] <= r["step_latency"]["max_ms"]
         assert r["evaluations_per_step"] > 0
         assert r["deadline_misses"] == 0  # lockstep waits for every chunk
+    # The names as typed, with what the server resolved them to beside them.
+    assert by_sampler["rti"]["sampler_resolved"] == "rti-renoise-20,8,0"
+    assert by_sampler["ddim"]["sampler_resolved"] == "ddim-10"
+    assert by_sampler["streaming"]["sampler_resolved"].startswith("streaming-")
     # Full samplers replan every Ta steps; DDPM spends 100 evaluations per chunk, DDIM 10.
     assert by_sampler["ddpm"]["evaluations_per_step"] > by_sampler["ddim"]["evaluations_per_step"]
     # Every sampler's episodes ran on the same seeds (a paired comparison).
@@ -83,6 +87,8 @@ def test_report_folder_has_table_plots_and_a_rollout(demo):
     out, result = demo
     report = out / "report"
     text = (report / "report.md").read_text()
+    assert re.search(r"^\| rti \| rti-renoise-20,8,0 \|", text, re.M)
+    assert re.search(r"rollout\.mp4\): (ddpm|ddim|rti|streaming)_ep\d", text), text  # videos: the typed names too
     for name in SAMPLERS:
         assert re.search(rf"^\| {name} \|", text, re.M), name
         assert re.search(rf"^\| {name} \|", result.stdout, re.M), name  # the table is printed too

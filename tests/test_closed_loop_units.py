@@ -53,6 +53,20 @@ def test_summary_pools_episodes():
     assert s.evaluations_per_step == pytest.approx(130 / 100)
 
 
+def test_results_show_the_sampler_as_typed_with_what_it_resolved_to():
+    from dpstack.sim.eval_report import markdown_table
+
+    records = [EpisodeRecord(i, 10_000 + i, True, 10, sampler="rti", sampler_resolved="rti-renoise-20,8,0")
+               for i in range(2)]
+    s = summarize("rti", records, "lockstep", 20.0)
+    assert (s.sampler, s.sampler_resolved) == ("rti", "rti-renoise-20,8,0")
+    assert s.to_dict()["sampler_resolved"] == "rti-renoise-20,8,0"
+    header, _, row = markdown_table([s]).splitlines()
+    assert header.startswith("| sampler | resolved |") and row.startswith("| rti | rti-renoise-20,8,0 |")
+    # records from before the field (a resumed evaluation): the column stays empty
+    assert summarize("rti", [EpisodeRecord(0, 1, True, 3)], "lockstep", 20.0).sampler_resolved == ""
+
+
 def test_records_round_trip_and_bad_records_are_named(tmp_path: Path):
     r = EpisodeRecord(3, 10_003, True, 12, step_latency_ms=[0.5])
     (tmp_path / "a.json").write_text(json.dumps({"episodes": [r.to_dict()]}))

@@ -88,6 +88,16 @@ def test_a_client_with_the_wrong_server_key_is_refused(curve_server, keys):
     assert reply is None
 
 
+def test_a_refused_bind_names_keys_first_and_insecure_last():
+    with pytest.raises(InsecureBind) as refused:
+        check_bind("tcp://0.0.0.0:5555")
+    message = str(refused.value)
+    assert "--keys" in message and "dpstack keys generate" in message
+    assert message.index("--keys") < message.index("--insecure")
+    assert message.rstrip(".").endswith("--insecure")
+    assert "deploy issue" not in message
+
+
 def test_without_keys_only_loopback_binds_unless_insecure():
     check_bind("tcp://127.0.0.1:5555")
     with pytest.raises(InsecureBind):

@@ -211,3 +211,13 @@ def test_check_actions_against_spec() -> None:
 def test_policy_info_round_trip() -> None:
     info = echo_info()
     assert PolicyInfo.from_dict(info.to_dict()) == info
+
+
+def test_policy_info_carries_the_typed_sampler_name_and_what_it_resolved_to() -> None:
+    from dataclasses import replace
+
+    info = replace(echo_info(), sampler="rti", sampler_resolved="rti-renoise-20,8,0")
+    assert PolicyInfo.from_dict(info.to_dict()) == info
+    older = info.to_dict()
+    del older["sampler_resolved"]  # a server from before the field: still understood
+    assert PolicyInfo.from_dict(older).sampler_resolved == ""

@@ -69,6 +69,21 @@ def test_serve_tiny_onnx_package(tmp_path, sampler) -> None:
     check_served_equals_local(pkg, sampler, seed=3, history_only_every=3)
 
 
+@pytest.mark.parametrize("typed", ["rti", "streaming-1", "ddim"])
+def test_serve_shows_the_sampler_as_typed_with_what_it_resolved_to(tmp_path, typed) -> None:
+    from runtime_tiny_package import write_tiny_package
+
+    pkg = write_tiny_package(tmp_path / "tiny")
+    resolved = PolicyRunner(load_package(pkg), typed).sampler.name
+    with serve(pkg, typed) as server:
+        assert (server.child.ready["sampler"], server.child.ready["sampler_resolved"]) == (typed, resolved)
+        client = PolicyClient(server.endpoint, load_package(pkg).spec, "arm", timeout_s=5.0)
+        assert client.wait_ready(10.0), list(client.errors)
+        assert (client.policy.sampler, client.policy.sampler_resolved) == (typed, resolved)
+        client.close()
+    assert resolved == {"rti": "rti-renoise-20,8,0", "ddim": "ddim-10"}.get(typed, resolved)
+
+
 def test_serve_refuses_a_package_that_is_not_one(tmp_path) -> None:
     import subprocess
 

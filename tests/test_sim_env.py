@@ -87,7 +87,7 @@ def test_bad_actions_are_refused_with_a_clear_message(lift):
 
 
 def test_unknown_task_names_the_known_ones():
-    with pytest.raises(KeyError, match="lift"):
+    with pytest.raises(ValueError, match="lift"):
         SimEnv("nope")
 
 

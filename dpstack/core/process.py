@@ -21,6 +21,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 
+# Exit status of a command stopped by Ctrl-C (SIGINT): the shell's 128 + signal number.
+# The rule for every dpstack command is in dpstack/cli.py's docstring.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+
+
 def announce_ready(**fields: Any) -> None:
     """Print the ready line on stdout (flushed: the parent is waiting for it)."""
     print(json.dumps({"ready": True, **fields}, sort_keys=True), flush=True)

@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace) -> DemoSettings:
     from dataclasses import replace
 
-    from dpstack.runtime.samplers import split_sampler_names
+    from dpstack.runtime.samplers import SamplerConfig, split_sampler_names
 
     s = DemoSettings.quick() if args.quick else DemoSettings()
     over = {}
@@ -88,6 +88,8 @@ def settings_from(args: argparse.Namespace) -> DemoSettings:
     for name in ("episodes", "train_steps", "eval_episodes", "workers"):
         if getattr(s, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
+    for name in s.samplers:  # refused now, not after collecting and training
+        SamplerConfig.parse(name)
     return s
 
 
@@ -95,8 +97,11 @@ def run(args: argparse.Namespace) -> int:
     from dpstack.demo.pipeline import Demo
     from dpstack.demo.stages import StageFailed
 
+    from dpstack.sim.tasks import get_task
+
     try:
         settings = settings_from(args)
+        get_task(args.task)
     except ValueError as e:
         print(f"dpstack demo: {e}", file=sys.stderr)
         return 2
