@@ -22,7 +22,7 @@ HEAVY = ("torch", "mujoco", "robosuite")
 # layer -> the dpstack layers it may import (itself included). The command line
 # (dpstack.cli, dpstack.bench_cli) imports its commands by name, when they run.
 MAY_IMPORT = {
-    "dpstack": set(),
+    "dpstack": {"dpstack.core"},  # the shared vocabulary (exit codes); commands by name only
     "dpstack.core": set(),
     "dpstack.data": {"dpstack.core"},
     "dpstack.runtime": {"dpstack.core"},
