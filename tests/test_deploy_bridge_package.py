@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import socket
 import sys
+import threading
 
 import numpy as np
 import pytest
 
 from dpstack.data.replay_buffer import DatasetAttrs, ReplayBuffer
 from dpstack.deploy import rotations as R
-from dpstack.deploy.bridge import robot_spec
+from dpstack.deploy.bridge import Bridge, robot_spec
+from dpstack.deploy.config import load_config
+from dpstack.deploy.drivers.mujoco_arm import MujocoArm
+from dpstack.runtime.client import PolicyClient
 from dpstack import cli
 from server_process import ServerProcess
 from test_deploy_bridge import Trace, make_bridge, sim_config
@@ -50,22 +54,36 @@ def synthetic_dataset(path, spec, episodes: int = 4, steps: int = 30, seed: int 
         buf.add_episode({k: v.astype(np.float32) for k, v in episode.items()})
 
 
-@pytest.fixture(scope="module")
-def package(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("bridge_package")
+def train_and_export(tmp, *overrides: str):
+    """A lift_state_small policy on the sim config's own observations, trained briefly on
+    synthetic episodes and exported; `overrides` are extra --set values."""
     spec = robot_spec(sim_config())
     synthetic_dataset(tmp / "synthetic.zarr", spec)
+    obs_keys = "[" + ",".join(o.key for o in spec.observations) + "]"
+    assert cli.main(["train", "--config", "lift_state_small", "--dataset", str(tmp / "synthetic.zarr"),
+                     "--out", str(tmp / "train"), "--no-progress", "--set", f"policy.obs_keys={obs_keys}",
+                     "train.warmup_steps=1", "train.log_every=10", "train.eval_every=0", "train.device=cpu",
+                     *overrides]) == 0
+    assert cli.main(["export", str(tmp / "train" / "last.pt"), "--out", str(tmp / "policy")]) == 0
+    return tmp / "policy"
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
     # The config's 15 ladder rungs: streaming returns ONE action per call, due at the
     # observation's own step, so it is always a little late by the next control tick;
     # the ActionSchedule runs it one slot late instead of holding the arm forever.
-    obs_keys = "[" + ",".join(o.key for o in spec.observations) + "]"
-    assert cli.main(["train", "--config", "lift_state_small", "--dataset", str(tmp / "synthetic.zarr"),
-                     "--out", str(tmp / "train"), "--no-progress", "--set", "policy.preset=test",
-                     f"policy.obs_keys={obs_keys}", "train.steps=20", "train.batch_size=32",
-                     "train.warmup_steps=2", "train.ckpt_every=20", "train.log_every=10", "train.eval_every=0",
-                     "train.device=cpu"]) == 0
-    assert cli.main(["export", str(tmp / "train" / "last.pt"), "--out", str(tmp / "policy")]) == 0
-    return tmp / "policy"
+    return train_and_export(tmp_path_factory.mktemp("bridge_package"), "policy.preset=test", "train.steps=20",
+                            "train.batch_size=32", "train.ckpt_every=20")
+
+
+@pytest.fixture(scope="module")
+def default_package(tmp_path_factory):
+    """The CPU default the docs train for the bridge (lift_state_small: U-Net `small`, whose
+    streaming and RTI start-up is a 100-step full denoise). Two training steps: what is
+    measured here is the model's time, not its skill."""
+    return train_and_export(tmp_path_factory.mktemp("bridge_default_package"), "train.steps=2",
+                            "train.batch_size=8", "train.ckpt_every=2")
 
 
 def test_bridge_runs_an_exported_package_and_holds_when_its_server_is_killed(package):
@@ -132,3 +150,65 @@ def test_bridge_runs_an_exported_package_and_holds_when_its_server_is_killed(pac
     # With one action per chunk the schedule runs dry at once and the bridge holds
     # before the watchdog would have to; either way the arm is at rest by the deadline.
     assert summary["holds"] > 0
+
+
+def test_shipped_defaults_drive_the_arm_within_seconds_and_again_after_a_server_restart(default_package):
+    """`dpstack serve POLICY` (default sampler: streaming) and the bridge with sim.yaml's policy
+    link as shipped (timeout_s 0.5 s, far below the ~1 s start-up denoise on this CPU): the
+    first chunk must come without a reconnect, and a restarted server must not trap the
+    bridge in a loop of start-ups that each time out."""
+    cfg = sim_config()   # 125 Hz servo for the 2-core machine; the policy link exactly as shipped
+    assert cfg.policy == load_config("sim").policy
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    serve = [sys.executable, "-m", "dpstack.cli", "serve", str(default_package), "--bind", endpoint]
+    server = ServerProcess(command=serve, ready_timeout_s=120.0).start()
+    # As `dpstack bridge` builds it: the YAML's timeout, the client's other defaults.
+    client = PolicyClient(endpoint, robot_spec(cfg), cfg.name, timeout_s=cfg.policy.timeout_s)
+    bridge = Bridge(cfg, MujocoArm(cfg.driver), client, dry_run=True, install_handlers=False)
+    bridge.start()
+    events = {}
+
+    def restart():
+        events["server2"] = ServerProcess(command=serve, ready_timeout_s=120.0).start()
+        events["ready2"] = bridge.clock()
+        events["reconnects_at_ready2"] = client.n_reconnects
+
+    def on_tick(b, now):
+        events.setdefault("start", now)
+        if "first" not in events and b.schedule.n_executed:
+            events["first"] = now
+            events["reconnects_at_first"] = client.n_reconnects
+        if "killed" not in events and now - events["start"] >= 8.0:
+            server.kill()   # SIGKILL, then a fresh server on the same endpoint, loading meanwhile
+            events["killed"] = now
+            events["at_kill"] = (b.stats.chunks, b.schedule.n_hold, b.stats.control_ticks)
+            events["executed_at_kill"] = b.schedule.n_executed
+            threading.Thread(target=restart, daemon=True).start()
+        if "ready2" in events and "first2" not in events and b.schedule.n_executed > events["executed_at_kill"] \
+                and b.stats.chunks > events["at_kill"][0]:
+            events["first2"] = now
+            events["reconnects_at_first2"] = client.n_reconnects
+            events["chunks_at_first2"] = b.stats.chunks
+
+    try:
+        summary = bridge.run(duration_s=40.0, on_tick=on_tick,
+                             should_stop=lambda: "first2" in events and bridge.clock() - events["first2"] > 2.0)
+    finally:
+        bridge.close()
+        client.close()
+        server.kill()
+        if "server2" in events:
+            events["server2"].kill()
+    figures = {k: v for k, v in events.items() if k != "server2"}
+    assert "first" in events, (figures, summary)
+    # The start-up denoise fits the session's start-up budget: no reconnect, the arm driven within seconds.
+    assert events["reconnects_at_first"] == 0, (figures, summary)
+    assert events["first"] - events["start"] < 4.0, figures
+    chunks, holds, ticks = events["at_kill"]
+    assert chunks >= 50, (figures, summary)
+    assert holds <= 0.3 * ticks, (figures, summary)   # holding only at the start-up, then driven
+    # After the restart: the new server's first session starts, at most the Hello then in flight is retried.
+    assert "first2" in events, (figures, summary)
+    assert events["reconnects_at_first2"] - events["reconnects_at_ready2"] <= 1, figures
+    assert events["first2"] - events["ready2"] < 4.0, figures
+    assert summary["chunks"] > events["chunks_at_first2"], summary   # and it keeps receiving
