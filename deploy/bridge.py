@@ -191,7 +191,8 @@ class Bridge:
     # ---------------------------------------------------------------- the loop
     def run(self, duration_s: float = 0.0, should_stop: Callable[[], bool] | None = None,
             on_tick: Callable[["Bridge", float], None] | None = None) -> dict:
-        """Run until `duration_s` (0: forever) or `should_stop()`; returns summary()."""
+        """Run until `duration_s` (0: forever), `should_stop()`, or the policy server refuses
+        this robot for good (client.refusal(): a spec mismatch); returns summary()."""
         start = self.clock()
         next_tick = start
         next_control = start
@@ -201,6 +202,8 @@ class Bridge:
                 break
             if should_stop is not None and should_stop():
                 break
+            if self.client is not None and self.client.fatal is not None:
+                break   # no chunk can ever come: holding on would only hide the mistake
             self.stats.period_error_s.append(now - next_tick)
             control = now >= next_control
             if control:

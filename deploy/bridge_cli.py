@@ -117,4 +117,10 @@ def run(args: argparse.Namespace) -> int:
     if args.summary:
         with open(args.summary, "w") as f:
             f.write(text + "\n")
+    refusal = client.refusal()
+    if refusal is not None:
+        print(f"dpstack bridge: {refusal}; serve a policy trained on the observations {args.config} publishes "
+              "(docs/deploy.md, 'A policy the bridge can serve') or make its spec: section match the policy",
+              file=sys.stderr)
+        return 1
     return status

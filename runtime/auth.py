@@ -58,12 +58,16 @@ def load_secret(path: str | Path) -> tuple[bytes, bytes]:
     p = Path(path)
     if not p.is_file():
         raise KeyFileError(f"{p}: no such secret key file")
+    # What it holds first: a public key in its place is the likelier mistake than its mode.
+    try:
+        public, secret = zmq.auth.load_certificate(str(p))
+    except ValueError:
+        raise KeyFileError(f"{p}: holds no key; give this machine's NAME.key_secret from `dpstack keys generate`") from None
+    if secret is None:
+        raise KeyFileError(f"{p}: holds no secret key; give this machine's NAME.key_secret, not a public NAME.key")
     mode = stat.S_IMODE(p.stat().st_mode)
     if mode & 0o077:
         raise KeyFileError(f"{p}: secret key is readable by others (mode {mode:o}); chmod 600 {p}")
-    public, secret = zmq.auth.load_certificate(str(p))
-    if secret is None:
-        raise KeyFileError(f"{p}: holds no secret key (is it the public .key file?)")
     return public, secret
 
 

@@ -39,6 +39,10 @@ class PolicyClient:
 
     timeout_s: an observation, heartbeat or Hello unanswered this long means the
     link is dead: the socket is recreated and the handshake repeated.
+    A session's first chunk, and the first after a reset, is the policy's start-up
+    (streaming and RTI: a full denoise, about a second on a CPU): it gets
+    `startup_allowance()` instead, so a start-up slower than the per-step timeout
+    is waited for rather than abandoned and restarted by every reconnect.
     heartbeat_s: with nothing in flight for this long a Heartbeat is sent, so a
     dead server is noticed (and the server's session kept alive) between episodes.
     """
@@ -63,7 +67,8 @@ class PolicyClient:
         self.session_id: str | None = None
         self.policy: PolicyInfo | None = None
         self._seq = 0
-        self._in_flight: tuple[str, int, float] | None = None  # ("hello"|"obs", seq, perf_counter sent)
+        # ("hello"|"obs", seq, perf_counter sent, seconds allowed)
+        self._in_flight: tuple[str, int, float, float] | None = None
         self._heartbeat_sent: float | None = None
         self._last_activity = 0.0
         self._next_attempt = 0.0
@@ -75,11 +80,29 @@ class PolicyClient:
         self.fatal: Error | None = None   # spec mismatch: retrying cannot help
         self.n_reconnects = 0
         self.last_stats: Mapping | None = None
+        self._startup_pending = False   # the next chunk asked for is a start-up (new session or episode)
+        self._startup_misses = 0        # start-ups in a row that ran out of their allowance
 
     # ------------------------------------------------------------------ public
     @property
     def ready(self) -> bool:
         return self.state is ClientState.READY
+
+    def startup_allowance(self) -> float:
+        """Seconds allowed for a start-up chunk: the timeout plus twice the start-up the
+        server measured at load (HelloAck policy.startup_s; margin for a busier machine),
+        doubled after each start-up in a row that still ran out (at most 16x), so a server
+        that does not say, or a machine slower than measured, cannot trap the client in
+        a loop of start-ups that are each abandoned. The robot holds meanwhile."""
+        told = self.policy.startup_s if self.policy is not None else None
+        base = self.timeout_s + 2.0 * max(0.0, told or 0.0)
+        return base * 2 ** min(self._startup_misses, 4)
+
+    def refusal(self) -> str | None:
+        """One sentence for a fatal refusal (spec mismatch: retrying cannot help), or None."""
+        if self.fatal is None:
+            return None
+        return f"the policy server at {self.endpoint} refused this robot's spec ({self.fatal.code}): {self.fatal.message}"
 
     @property
     def busy(self) -> bool:
@@ -105,8 +128,9 @@ class PolicyClient:
             return None
         self._seq += 1
         sent = time.perf_counter()  # before sending: the thread may lose its core right after
+        allowed = self.startup_allowance() if self._startup_pending else self.timeout_s
         if self._send(Observation(self._seq, float(timestamp), arrays)):
-            self._in_flight = ("obs", self._seq, sent)
+            self._in_flight = ("obs", self._seq, sent, allowed)
             return self._seq
         return None
 
@@ -251,12 +275,13 @@ class PolicyClient:
 
     def _send_hello(self) -> None:
         if self._send(Hello(self.robot_id, self.spec, self.seed)):
-            self._in_flight = ("hello", 0, time.perf_counter())
+            self._in_flight = ("hello", 0, time.perf_counter(), self.timeout_s)
 
     def _flush_reset(self) -> None:
         if self._pending_reset is not False and self.state is ClientState.READY:
             if self._send(Reset(self._pending_reset)):
                 self._pending_reset = False
+                self._startup_pending = True   # the new episode's first chunk starts the sampler up
 
     def _drive(self) -> None:
         """Time-based transitions: connect, retry Hello, time out, heartbeat."""
@@ -270,12 +295,19 @@ class PolicyClient:
             return
         if self.state is ClientState.HANDSHAKING:
             if now > self._hello_deadline:
-                self._reconnect("no answer to Hello")
+                # A CURVE server gives a client without its keys nothing but this silence.
+                self._reconnect("no answer to Hello" if self.security is not None else
+                                "no answer to Hello (is the server up? one started with --keys answers only "
+                                "robots configured with its keys)")
             elif self._in_flight is None:  # Hello not sent yet: no connection so far
                 self._send_hello()
             return
-        if self._in_flight is not None and now - self._in_flight[2] > self.timeout_s:
-            self._reconnect(f"no answer to {self._in_flight[0]} within {self.timeout_s:.3f} s")
+        if self._in_flight is not None and now - self._in_flight[2] > self._in_flight[3]:
+            kind, _, _, allowed = self._in_flight
+            if kind == "obs" and self._startup_pending:
+                self._startup_misses += 1
+                kind = "the start-up obs"
+            self._reconnect(f"no answer to {kind} within {allowed:.3f} s")
         elif self._heartbeat_sent is not None and now - self._heartbeat_sent > self.timeout_s:
             self._reconnect(f"no answer to heartbeat within {self.timeout_s:.3f} s")
         elif self._in_flight is None and self._heartbeat_sent is None and now - self._last_activity > self.heartbeat_s:
@@ -297,6 +329,7 @@ class PolicyClient:
                 self.policy = msg.policy
                 self._in_flight = None
                 self._last_activity = now
+                self._startup_pending = True   # a new session: its first chunk is a start-up
                 self._flush_reset()
             return None
         if isinstance(msg, Error):
@@ -306,6 +339,8 @@ class PolicyClient:
                 return None  # late answer to an observation we gave up on
             latency = now - self._in_flight[2]
             self._in_flight = None
+            self._startup_pending = False
+            self._startup_misses = 0
             try:
                 check_actions(msg, self.spec.action)
             except ProtocolError as e:

@@ -129,3 +129,19 @@ class PolicyRunner:
         if self._low is not None:
             a = np.clip(a, self._low, self._high)
         return a
+
+
+def measure_startup_s(runner: PolicyRunner) -> float:
+    """Seconds a new episode's first chunk takes with this runner's sampler (streaming and
+    RTI: their full start-up denoise), on blank observations after one warm-up run (the
+    first onnxruntime runs allocate). Leaves the runner reset."""
+    spec = runner.package.spec
+    blank = {k: np.zeros(spec.obs(k).shape, np.dtype(spec.obs(k).dtype)) for k in runner.package.obs_keys}
+    runner.reset()
+    runner.act(blank)
+    runner.reset()
+    start = time.perf_counter()
+    runner.act(blank)
+    elapsed = time.perf_counter() - start
+    runner.reset()
+    return elapsed

@@ -153,11 +153,17 @@ class PolicyInfo:
     control_hz: float
     action: ActionSpec
     sampler_resolved: str = ""  # what that name resolved to (e.g. "rti-renoise-20,8,0"); optional on the wire
+    # Seconds the server measured at load for a session's first chunk (streaming and RTI:
+    # a full start-up denoise, far longer than a control step); None: not told.
+    startup_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "sampler": self.sampler, "sampler_resolved": self.sampler_resolved,
-                "horizon": self.horizon, "n_obs_steps": self.n_obs_steps, "n_action_steps": self.n_action_steps,
-                "control_hz": self.control_hz, "action": self.action.to_dict()}
+        d = {"name": self.name, "sampler": self.sampler, "sampler_resolved": self.sampler_resolved,
+             "horizon": self.horizon, "n_obs_steps": self.n_obs_steps, "n_action_steps": self.n_action_steps,
+             "control_hz": self.control_hz, "action": self.action.to_dict()}
+        if self.startup_s is not None:  # optional: absent for servers that do not measure it
+            d["startup_s"] = self.startup_s
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> "PolicyInfo":
@@ -174,7 +180,8 @@ class PolicyInfo:
                    n_action_steps=_uint("policy.n_action_steps", d.get("n_action_steps"), limits),
                    control_hz=_float("policy.control_hz", d.get("control_hz"), limits),
                    action=action,
-                   sampler_resolved=_optional(_str)("policy.sampler_resolved", d.get("sampler_resolved"), limits) or "")
+                   sampler_resolved=_optional(_str)("policy.sampler_resolved", d.get("sampler_resolved"), limits) or "",
+                   startup_s=_optional(_float)("policy.startup_s", d.get("startup_s"), limits))
 
 
 def _policy_info(name: str, v: Any, limits: Limits) -> PolicyInfo:

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def build_factory(policy_dir: str, sampler: str, threads: int = 2, providers: tuple[str, ...] = ()):
     """(factory, policy spec, PolicyInfo) for a package: each session a fresh PolicyRunner."""
     from dpstack.runtime.package import SessionOptions, load_package
-    from dpstack.runtime.policy import PolicyRunner
+    from dpstack.runtime.policy import PolicyRunner, measure_startup_s
     from dpstack.runtime.protocol import PolicyInfo
     from dpstack.runtime.samplers import SamplerConfig
 
@@ -49,7 +49,8 @@ def build_factory(policy_dir: str, sampler: str, threads: int = 2, providers: tu
     # Results show the name as typed ("rti"), with what it resolved to beside it.
     info = PolicyInfo(name=str(package.manifest.get("name") or package.path.name), sampler=sampler.strip(),
                       sampler_resolved=probe.sampler.name, horizon=package.horizon, n_obs_steps=package.n_obs_steps,
-                      n_action_steps=package.n_action_steps, control_hz=spec.control_hz, action=spec.action)
+                      n_action_steps=package.n_action_steps, control_hz=spec.control_hz, action=spec.action,
+                      startup_s=measure_startup_s(probe))  # robots allow this for a session's first chunk
 
     def factory(robot_spec):
         return PolicyRunner(package, config)

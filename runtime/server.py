@@ -249,7 +249,7 @@ class PolicyServer:
         try:
             self.policy_spec.check_serves(msg.spec)
         except SpecMismatch as e:
-            raise ProtocolError(ErrorCode.SPEC_MISMATCH, str(e)) from None
+            raise ProtocolError(ErrorCode.SPEC_MISMATCH, str(e)[:self.config.limits.max_string]) from None
         # A robot that reconnects (new socket, new identity) replaces its old session.
         for s in list(self.sessions.values()):
             if s.identity == identity or s.robot_id == msg.robot_id:
@@ -338,8 +338,10 @@ def run_until_signalled(server: PolicyServer) -> dict[str, Any]:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         info = server.info
-        log.info("serving %s (%s%s) on %s", info.name, info.sampler,
-                 f" = {info.sampler_resolved}" if info.sampler_resolved not in ("", info.sampler) else "", server.endpoint)
+        startup = "" if info.startup_s is None else f"; a session's first chunk takes {info.startup_s:.2f} s"
+        log.info("serving %s (%s%s) on %s%s", info.name, info.sampler,
+                 f" = {info.sampler_resolved}" if info.sampler_resolved not in ("", info.sampler) else "", server.endpoint,
+                 startup)
         announce_ready(endpoint=server.endpoint, policy=info.name, sampler=info.sampler,
                        sampler_resolved=info.sampler_resolved)
         server.serve(lambda: bool(stop))

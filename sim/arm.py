@@ -143,9 +143,8 @@ class SimArm:
     # ------------------------------------------------------------------ session
     def connect(self, timeout_s: float = 30.0) -> None:
         if not self.client.wait_ready(timeout_s):
-            fatal = self.client.fatal
-            if fatal is not None:
-                raise ArmError(f"{self.config.connect} refused this robot's spec ({fatal.code}): {fatal.message}")
+            if self.client.fatal is not None:
+                raise ArmError(self.client.refusal())
             raise ArmError(f"could not open a session with {self.config.connect}: no answer within {timeout_s:.0f} s")
         info = self.client.policy
         if not self.config.sampler_label and info is not None:

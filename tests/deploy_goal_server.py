@@ -9,6 +9,7 @@ prints "serving ... on ENDPOINT" once bound.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpstack.deploy.bridge import robot_spec  # noqa: E402
+from dpstack.core.spec import ArraySpec  # noqa: E402
 from dpstack.deploy.config import load_config  # noqa: E402
 from dpstack.runtime.protocol import PolicyInfo  # noqa: E402
 from dpstack.runtime.server import PolicyServer, ServerConfig, run_until_signalled  # noqa: E402
@@ -56,9 +58,13 @@ def main(argv=None) -> int:
     p.add_argument("--goal", type=float, nargs=3, required=True)
     p.add_argument("--gain", type=float, default=0.5)
     p.add_argument("--max-action", type=float, default=0.25)
+    p.add_argument("--needs", default=None, metavar="KEY",
+                   help="the policy also reads this (10,) observation, which the robot config may not publish")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     spec = robot_spec(cfg)
+    if args.needs:
+        spec = dataclasses.replace(spec, observations=(*spec.observations, ArraySpec(args.needs, (10,))))
     info = PolicyInfo(name="goal-test-policy", sampler="goal", horizon=CHUNK, n_obs_steps=1, n_action_steps=CHUNK,
                       control_hz=spec.control_hz, action=spec.action)
     server = PolicyServer(lambda s: GoalPolicy(args.goal, args.gain, args.max_action, cfg.action.position_scale),

@@ -44,10 +44,12 @@ class EchoPolicy:
     """actions[i] = 0.1 * state[:2] + 0.01 * (step + i) + bias(seed); gripper = sign(state[3]),
     where step counts the observations before this one in the episode."""
 
-    def __init__(self, spec: RobotSpec = ECHO_SPEC, chunk: int = ECHO_CHUNK, delay_s: float = 0.0) -> None:
+    def __init__(self, spec: RobotSpec = ECHO_SPEC, chunk: int = ECHO_CHUNK, delay_s: float = 0.0,
+                 startup_s: float = 0.0) -> None:
         self.spec = spec
         self.chunk = chunk
         self.delay_s = delay_s
+        self.startup_s = startup_s  # extra time for an episode's first chunk, like streaming's start-up denoise
         self.reset()
 
     def reset(self, seed: int | None = None) -> None:
@@ -58,9 +60,10 @@ class EchoPolicy:
         self.step += 1
 
     def act(self, obs: dict[str, np.ndarray]) -> EchoChunk:
+        first = self.step == 0
         self.observe(obs)
-        if self.delay_s:
-            time.sleep(self.delay_s)
+        if self.delay_s or (first and self.startup_s):
+            time.sleep(self.delay_s + (self.startup_s if first else 0.0))
         state = obs["state"].astype(np.float32)
         i = np.arange(self.chunk, dtype=np.float32)[:, None]
         arm = 0.1 * state[:2] + 0.01 * (self.step - 1 + i) + self.bias
@@ -68,9 +71,10 @@ class EchoPolicy:
         return EchoChunk(np.concatenate([arm, grip], axis=1).astype(np.float32))
 
 
-def echo_info(chunk: int = ECHO_CHUNK) -> PolicyInfo:
+def echo_info(chunk: int = ECHO_CHUNK, startup_s: float | None = None) -> PolicyInfo:
     return PolicyInfo(name="echo-test-policy", sampler="echo", horizon=chunk, n_obs_steps=1,
-                      n_action_steps=chunk, control_hz=ECHO_SPEC.control_hz, action=ECHO_SPEC.action)
+                      n_action_steps=chunk, control_hz=ECHO_SPEC.control_hz, action=ECHO_SPEC.action,
+                      startup_s=startup_s)
 
 
 def echo_observation(rng: np.random.Generator, spec: RobotSpec = ECHO_SPEC) -> dict[str, np.ndarray]:
@@ -86,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="serve the TEST EchoPolicy (protocol/server tests only)")
     p.add_argument("--bind", default="tcp://127.0.0.1:*")
     p.add_argument("--delay-ms", type=float, default=0.0, help="simulated compute time per chunk")
+    p.add_argument("--startup-ms", type=float, default=0.0, help="simulated start-up: extra time for an episode's first chunk")
+    p.add_argument("--tell-startup", action="store_true", help="advertise --startup-ms in hello_ack (policy.startup_s)")
     p.add_argument("--session-timeout", type=float, default=30.0)
     p.add_argument("--insecure", action="store_true")
     p.add_argument("--image-hw", type=int, default=8, help="camera image height = width")
@@ -95,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     config = ServerConfig(bind=args.bind, insecure=args.insecure, session_timeout_s=args.session_timeout)
     try:
         spec = echo_spec(args.image_hw, args.cameras)
-        server = PolicyServer(lambda robot: EchoPolicy(spec, delay_s=args.delay_ms / 1e3), spec, echo_info(), config)
+        startup_s = args.startup_ms / 1e3
+        server = PolicyServer(lambda robot: EchoPolicy(spec, delay_s=args.delay_ms / 1e3, startup_s=startup_s), spec,
+                              echo_info(startup_s=startup_s if args.tell_startup else None), config)
     except InsecureBind as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

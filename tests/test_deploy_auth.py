@@ -1,6 +1,7 @@
 """CurveZMQ on the policy link: real sockets on 127.0.0.1, the real PolicyServer
 serving the TEST EchoPolicy (runtime/testing.py) with runtime/auth.py's CURVE setup.
 """
+import logging
 import stat
 import threading
 
@@ -131,7 +132,14 @@ def test_a_world_readable_secret_is_refused(tmp_path):
         auth.load_secret(secret)
 
 
-def test_policy_client_with_curve_keys_gets_a_session_and_chunks(curve_server, keys):
+def test_a_public_key_given_as_the_secret_key_is_named_as_such(tmp_path):
+    # Its mode (0644) is right for a public key: the complaint must be about what it holds, not chmod.
+    public, _ = auth.generate(tmp_path, "arm1")
+    with pytest.raises(auth.KeyFileError, match="holds no secret key"):
+        auth.load_secret(public)
+
+
+def test_policy_client_with_curve_keys_gets_a_session_and_chunks(curve_server, keys, caplog):
     from dpstack.runtime.client import PolicyClient
     from echo_server import echo_observation
 
@@ -145,10 +153,13 @@ def test_policy_client_with_curve_keys_gets_a_session_and_chunks(curve_server, k
     finally:
         client.close()
     plain = PolicyClient(server.endpoint, ECHO_SPEC, "arm2", timeout_s=0.5, context=ctx)
-    try:
-        assert not plain.wait_ready(1.5)
-    finally:
-        plain.close()
+    with caplog.at_level(logging.WARNING, logger="dpstack.runtime.client"):
+        try:
+            assert not plain.wait_ready(1.5)
+        finally:
+            plain.close()
+    # Silence is all a CURVE server gives a plain client: the warning says keys may be why.
+    assert any("no answer to Hello" in r.message and "keys" in r.message for r in caplog.records), caplog.text
 
 
 def test_dpstack_serve_with_keys_serves_only_listed_robots(tmp_path, keys):

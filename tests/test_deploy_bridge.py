@@ -6,16 +6,19 @@ trained package (a proportional controller emitting robosuite-style delta action
 toward a known goal), so the tests can say where the arm must end up.
 Servo rate 125 Hz here to keep the 2-core CI machine's load bounded.
 """
+import json
+import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+import yaml
 
 from dpstack.deploy import rotations as R
 from dpstack.deploy.bridge import Bridge, action_to_target, robot_spec
 from dpstack.deploy.cameras import TimedBuffer
-from dpstack.deploy.config import load_config
+from dpstack.deploy.config import CONFIG_DIR, load_config
 from dpstack.deploy.drivers.base import Pose
 from dpstack.deploy.drivers.mujoco_arm import MujocoArm
 from dpstack.deploy.estop import send
@@ -34,9 +37,9 @@ def sim_config(**safety):
     return cfg
 
 
-def goal_server(bind="tcp://127.0.0.1:*"):
+def goal_server(bind="tcp://127.0.0.1:*", *args):
     return ServerProcess(command=[sys.executable, "tests/deploy_goal_server.py", "--bind", bind,
-                                 "--goal", *map(str, GOAL)]).start()
+                                 "--goal", *map(str, GOAL), *args]).start()
 
 
 def reached(bridge, tol=0.01):
@@ -214,3 +217,27 @@ def test_alignment_takes_the_last_sample_at_or_before_the_observation_time():
     assert buf.at(99.0) == (3.0, "s3.0")
     buf.append(2.5, "older")   # out of order: ignored
     assert buf.latest() == (3.0, "s3.0")
+
+
+def test_bridge_cli_stops_with_a_sentence_when_the_policy_reads_an_observation_the_robot_lacks(tmp_path):
+    """spec_mismatch is fatal: `dpstack bridge` stops at once with a non-zero status and says
+    what the policy reads and what the robot config publishes, instead of holding for the run."""
+    config = yaml.safe_load((CONFIG_DIR / "sim.yaml").read_text())
+    config["driver"]["servo_hz"] = 125
+    config["safety"].update(estop_endpoint="", estop_keys=False)
+    path = tmp_path / "sim.yaml"
+    path.write_text(yaml.safe_dump(config))
+    server = goal_server("tcp://127.0.0.1:*", "--needs", "object-state")
+    try:
+        done = subprocess.run([sys.executable, "-m", "dpstack.cli", "bridge", "--config", str(path), "--dry-run",
+                               "--duration", "30", "--endpoint", server.endpoint],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        server.kill()
+    assert done.returncode == 1, done.stdout + done.stderr
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith("dpstack bridge:") and "object-state" in message, done.stderr
+    published = "['robot0_eef_pos', 'robot0_eef_quat', 'robot0_gripper_qpos']"
+    assert f"the robot publishes {published}" in message and "the policy reads" in message, message
+    assert "Traceback" not in done.stderr
+    assert json.loads(done.stdout.split("summary ", 1)[1])["ticks"] < 125 * 5   # stopped at once, not after the run

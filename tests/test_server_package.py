@@ -42,6 +42,7 @@ def check_served_equals_local(policy_dir: Path, sampler: str, seed: int, steps: 
         client = PolicyClient(server.endpoint, robot_spec, "arm", seed=seed, timeout_s=5.0)
         assert client.wait_ready(10.0), list(client.errors)
         assert client.policy.horizon == package.horizon and client.policy.n_obs_steps == package.n_obs_steps
+        assert client.policy.startup_s > 0   # measured at load: a session's first chunk
         dt = 1.0 / robot_spec.control_hz
         for k in range(steps):
             obs = random_obs(robot_spec, rng)

@@ -73,6 +73,40 @@ def test_observations_sent_while_busy_keep_the_history_at_control_rate() -> None
         client.close()
 
 
+def first_chunk(client: PolicyClient, rng: np.random.Generator, within_s: float) -> ActionReply | None:
+    """Send an observation every 50 ms control step, as a robot does, until a chunk comes."""
+    end = time.monotonic() + within_s
+    while time.monotonic() < end:
+        client.send_observation(echo_observation(rng), time.monotonic())
+        reply = client.poll(0.05)
+        if reply is not None:
+            return reply
+    return None
+
+
+def test_a_slow_start_up_fits_the_start_up_budget_the_server_advertises() -> None:
+    # First chunk of an episode 0.6 s, like streaming's start-up denoise; the link's timeout 0.3 s.
+    with ServerProcess(args=("--startup-ms", "600", "--tell-startup")) as server:
+        client = PolicyClient(server.endpoint, ECHO_SPEC, "arm", timeout_s=0.3)
+        assert client.wait_ready(5.0) and client.policy.startup_s == pytest.approx(0.6)
+        rng = np.random.default_rng(0)
+        assert first_chunk(client, rng, 5.0) is not None and client.n_reconnects == 0
+        client.reset()   # a new episode starts up again, within the same budget
+        assert first_chunk(client, rng, 5.0) is not None and client.n_reconnects == 0
+        client.close()
+
+
+def test_an_unadvertised_slow_start_up_cannot_trap_the_client_in_a_reconnect_loop() -> None:
+    # A server that does not advertise its start-up (older, or a test double): each session's
+    # first chunk takes longer than the timeout, and every reconnect starts a new session.
+    with ServerProcess(args=("--startup-ms", "600")) as server:
+        client = PolicyClient(server.endpoint, ECHO_SPEC, "arm", timeout_s=0.2)
+        assert client.wait_ready(5.0) and client.policy.startup_s is None
+        assert first_chunk(client, np.random.default_rng(0), 15.0) is not None, list(client.errors)
+        assert 1 <= client.n_reconnects <= 4
+        client.close()
+
+
 def test_idle_session_times_out_and_client_says_hello_again() -> None:
     with ServerProcess(args=("--session-timeout", "0.5")) as server:
         client = PolicyClient(server.endpoint, ECHO_SPEC, "sleepy", timeout_s=2.0, heartbeat_s=60.0)

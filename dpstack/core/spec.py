@@ -147,11 +147,14 @@ class RobotSpec:
         if abs(self.control_hz - other.control_hz) > 1e-6:
             problems.append(f"control_hz: policy {self.control_hz}, robot {other.control_hz}")
         have = {o.key: o for o in other.observations}
+        n_before = len(problems)
         for o in self.observations:
             if o.key not in have:
                 problems.append(f"observation {o.key!r} missing on robot")
             elif (o.shape, o.dtype) != (have[o.key].shape, have[o.key].dtype):
                 problems.append(f"observation {o.key!r}: policy {o.shape} {o.dtype}, robot {have[o.key].shape} {have[o.key].dtype}")
+        if len(problems) > n_before:  # say both sides: what to train on, or what to publish
+            problems.append(f"the policy reads {list(self.obs_keys)}, the robot publishes {list(other.obs_keys)}")
         a, b = self.action, other.action
         if (a.shape, a.gripper_dims) != (b.shape, b.gripper_dims):
             problems.append(f"action: policy {a.shape} grippers {a.gripper_dims}, robot {b.shape} grippers {b.gripper_dims}")
