@@ -28,6 +28,7 @@ def all_messages() -> list:
         Hello("arm-1", ECHO_SPEC, seed=7),
         Hello("arm-2", ECHO_SPEC),
         HelloAck("abc123", echo_info()),
+        HelloAck("abc124", echo_info(startup_s=0.8)),
         Observation(3, 12.25, echo_observation(rng)),
         Observation(4, 0.0, {}, infer=False),
         ActionReply(3, 12.25, 0.05, rng.normal(size=(8, 3)).astype(np.float32), "streaming", 1.5, 1),
@@ -211,6 +212,12 @@ def test_check_actions_against_spec() -> None:
 def test_policy_info_round_trip() -> None:
     info = echo_info()
     assert PolicyInfo.from_dict(info.to_dict()) == info
+    # startup_s is optional: absent from a server that does not measure it, a number otherwise
+    assert "startup_s" not in info.to_dict() and PolicyInfo.from_dict(info.to_dict()).startup_s is None
+    told = echo_info(startup_s=0.8)
+    assert PolicyInfo.from_dict(told.to_dict()).startup_s == 0.8
+    with pytest.raises(ProtocolError):
+        PolicyInfo.from_dict({**told.to_dict(), "startup_s": "slow"})
 
 
 def test_policy_info_carries_the_typed_sampler_name_and_what_it_resolved_to() -> None:
