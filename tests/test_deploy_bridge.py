@@ -55,6 +55,18 @@ def make_bridge(cfg, endpoint, **kw):
     return bridge, client
 
 
+def run_then_close(bridge, client, servers: list, **run) -> dict:
+    """bridge.run(**run); then, whatever happened, close the bridge and its link and kill
+    every server in `servers` (a run that restarts one appends the new one)."""
+    try:
+        return bridge.run(**run)
+    finally:
+        bridge.close()
+        client.close()
+        for server in servers:
+            server.kill()
+
+
 class Trace:
     """Every command the bridge produced, with its time."""
 
@@ -93,6 +105,7 @@ def test_closed_loop_reaches_the_goal_through_the_safety_layer():
 def test_policy_server_killed_mid_episode_arm_holds_then_resumes_after_restart():
     cfg = sim_config()
     server = goal_server()
+    servers = [server]
     endpoint = server.endpoint
     bridge, client = make_bridge(cfg, endpoint)
     trace = Trace()
@@ -105,20 +118,13 @@ def test_policy_server_killed_mid_episode_arm_holds_then_resumes_after_restart()
             server.kill()   # SIGKILL: no Bye, the link just goes silent
             events["killed"] = now
         elif "killed" in events and "restarted" not in events and now - events["killed"] > 0.8:
-            events["server2"] = goal_server(bind=endpoint)
+            servers.append(goal_server(bind=endpoint))
             events["restarted"] = b.clock()
             events["chunks_at_restart"] = b.stats.chunks
 
-    try:
-        summary = bridge.run(duration_s=15.0, on_tick=on_tick,
+    summary = run_then_close(bridge, client, servers, duration_s=15.0, on_tick=on_tick,
                              should_stop=lambda: "restarted" in events and reached(bridge, 0.005))
-        final = bridge.driver.read_state().pose.position
-    finally:
-        bridge.close()
-        client.close()
-        server.kill()
-        if "server2" in events:
-            events["server2"].kill()
+    final = bridge.states.latest()[1].pose.position   # the last state the bridge read
     assert "killed" in events and "restarted" in events
     t = np.array(trace.t)
     speed = np.array(trace.speed)

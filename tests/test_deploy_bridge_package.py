@@ -26,7 +26,7 @@ from dpstack.deploy.drivers.mujoco_arm import MujocoArm
 from dpstack.runtime.client import PolicyClient
 from dpstack import cli
 from server_process import ServerProcess
-from test_deploy_bridge import Trace, make_bridge, sim_config
+from test_deploy_bridge import Trace, make_bridge, run_then_close, sim_config
 
 pytestmark = pytest.mark.slow
 
@@ -108,13 +108,8 @@ def test_bridge_runs_an_exported_package_and_holds_when_its_server_is_killed(pac
             events["killed"] = now
             events["chunks_at_kill"] = b.stats.chunks
 
-    try:
-        summary = bridge.run(duration_s=20.0, on_tick=on_tick,
+    summary = run_then_close(bridge, client, [server], duration_s=20.0, on_tick=on_tick,
                              should_stop=lambda: "killed" in events and bridge.clock() - events["killed"] > 1.5)
-    finally:
-        bridge.close()
-        client.close()
-        server.kill()
 
     assert "killed" in events, summary
     # The package drove the arm: its chunks arrived and commands were sent every tick.
@@ -162,6 +157,7 @@ def test_shipped_defaults_drive_the_arm_within_seconds_and_again_after_a_server_
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     serve = [sys.executable, "-m", "dpstack.cli", "serve", str(default_package), "--bind", endpoint]
     server = ServerProcess(command=serve, ready_timeout_s=120.0).start()
+    servers = [server]
     # As `dpstack bridge` builds it: the YAML's timeout, the client's other defaults.
     client = PolicyClient(endpoint, robot_spec(cfg), cfg.name, timeout_s=cfg.policy.timeout_s)
     bridge = Bridge(cfg, MujocoArm(cfg.driver), client, dry_run=True, install_handlers=False)
@@ -169,7 +165,7 @@ def test_shipped_defaults_drive_the_arm_within_seconds_and_again_after_a_server_
     events = {}
 
     def restart():
-        events["server2"] = ServerProcess(command=serve, ready_timeout_s=120.0).start()
+        servers.append(ServerProcess(command=serve, ready_timeout_s=120.0).start())
         events["ready2"] = bridge.clock()
         events["reconnects_at_ready2"] = client.n_reconnects
 
@@ -190,16 +186,9 @@ def test_shipped_defaults_drive_the_arm_within_seconds_and_again_after_a_server_
             events["reconnects_at_first2"] = client.n_reconnects
             events["chunks_at_first2"] = b.stats.chunks
 
-    try:
-        summary = bridge.run(duration_s=40.0, on_tick=on_tick,
+    summary = run_then_close(bridge, client, servers, duration_s=40.0, on_tick=on_tick,
                              should_stop=lambda: "first2" in events and bridge.clock() - events["first2"] > 2.0)
-    finally:
-        bridge.close()
-        client.close()
-        server.kill()
-        if "server2" in events:
-            events["server2"].kill()
-    figures = {k: v for k, v in events.items() if k != "server2"}
+    figures = dict(events)
     assert "first" in events, (figures, summary)
     # The start-up denoise fits the session's start-up budget: no reconnect, the arm driven within seconds.
     assert events["reconnects_at_first"] == 0, (figures, summary)
