@@ -236,7 +236,7 @@ def test_bridge_cli_stops_with_a_sentence_when_the_policy_reads_an_observation_t
     server = goal_server("tcp://127.0.0.1:*", "--needs", "object-state")
     try:
         done = subprocess.run([sys.executable, "-m", "dpstack.cli", "bridge", "--config", str(path), "--dry-run",
-                               "--duration", "30", "--endpoint", server.endpoint],
+                               "--duration", "30", "--connect", server.endpoint],
                               capture_output=True, text=True, timeout=120)
     finally:
         server.kill()
