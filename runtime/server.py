@@ -51,6 +51,14 @@ class PolicySession(Protocol):
     def act(self, obs: dict[str, np.ndarray]) -> Any: ...
 
 
+@dataclass(frozen=True)
+class PlainChunk:
+    """What a policy without a sampler returns (the zero-action benchmark policy, test
+    doubles): actions only; the server labels it with its PolicyInfo's sampler, 0 evaluations."""
+
+    actions: np.ndarray
+
+
 SessionFactory = Callable[[RobotSpec], PolicySession]
 # Configures authentication on the ROUTER socket before bind (runtime.auth.CurveServer:
 # CurveZMQ with a client-key allow-list). With it, non-loopback binds are allowed;

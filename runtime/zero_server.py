@@ -11,22 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dpstack.core.process import ChildProcess
 from dpstack.core.spec import RobotSpec
+from dpstack.runtime.server import PlainChunk
 
 CHUNK = 8
-
-
-@dataclass(frozen=True)
-class ZeroChunk:
-    actions: np.ndarray
-    sampler: str = "zero"
-    nfe: int = 0
 
 
 class ZeroPolicy:
@@ -39,8 +32,8 @@ class ZeroPolicy:
     def reset(self, seed: int | None = None) -> None:
         pass
 
-    def act(self, obs: dict[str, np.ndarray]) -> ZeroChunk:
-        return ZeroChunk(self.actions)
+    def act(self, obs: dict[str, np.ndarray]) -> PlainChunk:
+        return PlainChunk(self.actions)
 
 
 def start(spec: RobotSpec, spec_path: Path, timeout_s: float = 30.0) -> tuple[ChildProcess, str]:

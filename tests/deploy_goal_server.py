@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +22,9 @@ from dpstack.deploy.bridge import robot_spec  # noqa: E402
 from dpstack.core.spec import ArraySpec  # noqa: E402
 from dpstack.deploy.config import load_config  # noqa: E402
 from dpstack.runtime.protocol import PolicyInfo  # noqa: E402
-from dpstack.runtime.server import PolicyServer, ServerConfig, run_until_signalled  # noqa: E402
+from dpstack.runtime.server import PlainChunk, PolicyServer, ServerConfig, run_until_signalled  # noqa: E402
 
 CHUNK = 8
-
-
-@dataclass(frozen=True)
-class Chunk:
-    actions: np.ndarray
-    sampler: str = "goal"
-    nfe: int = 0
 
 
 class GoalPolicy:
@@ -48,7 +40,7 @@ class GoalPolicy:
         a = np.zeros((CHUNK, 7), dtype=np.float32)
         a[:, 0:3] = step
         a[:, 6] = -1.0   # gripper open
-        return Chunk(a)
+        return PlainChunk(a)
 
 
 def main(argv=None) -> int:

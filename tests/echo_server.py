@@ -15,11 +15,11 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from dpstack.runtime.protocol import PolicyInfo
+from dpstack.runtime.server import PlainChunk
 from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
 
 def echo_spec(image_hw: int = 8, cameras: int = 1) -> RobotSpec:
@@ -31,13 +31,6 @@ def echo_spec(image_hw: int = 8, cameras: int = 1) -> RobotSpec:
 
 ECHO_SPEC = echo_spec()
 ECHO_CHUNK = 8
-
-
-@dataclass(frozen=True)
-class EchoChunk:
-    actions: np.ndarray
-    sampler: str = "echo"
-    nfe: int = 0
 
 
 class EchoPolicy:
@@ -59,7 +52,7 @@ class EchoPolicy:
     def observe(self, obs: dict[str, np.ndarray]) -> None:
         self.step += 1
 
-    def act(self, obs: dict[str, np.ndarray]) -> EchoChunk:
+    def act(self, obs: dict[str, np.ndarray]) -> PlainChunk:
         first = self.step == 0
         self.observe(obs)
         if self.delay_s or (first and self.startup_s):
@@ -68,7 +61,7 @@ class EchoPolicy:
         i = np.arange(self.chunk, dtype=np.float32)[:, None]
         arm = 0.1 * state[:2] + 0.01 * (self.step - 1 + i) + self.bias
         grip = np.full((self.chunk, 1), 1.0 if state[3] >= 0 else -1.0, dtype=np.float32)
-        return EchoChunk(np.concatenate([arm, grip], axis=1).astype(np.float32))
+        return PlainChunk(np.concatenate([arm, grip], axis=1).astype(np.float32))
 
 
 def echo_info(chunk: int = ECHO_CHUNK, startup_s: float | None = None) -> PolicyInfo:
