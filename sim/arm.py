@@ -21,14 +21,13 @@ Two ways to run the clock:
   period is an overrun: the world (the simulator) stands still for the excess,
   as it does while a video frame renders, and the schedule resumes from there.
   Overruns are counted, and reported, but they are the simulator's, not
-  lateness of the policy or the link.
+  lateness of the policy or the link. `RobotClock` keeps the robot time
+  (scaled, paused) and `TickLedger` books what each tick did.
 """
 from __future__ import annotations
 
-import collections
 import gc
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,9 @@ import numpy as np
 from dpstack.runtime.endpoint import check_endpoint
 from dpstack.runtime.realtime import StallProbe
 from dpstack.sim.eval_report import EpisodeRecord
+from dpstack.sim.robot_clock import RobotClock
 from dpstack.sim.tasks import get_task
+from dpstack.sim.tick_ledger import TickLedger
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +106,6 @@ class FrameRecorder:
     def write(self, path: Path, fps: float) -> Path:
         from dpstack.data.video import write_mp4
         return write_mp4(np.stack(self.frames), path, fps)
-
-
-def _monotonic_at(perf_time: float) -> float:
-    """A time.perf_counter() instant on CLOCK_MONOTONIC, the clock other processes share."""
-    return time.monotonic() - (time.perf_counter() - perf_time)
 
 
 def _policy_obs(obs: dict[str, np.ndarray], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -224,16 +220,11 @@ class SimArm:
     def _observation(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _policy_obs(obs, self.spec.obs_keys)
 
-    def _step_env(self, action: np.ndarray, record: EpisodeRecord, recorder: FrameRecorder | None) -> tuple[dict, bool]:
+    def _step_env(self, action: np.ndarray, record: EpisodeRecord) -> tuple[dict, bool]:
         start = time.perf_counter()
         obs, _, done, info = self.env.step(action)
         record.physics_ms.append((time.perf_counter() - start) * 1e3)
         record.steps += 1
-        self._render_s = 0.0
-        if recorder is not None:
-            start = time.perf_counter()
-            recorder.capture()
-            self._render_s = time.perf_counter() - start
         if info["success"]:
             record.success = True
             return obs, True  # stop early: the task is solved
@@ -244,7 +235,7 @@ class SimArm:
         while not done:
             now = record.steps * self.sim_dt  # robot clock = sim clock
             arrays = self._observation(obs)
-            start = time.perf_counter()
+            start, start_shared = time.perf_counter(), time.monotonic()
             if self.schedule.remaining(now, before_replan=True) == 0:
                 # Chunk used up (or at its replan point): this observation asks for the next one.
                 reply = self.client.request(arrays, now, self.config.reply_timeout_s)
@@ -262,16 +253,45 @@ class SimArm:
             if decision.hold:
                 record.held_steps += 1
                 record.deadline_misses += 1
-                record.misses.append([record.steps, _monotonic_at(start), time.monotonic()])
-            obs, done = self._step_env(decision.action, record, recorder)
+                record.misses.append([record.steps, start_shared, time.monotonic()])
+            obs, done = self._step_env(decision.action, record)
+            if recorder is not None:
+                recorder.capture()
 
     def _realtime(self, obs: dict, record: EpisodeRecord, recorder: FrameRecorder | None) -> None:
-        # Robot time is in the task's seconds (what the policy's chunk times mean);
-        # --hz sets how fast it runs on the wall clock (hz below the task rate = slow motion).
-        scale = self.hz / self.spec.control_hz
-        # Episode start: the arm is at rest after the reset, so its first chunk (a full
-        # denoise for RTI and streaming) is waited for before the clock starts, as a real
-        # arm would wait before moving; its latency is recorded, not counted as a miss.
+        self._first_chunk(obs, record)
+        clock = RobotClock(self.hz / self.spec.control_hz)  # --hz below the task's rate: slow motion
+        ledger = TickLedger(record, clock)
+        done = False
+        k = 0
+        while not done:
+            tick = k * self.sim_dt
+            while clock.now() < tick:
+                self._receive(clock, ledger, tick)  # idle until the tick, receiving meanwhile
+            self.probe.read()  # stalls while idle cost nothing: count from the tick on
+            if self.client.fatal is not None:
+                raise ArmError(self._link_problem("policy link failed"))
+            asked = self._send(tick, obs, clock, ledger) if k > 0 else None  # tick 0 sent the first chunk's
+            deadline = tick + self.config.action_deadline * self.sim_dt
+            self._wait_for_action(tick, deadline, asked, clock, ledger)
+            lookahead = asked is not None and not self._adopted(asked) and self.schedule.remaining(tick) > 0
+            decision = self.schedule.next(tick)
+            ledger.commanded(k, tick, deadline, decision.hold, lookahead)
+            obs, done = self._step_env(decision.action, record)
+            if recorder is not None:
+                with clock.paused():  # rendering is for people, not part of the robot
+                    recorder.capture()
+            # The simulator is the world. When it needs longer than the period to compute one,
+            # the world stands still meanwhile (on a real arm it moves on while the bridge
+            # waits): the excess is a pause, counted as an overrun, not lateness of the next tick.
+            ledger.finished(*self.probe.read(), overrun=clock.pause_past(tick + self.sim_dt))
+            k += 1
+
+    # ------------------------------------------------------------------ realtime pieces
+    def _first_chunk(self, obs: dict, record: EpisodeRecord) -> None:
+        """Episode start: the arm is at rest after the reset, so its first chunk (a full
+        denoise for RTI and streaming) is waited for before the clock starts, as a real
+        arm would wait before moving; its latency is recorded, not counted as a miss."""
         start = time.perf_counter()
         reply = self.client.request(self._observation(obs), 0.0, self.config.reply_timeout_s)
         if reply is None:
@@ -279,98 +299,52 @@ class SimArm:
         record.start_latency_ms = (time.perf_counter() - start) * 1e3
         record.evaluations += reply.nfe
         self.schedule.offer(reply)
-        wall0 = time.perf_counter()
-        in_flight: dict[int, float] = {}  # seq -> wall time sent
-        recent: collections.deque[float] = collections.deque(maxlen=20)  # chunk latencies, robot seconds
 
-        def clock() -> float:
-            return (time.perf_counter() - wall0) * scale
+    def _receive(self, clock: RobotClock, ledger: TickLedger, until: float) -> None:
+        """Wait for a chunk until robot time `until` (one poll) and offer it to the schedule."""
+        reply = self.client.poll(max(0.0, clock.wall_s(until - clock.now())))
+        if reply is not None:
+            ledger.answered(reply)
+            self.schedule.offer(reply)
 
-        def receive(until: float) -> None:
-            """Take chunks until robot time `until` (at least one poll)."""
-            while True:
-                reply = self.client.poll(max(0.0, (until - clock()) / scale))
-                if reply is not None:
-                    if reply.seq in in_flight:
-                        latency = time.perf_counter() - in_flight.pop(reply.seq)
-                        record.chunk_latency_ms.append(latency * 1e3)
-                        record.chunk_compute_ms.append(reply.compute_ms)
-                        recent.append(latency * scale)
-                    record.evaluations += reply.nfe
-                    self.schedule.offer(reply)
-                    return
-                if clock() >= until:
-                    return
+    def _send(self, tick: float, obs: dict, clock: RobotClock, ledger: TickLedger) -> int | None:
+        """Send the tick's observation: it asks for the next chunk early enough that the chunk
+        arrives before the current one runs out (lead = recent latency in ticks), otherwise
+        it is history only. Returns the seq of a chunk asked for that this tick's action
+        should come from (the current chunk is at its end or replan point), else None."""
+        arrays = self._observation(obs)
+        due = self.schedule.remaining(tick, before_replan=True)
+        if self.client.busy or due > ledger.lead(self.sim_dt):
+            self.client.send_history(arrays, tick)
+            return None
+        sent = clock.wall()  # before sending: the thread may lose its core right after
+        seq = self.client.send_observation(arrays, tick)
+        if seq is None:
+            return None
+        ledger.asked(seq, sent)
+        return seq if due == 0 else None
 
-        done = False
-        k = 0
-        while not done:
-            tick = k * self.sim_dt
-            while clock() < tick:
-                receive(tick)  # idle until the tick, receiving meanwhile
-            self.probe.read()  # stalls while idle cost nothing: count from the tick on
-            if self.client.fatal is not None:
-                raise ArmError(self._link_problem("policy link failed"))
-            # Ask for the next chunk early enough that it arrives before this one runs
-            # out (lead = recent latency in ticks); otherwise history only.
-            lead = math.ceil(max(recent, default=0.0) / self.sim_dt)
-            arrays = self._observation(obs)
-            due = self.schedule.remaining(tick, before_replan=True)
-            asked = None  # seq of a chunk asked for this tick that this tick's action should come from
-            if k == 0:
-                pass  # this observation was the episode-start request
-            elif not self.client.busy and due <= lead:
-                sent = time.perf_counter()  # before sending: the thread may lose its core right after
-                seq = self.client.send_observation(arrays, tick)
-                if seq is not None:
-                    in_flight = {seq: sent}
-                    asked = seq if due == 0 else None
-            else:
-                self.client.send_history(arrays, tick)
-            # With no action for this tick, wait for one until the action deadline, then hold.
-            # When the policy wanted to replan now (RTI) and the current chunk's look-ahead
-            # covers the tick, wait for the chunk just asked for only until fresh_deadline.
-            deadline = tick + self.config.action_deadline * self.sim_dt
-            fresh_deadline = tick + min(self.config.fresh_deadline, self.config.action_deadline) * self.sim_dt
+    def _wait_for_action(self, tick: float, deadline: float, asked: int | None, clock: RobotClock,
+                         ledger: TickLedger) -> None:
+        until = self._wait_until(tick, deadline, asked)
+        while until is not None and clock.now() < until:
+            self._receive(clock, ledger, until)
+            until = self._wait_until(tick, deadline, asked)
 
-            def wait_until() -> float | None:
-                if self.schedule.remaining(tick) == 0:
-                    return deadline
-                fresh = asked is None or (self.schedule.current_seq or -1) >= asked
-                return None if fresh else fresh_deadline
+    def _wait_until(self, tick: float, deadline: float, asked: int | None) -> float | None:
+        """How long this tick still waits for a chunk (robot time), None: not at all.
+        With no action for the tick, until the action deadline (then it holds). When the
+        policy wanted to replan now (RTI) and the current chunk's look-ahead covers the
+        tick, for the chunk just asked for only until the fresh deadline."""
+        if self.schedule.remaining(tick) == 0:
+            return deadline
+        if asked is None or self._adopted(asked):
+            return None
+        return tick + min(self.config.fresh_deadline, self.config.action_deadline) * self.sim_dt
 
-            until = wait_until()
-            while until is not None and clock() < until:
-                receive(until)
-                until = wait_until()
-            if asked is not None and (self.schedule.current_seq or -1) < asked:
-                record.lookahead_steps += int(self.schedule.remaining(tick) > 0)
-            decision = self.schedule.next(tick)
-            commanded = clock()
-            record.step_latency_ms.append(max(0.0, commanded - tick) / scale * 1e3)
-            # The tick's deadline is missed when it has no action to run, or when its action
-            # goes out after the deadline (the loop lost its core while waiting).
-            late = commanded > deadline
-            missed = decision.hold or late
-            record.held_steps += int(decision.hold)
-            record.late_steps += int(late and not decision.hold)
-            record.deadline_misses += int(missed)
-            if missed:  # from the tick's start to its command, on the clock every process shares
-                record.misses.append([k, _monotonic_at(wall0 + tick / scale), _monotonic_at(wall0 + commanded / scale)])
-            obs, done = self._step_env(decision.action, record, recorder)
-            steal_ms, runqueue_ms = self.probe.read()
-            record.steal_ms.append(steal_ms)
-            record.runqueue_ms.append(runqueue_ms)
-            # Rendering is for people, not part of the robot: stop the clock while it ran.
-            wall0 += self._render_s
-            # The simulator is the world. When it needs longer than the period to compute one,
-            # the world stands still meanwhile (on a real arm it moves on while the bridge
-            # waits): the excess is a pause, counted as an overrun, not lateness of the next tick.
-            behind = clock() - (tick + self.sim_dt)
-            if behind > 0:
-                record.overruns += 1
-                wall0 += behind / scale
-            k += 1
+    def _adopted(self, seq: int) -> bool:
+        """The schedule runs chunk `seq` or a newer one."""
+        return (self.schedule.current_seq or -1) >= seq
 
     def _link_problem(self, what: str) -> str:
         errors = "; ".join(f"{e.code}: {e.message}" for e in list(self.client.errors)[-3:])
