@@ -20,7 +20,7 @@ import zmq
 
 from dpstack.runtime.protocol import (DEFAULT_LIMITS, ActionReply, Bye, Error, ErrorCode, Heartbeat, HeartbeatAck,
                               Hello, HelloAck, Limits, Message, Observation, PolicyInfo, ProtocolError, Reset,
-                              ResetAck, Stats, StatsRequest, check_arrays, check_actions, decode, encode)
+                              ResetAck, Stats, StatsRequest, check_arrays, check_actions, check_seed, decode, encode)
 from dpstack.core.spec import RobotSpec
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class PolicyClient:
         self.endpoint = endpoint
         self.spec = spec
         self.robot_id = robot_id
-        self.seed = seed
+        self.seed = check_seed(seed)
         self.timeout_s = timeout_s
         self.heartbeat_s = heartbeat_s
         self.retry_s = retry_s
@@ -153,7 +153,7 @@ class PolicyClient:
 
     def reset(self, seed: int | None = None) -> None:
         """Start a new episode on the server (sent now or right after the handshake)."""
-        self._pending_reset = seed if seed is not None else None
+        self._pending_reset = check_seed(seed)
         self._flush_reset()
 
     def poll(self, timeout_s: float = 0.0) -> ActionReply | None:

@@ -4,7 +4,9 @@ A message is a ZeroMQ multipart message: frame 0 is a msgpack map (the header:
 protocol version, message type, the message's fields, and a descriptor per
 array), frames 1.. are the arrays' raw little-endian C-order bytes. Nothing is
 ever pickled: a header can only hold maps, lists, strings and numbers, and an
-array is rebuilt from a whitelisted dtype and a checked shape.
+array is rebuilt from a whitelisted dtype and a checked shape. Every field is
+checked for its type and its range when decoded, so no value a peer sends reaches
+a policy (numpy) unchecked.
 
 `decode` never raises anything but `ProtocolError` (a code and a message) on bad
 input, whatever the bytes; the spec a robot team implements is docs/protocol.md.
@@ -26,15 +28,21 @@ PROTOCOL_VERSION = 1
 # Little-endian only on the wire; names as numpy spells them.
 ALLOWED_DTYPES = ("bool", "uint8", "uint16", "int32", "int64", "float32", "float64")
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Seeds are uint32: every numpy seeding API (default_rng, SeedSequence, the legacy
+# RandomState) takes them, and so does a robot's C++ or Rust client.
+SEED_MAX = 2**32 - 1
+
 
 class ErrorCode(str, enum.Enum):
     """Error codes carried by `Error` messages (strings on the wire)."""
 
     BAD_FRAMING = "bad_framing"          # frame structure or msgpack unreadable
     BAD_VERSION = "bad_version"          # protocol version not supported
-    BAD_HEADER = "bad_header"            # a header field missing or of the wrong type
+    BAD_HEADER = "bad_header"            # a header field missing or of the wrong type, or a map key not a string
+    BAD_VALUE = "bad_value"              # a field of the right type with a value outside its range
     UNKNOWN_TYPE = "unknown_type"        # message type not known (or not accepted here)
-    TOO_LARGE = "too_large"              # message, header, array or frame count over the limits
+    TOO_LARGE = "too_large"              # message, header, array, frame count or nesting over the limits
     BAD_DTYPE = "bad_dtype"              # dtype not whitelisted or not the declared one
     BAD_SHAPE = "bad_shape"              # shape disagrees with the bytes or the declared spec
     NOT_FINITE = "not_finite"            # NaN or Inf in a float array
@@ -67,6 +75,7 @@ class Limits:
     max_arrays: int = 16
     max_ndim: int = 4
     max_string: int = 1024
+    max_depth: int = 32   # nesting of maps and lists in the header
 
 
 DEFAULT_LIMITS = Limits()
@@ -79,17 +88,29 @@ def _bad(name: str, what: str, got: Any) -> ProtocolError:
     return ProtocolError(ErrorCode.BAD_HEADER, f"field {name!r}: expected {what}, got {type(got).__name__}")
 
 
-def _int(name: str, v: Any, limits: Limits) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not -(2**63) <= v < 2**63:
-        raise _bad(name, "an int64", v)
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _in_range(name: str, v: int, low: int, high: int) -> int:
+    if not low <= v <= high:
+        raise ProtocolError(ErrorCode.BAD_VALUE, f"field {name!r}: {v} is not in {low}..{high}")
     return v
 
 
-def _uint(name: str, v: Any, limits: Limits) -> int:
-    v = _int(name, v, limits)
-    if v < 0:
-        raise ProtocolError(ErrorCode.BAD_HEADER, f"field {name!r}: must be >= 0, got {v}")
-    return v
+def _ints_in(low: int, high: int) -> Callable[[str, Any, Limits], int]:
+    """A checker for an int field whose values lie in low..high."""
+    def checked(name: str, v: Any, limits: Limits) -> int:
+        if not _is_int(v):
+            raise _bad(name, "an int", v)
+        return _in_range(name, v, low, high)
+    return checked
+
+
+_int = _ints_in(INT64_MIN, INT64_MAX)
+_uint = _ints_in(0, INT64_MAX)
+_count = _ints_in(1, INT64_MAX)
+_seed = _ints_in(0, SEED_MAX)
 
 
 def _float(name: str, v: Any, limits: Limits) -> float:
@@ -98,6 +119,13 @@ def _float(name: str, v: Any, limits: Limits) -> float:
     v = float(v)
     if not math.isfinite(v):
         raise ProtocolError(ErrorCode.NOT_FINITE, f"field {name!r} is {v}")
+    return v
+
+
+def _positive(name: str, v: Any, limits: Limits) -> float:
+    v = _float(name, v, limits)
+    if v <= 0:
+        raise ProtocolError(ErrorCode.BAD_VALUE, f"field {name!r}: must be > 0, got {v}")
     return v
 
 
@@ -124,19 +152,93 @@ def _map(name: str, v: Any, limits: Limits) -> dict:
     return v
 
 
+def _list(name: str, v: Any, limits: Limits) -> list:
+    if not isinstance(v, list):
+        raise _bad(name, "a list", v)
+    return v
+
+
+def _shape(name: str, shape: Any, dtype: str, limits: Limits) -> int:
+    """Check an array's shape (wire descriptor or spec); return its size in bytes."""
+    if not isinstance(shape, list) or len(shape) > limits.max_ndim:
+        raise ProtocolError(ErrorCode.BAD_SHAPE, f"array {name!r}: shape must be a list of at most {limits.max_ndim} dims")
+    for s in shape:
+        if not _is_int(s) or s < 0:
+            raise ProtocolError(ErrorCode.BAD_SHAPE, f"array {name!r}: shape {shape} has a bad dimension")
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize  # python ints: no overflow
+    if nbytes > limits.max_array_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"array {name!r}: {nbytes} bytes over {limits.max_array_bytes}")
+    return nbytes
+
+
+def _dtype(name: str, v: Any, limits: Limits) -> str:
+    v = _str(f"{name}.dtype", v, limits)
+    if v not in ALLOWED_DTYPES:
+        raise ProtocolError(ErrorCode.BAD_DTYPE, f"array {name!r}: dtype {v!r} not in {ALLOWED_DTYPES}")
+    return v
+
+
 def _optional(check: Callable[[str, Any, Limits], Any]) -> Callable[[str, Any, Limits], Any]:
     def checked(name: str, v: Any, limits: Limits) -> Any:
         return None if v is None else check(name, v, limits)
     return checked
 
 
-def _spec(name: str, v: Any, limits: Limits) -> RobotSpec:
+# A spec's arrays are checked as the wire will carry them: a robot whose declared
+# observation could never be sent is refused at hello, with the code the array would get.
+
+def _array_spec(name: str, d: Any, limits: Limits, key_required: bool = True) -> None:
+    d = _map(name, d, limits)
+    key = (_str if key_required else _optional(_str))(f"{name}.key", d.get("key"), limits) or name
+    dtype = _dtype(key, d.get("dtype", "float32"), limits)
+    _shape(key, d.get("shape"), dtype, limits)
+    for n in _list(f"{name}.names", d.get("names", []), limits):
+        _str(f"{name}.names[]", n, limits)
+
+
+def _action_spec(name: str, d: Any, limits: Limits) -> ActionSpec:
+    _array_spec(name, d, limits, key_required=False)
+    shape = d["shape"]
+    if len(shape) != 1 or shape[0] < 1:
+        raise ProtocolError(ErrorCode.BAD_SHAPE, f"field {name!r}: shape must be [A] with A >= 1, got {shape}")
+    for i in _list(f"{name}.gripper_dims", d.get("gripper_dims", []), limits):
+        _ints_in(0, shape[0] - 1)(f"{name}.gripper_dims[]", i, limits)
+    for bound in ("low", "high"):
+        values = [_float(f"{name}.{bound}[]", x, limits) for x in _list(f"{name}.{bound}", d.get(bound, []), limits)]
+        if len(values) not in (0, shape[0]):
+            raise ProtocolError(ErrorCode.BAD_SHAPE, f"field '{name}.{bound}': {len(values)} bounds for {shape[0]} dims")
+    return _from_dict(name, ActionSpec.from_dict, d)
+
+
+def _from_dict(name: str, parse: Callable[[dict], Any], d: dict) -> Any:
     try:
-        return RobotSpec.from_dict(_map(name, v, limits))
+        return parse(d)
+    except Exception as e:  # what the checks above leave (duplicate keys, names vs shape)
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"field {name!r}: not valid ({e})") from None
+
+
+def _spec(name: str, v: Any, limits: Limits) -> RobotSpec:
+    d = _map(name, v, limits)
+    _str(f"{name}.task", d.get("task"), limits)
+    _str(f"{name}.robot", d.get("robot"), limits)
+    _positive(f"{name}.control_hz", d.get("control_hz"), limits)
+    observations = _list(f"{name}.observations", d.get("observations"), limits)
+    if len(observations) > limits.max_arrays:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"field '{name}.observations': {len(observations)} over {limits.max_arrays}")
+    for o in observations:
+        _array_spec(f"{name}.observations[]", o, limits)
+    _action_spec(f"{name}.action", d.get("action"), limits)
+    _optional(_map)(f"{name}.extra", d.get("extra"), limits)
+    return _from_dict(name, RobotSpec.from_dict, d)
+
+
+def check_seed(seed: int | None) -> int | None:
+    """For a sender: the seed a hello or reset may carry (None or 0..SEED_MAX).
+    Raises ValueError, so a robot learns of a bad seed before a server refuses it."""
+    try:
+        return _optional(_seed)("seed", seed, DEFAULT_LIMITS)
     except ProtocolError:
-        raise
-    except Exception as e:  # any malformed spec map, whatever the failure inside from_dict
-        raise ProtocolError(ErrorCode.BAD_HEADER, f"field {name!r}: not a valid robot spec ({e})") from None
+        raise ValueError(f"seed {seed!r} cannot be sent: a seed is an int in 0..{SEED_MAX}, or None") from None
 
 
 # --------------------------------------------------------------------------- messages
@@ -167,33 +269,19 @@ class PolicyInfo:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> "PolicyInfo":
-        try:
-            action = ActionSpec.from_dict(_map("policy.action", d.get("action"), limits))
-        except ProtocolError:
-            raise
-        except Exception as e:
-            raise ProtocolError(ErrorCode.BAD_HEADER, f"field 'policy.action': not a valid action spec ({e})") from None
         return cls(name=_str("policy.name", d.get("name"), limits),
                    sampler=_str("policy.sampler", d.get("sampler"), limits),
-                   horizon=_uint("policy.horizon", d.get("horizon"), limits),
-                   n_obs_steps=_uint("policy.n_obs_steps", d.get("n_obs_steps"), limits),
-                   n_action_steps=_uint("policy.n_action_steps", d.get("n_action_steps"), limits),
-                   control_hz=_float("policy.control_hz", d.get("control_hz"), limits),
-                   action=action,
+                   horizon=_count("policy.horizon", d.get("horizon"), limits),
+                   n_obs_steps=_count("policy.n_obs_steps", d.get("n_obs_steps"), limits),
+                   n_action_steps=_count("policy.n_action_steps", d.get("n_action_steps"), limits),
+                   control_hz=_positive("policy.control_hz", d.get("control_hz"), limits),
+                   action=_action_spec("policy.action", d.get("action"), limits),
                    sampler_resolved=_optional(_str)("policy.sampler_resolved", d.get("sampler_resolved"), limits) or "",
                    startup_s=_optional(_float)("policy.startup_s", d.get("startup_s"), limits))
 
 
 def _policy_info(name: str, v: Any, limits: Limits) -> PolicyInfo:
     return PolicyInfo.from_dict(_map(name, v, limits), limits)
-
-
-def _stats(name: str, v: Any, limits: Limits) -> dict:
-    # Stats are plain data for people; only require a map with string keys.
-    v = _map(name, v, limits)
-    if not all(isinstance(k, str) for k in v):
-        raise ProtocolError(ErrorCode.BAD_HEADER, f"field {name!r}: keys must be strings")
-    return v
 
 
 class Message:
@@ -227,7 +315,7 @@ class Hello(Message):
     robot_id: str
     spec: RobotSpec
     seed: int | None = None
-    FIELDS: ClassVar = {"robot_id": _str, "spec": _spec, "seed": _optional(_int)}
+    FIELDS: ClassVar = {"robot_id": _str, "spec": _spec, "seed": _optional(_seed)}
 
 
 @dataclass(frozen=True)
@@ -275,7 +363,7 @@ class ActionReply(Message):
     compute_ms: float = 0.0
     nfe: int = 0
     replan_after: int | None = None
-    FIELDS: ClassVar = {"seq": _uint, "start_time": _float, "dt": _float, "sampler": _str,
+    FIELDS: ClassVar = {"seq": _uint, "start_time": _float, "dt": _positive, "sampler": _str,
                         "compute_ms": _float, "nfe": _uint, "replan_after": _optional(_uint)}
 
     def array_fields(self) -> dict[str, np.ndarray]:
@@ -288,7 +376,7 @@ class Reset(Message):
 
     TYPE: ClassVar[str] = "reset"
     seed: int | None = None
-    FIELDS: ClassVar = {"seed": _optional(_int)}
+    FIELDS: ClassVar = {"seed": _optional(_seed)}
 
 
 @dataclass(frozen=True)
@@ -345,7 +433,7 @@ class StatsRequest(Message):
 class Stats(Message):
     TYPE: ClassVar[str] = "stats"
     stats: Mapping[str, Any]
-    FIELDS: ClassVar = {"stats": _stats}
+    FIELDS: ClassVar = {"stats": _map}  # plain data for people (keys are strings, as everywhere)
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
@@ -392,22 +480,15 @@ def _read_array(d: Any, frames: Sequence[memoryview], limits: Limits) -> tuple[s
     if not isinstance(d, dict):
         raise ProtocolError(ErrorCode.BAD_HEADER, "array descriptor is not a map")
     name = _str("arrays[].name", d.get("name"), limits)
-    dtype = _str(f"{name}.dtype", d.get("dtype"), limits)
+    dtype = _dtype(name, d.get("dtype"), limits)
     shape = d.get("shape")
-    index = _int(f"{name}.frame", d.get("frame"), limits)
-    if dtype not in ALLOWED_DTYPES:
-        raise ProtocolError(ErrorCode.BAD_DTYPE, f"array {name!r}: dtype {dtype!r} not in {ALLOWED_DTYPES}")
-    if not isinstance(shape, list) or len(shape) > limits.max_ndim:
-        raise ProtocolError(ErrorCode.BAD_SHAPE, f"array {name!r}: shape must be a list of at most {limits.max_ndim} dims")
-    for s in shape:
-        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-            raise ProtocolError(ErrorCode.BAD_SHAPE, f"array {name!r}: shape {shape} has a bad dimension")
+    nbytes = _shape(name, shape, dtype, limits)
+    index = d.get("frame")
+    if not _is_int(index):
+        raise _bad(f"{name}.frame", "an int", index)
     if not 1 <= index < len(frames):
         raise ProtocolError(ErrorCode.BAD_FRAMING, f"array {name!r}: frame {index} not in 1..{len(frames) - 1}")
     dt = np.dtype(dtype).newbyteorder("<")
-    nbytes = math.prod(shape) * dt.itemsize  # python ints: no overflow
-    if nbytes > limits.max_array_bytes:
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"array {name!r}: {nbytes} bytes over {limits.max_array_bytes}")
     buf = frames[index]
     if buf.nbytes != nbytes:
         raise ProtocolError(ErrorCode.BAD_SHAPE, f"array {name!r}: shape {shape} {dtype} needs {nbytes} bytes, frame has {buf.nbytes}")
@@ -434,6 +515,22 @@ def decode(frames: Sequence[Frame], limits: Limits = DEFAULT_LIMITS,
         raise ProtocolError(ErrorCode.BAD_FRAMING, f"undecodable message ({type(e).__name__}: {e})") from None
 
 
+def _string_keyed_map(pairs: list[tuple[Any, Any]]) -> dict:
+    for k, _ in pairs:
+        if type(k) is not str:
+            shown = repr(k) if isinstance(k, (int, float, type(None))) else type(k).__name__
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"a map key is {shown}; keys must be strings")
+    return dict(pairs)
+
+
+def _nested_within(v: Any, levels: int) -> bool:
+    if isinstance(v, (dict, list)):
+        if levels == 0:
+            return False
+        return all(_nested_within(x, levels - 1) for x in (v.values() if isinstance(v, dict) else v))
+    return True
+
+
 def _decode(frames: Sequence[Frame], limits: Limits, accept: Sequence[type[Message]] | None) -> Message:
     if len(frames) == 0:
         raise ProtocolError(ErrorCode.BAD_FRAMING, "empty message")
@@ -446,12 +543,20 @@ def _decode(frames: Sequence[Frame], limits: Limits, accept: Sequence[type[Messa
     if bufs[0].nbytes > limits.max_header_bytes:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"header of {bufs[0].nbytes} bytes over {limits.max_header_bytes}")
     try:
-        # msgpack bounds every string/array/map length by the buffer size itself.
-        header = msgpack.unpackb(bufs[0], raw=False, strict_map_key=True, use_list=True)
+        # msgpack bounds every string/array/map length by the buffer size itself. Maps come
+        # as key-value pairs, so a key that is not a string is refused before it is hashed.
+        header = msgpack.unpackb(bufs[0], raw=False, strict_map_key=False, object_pairs_hook=_string_keyed_map,
+                                 use_list=True)
+    except ProtocolError:
+        raise
+    except msgpack.StackError:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"header nested deeper than {limits.max_depth} levels") from None
     except Exception as e:
         raise ProtocolError(ErrorCode.BAD_FRAMING, f"header is not valid msgpack ({type(e).__name__})") from None
     if not isinstance(header, dict):
         raise ProtocolError(ErrorCode.BAD_FRAMING, f"header is a {type(header).__name__}, not a map")
+    if not _nested_within(header, limits.max_depth):
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"header nested deeper than {limits.max_depth} levels")
     version = header.get("v")
     if version != PROTOCOL_VERSION or isinstance(version, bool):
         raise ProtocolError(ErrorCode.BAD_VERSION, f"protocol version {version!r} not supported; this end speaks {PROTOCOL_VERSION}")
@@ -486,9 +591,8 @@ def _decode(frames: Sequence[Frame], limits: Limits, accept: Sequence[type[Messa
         if a.ndim != 2 or a.shape[0] == 0 or a.dtype.kind != "f":
             raise ProtocolError(ErrorCode.BAD_SHAPE, f"array 'actions' must be float (n>0, A), got {a.shape} {a.dtype}")
         values["actions"] = a
-        r = values["replan_after"]
-        if r is not None and not 1 <= r <= len(a):
-            raise ProtocolError(ErrorCode.BAD_HEADER, f"field 'replan_after': {r} is not in 1..{len(a)} (the chunk's length)")
+        if values["replan_after"] is not None:
+            _in_range("replan_after", values["replan_after"], 1, len(a))  # at most the chunk's length
     elif arrays:
         raise ProtocolError(ErrorCode.UNEXPECTED_KEY, f"message {cls.TYPE!r} carries no arrays, got {sorted(arrays)}")
     return cls(**values)
@@ -518,4 +622,4 @@ def check_actions(reply: ActionReply, action: ActionSpec) -> None:
     if reply.actions.shape[1:] != action.shape:
         raise ProtocolError(ErrorCode.BAD_SHAPE, f"actions: shape {reply.actions.shape}, spec says (n, {action.dim})")
     if reply.dt <= 0:
-        raise ProtocolError(ErrorCode.BAD_HEADER, f"actions: dt must be positive, got {reply.dt}")
+        raise ProtocolError(ErrorCode.BAD_VALUE, f"actions: dt must be positive, got {reply.dt}")

@@ -243,7 +243,11 @@ class PolicyServer:
         if isinstance(msg, Observation):
             return self._observe(session, msg, t_recv)
         if isinstance(msg, Reset):
-            session.policy.reset(msg.seed)
+            try:
+                session.policy.reset(msg.seed)
+            except Exception as e:  # the seed was checked at decode: this is the policy's failure
+                log.exception("policy reset failed for robot %r", session.robot_id)
+                raise ProtocolError(ErrorCode.POLICY_ERROR, f"reset failed: {type(e).__name__}: {e}"[:500]) from None
             session.episode += 1
             return ResetAck(session.episode)
         if isinstance(msg, Heartbeat):
