@@ -13,6 +13,8 @@ Format (a dict; FORMAT/VERSION identify it):
     integrity                sha256 over config/spec/normaliser JSON and every model/ema tensor
     train_state              {"optimizer", "scheduler", "ema": {"step"}, "rng": {...}} for --resume
     metrics                  {"loss": last logged loss, ...}
+    tracking                 {"tracker": "wandb" | "tensorboard", "run_id"} when a tracker ran (else {}),
+                             so --resume continues the same run (policy/tracking.py)
 
 Written to a temporary file in the same directory, fsynced, then os.replace'd, so a
 crash mid-save leaves the previous checkpoint intact.
@@ -60,7 +62,8 @@ def _integrity(payload: Mapping[str, Any]) -> str:
 
 def build_payload(model: DiffusionPolicyModel, ema_state: Mapping[str, torch.Tensor], config: Config, step: int,
                   dataset: Mapping[str, Any], train_state: Mapping[str, Any] | None = None,
-                  metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  metrics: Mapping[str, Any] | None = None,
+                  tracking: Mapping[str, Any] | None = None) -> dict[str, Any]:
     cpu = lambda sd: {k: v.detach().cpu().clone() for k, v in sd.items()}  # noqa: E731
     payload = {
         "format": FORMAT, "version": VERSION,
@@ -69,6 +72,7 @@ def build_payload(model: DiffusionPolicyModel, ema_state: Mapping[str, torch.Ten
         "dataset": dict(dataset), "step": int(step),
         "model": cpu(model.state_dict()), "ema": cpu(ema_state),
         "train_state": dict(train_state or {}), "metrics": dict(metrics or {}),
+        "tracking": dict(tracking or {}),
     }
     payload["integrity"] = _integrity(payload)
     return payload

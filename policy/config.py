@@ -16,6 +16,7 @@ from dpstack.core.typed_yaml import ConfigError, apply_overrides, find_config, f
 CONFIG_DIR = Path(__file__).parent / "configs"
 Model = Literal["unet", "transformer"]
 Device = Literal["auto", "cpu", "cuda"]
+Track = Literal["none", "wandb", "tensorboard"]
 
 
 @dataclass
@@ -88,6 +89,9 @@ class TrainConfig:
     device: Device = "auto"
     # CPU threads for torch (0 = torch's default). 1 is much faster on an oversubscribed machine.
     cpu_threads: int = 0
+    # Experiment tracking next to metrics.jsonl (policy/tracking.py); needs the extra of that name.
+    track: Track = "none"
+    track_project: str = "dpstack"  # the W&B project
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "ckpt_every", "log_every"):
@@ -99,6 +103,8 @@ class TrainConfig:
             raise ConfigError(f"train.betas must have 2 values, got {self.betas}")
         if self.device not in get_args(Device):
             raise ConfigError(f"train.device must be one of {list(get_args(Device))}, got {self.device!r}")
+        if self.track not in get_args(Track):
+            raise ConfigError(f"train.track must be one of {list(get_args(Track))}, got {self.track!r}")
 
 
 @dataclass

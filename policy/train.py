@@ -34,6 +34,7 @@ from .dataset import ACTION, TrainingData, load_dataset
 from .ema import EMA
 from .model import DiffusionPolicyModel
 from .regimes import sample_levels
+from .tracking import open_tracker, require, tracking_record
 from .train_outputs import CHECKPOINT_FILE, CONFIG_FILE, LOSS_PLOT_FILE, METRICS_FILE
 
 
@@ -273,6 +274,7 @@ def train(config: Config, dataset: str | os.PathLike | TrainingData, out_dir: st
     tc, pc = config.train, config.policy
     end_step = tc.steps if stop_at is None else min(tc.steps, stop_at)
     payload = None
+    require(tc.track)
     if not resume:
         _refuse_to_replace(ckpt_path)
     else:
@@ -312,6 +314,7 @@ def train(config: Config, dataset: str | os.PathLike | TrainingData, out_dir: st
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.steps))
     ema = EMA(model, tc.ema_power, tc.ema_max_decay)
     step, last_loss = 0, None
+    saved_tracking = payload.get("tracking") if payload else None
     if payload:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["train_state"]["optimizer"])
@@ -333,6 +336,7 @@ def train(config: Config, dataset: str | os.PathLike | TrainingData, out_dir: st
         elif metrics_path.exists():
             metrics_path.unlink()
         write_atomic(out / CONFIG_FILE, json.dumps(config.to_dict(), indent=2))
+    tracker = open_tracker(config, out, step, saved_tracking) if info.is_main else None
 
     def save(at_step: int, last_loss: float | None) -> Path | None:
         if info.is_main:
@@ -341,7 +345,7 @@ def train(config: Config, dataset: str | os.PathLike | TrainingData, out_dir: st
                            "rng": {"scheme": "per-step (seed, step, rank)", "seed": tc.seed,
                                    "torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist()}}
             save_checkpoint(ckpt_path, build_payload(model, ema.state, config, at_step, dataset_info, train_state,
-                                                     {"loss": last_loss}))
+                                                     {"loss": last_loss}, tracking_record(tracker, saved_tracking)))
             plot_metrics(metrics_path, out / LOSS_PLOT_FILE) if metrics_path.exists() else None
         _barrier(info)
         return ckpt_path
@@ -352,7 +356,7 @@ def train(config: Config, dataset: str | os.PathLike | TrainingData, out_dir: st
         from tqdm import tqdm
         bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     loss_sum, loss_n, t_window = 0.0, 0, time.perf_counter()
-    stopped = False
+    stopped = failed = False
     model.train()
     with stop_on_signals() as flag:
         try:
@@ -396,6 +400,8 @@ def train(config: Config, dataset: str | os.PathLike | TrainingData, out_dir: st
                     if info.is_main:
                         with open(metrics_path, "a") as f:
                             f.write(json.dumps(row) + "\n")
+                        if tracker is not None:
+                            tracker.log(row, step)
                         if bar is not None:
                             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}")
                         if log_lines:
@@ -408,9 +414,14 @@ def train(config: Config, dataset: str | os.PathLike | TrainingData, out_dir: st
                     save(step, last_loss)
         except KeyboardInterrupt:  # SIGINT arriving before the handler was installed, or re-raised by a library
             stopped = True
+        except BaseException:
+            failed = True
+            raise
         finally:
             if bar is not None:
                 bar.close()
+            if tracker is not None:
+                tracker.close(failed)
         ckpt = save(step, last_loss)
     interrupted = stopped or step < tc.steps
     return TrainResult(step=step, interrupted=interrupted, checkpoint=ckpt, last_loss=last_loss, model=model)

@@ -1,4 +1,4 @@
-"""`dpstack train --config lift_state_small --dataset PATH --out DIR [--resume] [--set k=v ...]`
+"""`dpstack train --config lift_state_small --dataset PATH --out DIR [--resume] [--track wandb|tensorboard] [--set k=v ...]`
 
 Multi-GPU / multi-node: run this module under torchrun, e.g.
     torchrun --nproc_per_node 4 -m dpstack.policy.train_cli --config lift_state_dp --dataset d.zarr --out runs/x
@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT_FILE} at its step")
     parser.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
                         help="override config values, e.g. --set train.steps=500 policy.preset=dp")
+    parser.add_argument("--track", choices=("wandb", "tensorboard"), default=None,
+                        help="also log to Weights & Biases or TensorBoard (the extra of that name); "
+                             "the same as --set train.track=NAME")
     parser.add_argument("--quiet", dest="no_progress", action="store_true", help="no progress bar: one log line per logged step")
     parser.add_argument("--no-progress", dest="no_progress", action="store_true", help=argparse.SUPPRESS)  # the old spelling
 
@@ -36,14 +39,15 @@ def run(args: argparse.Namespace) -> int:
     from .config import Config, ConfigError, apply_overrides, load_config
     from .train import train
 
+    overrides = list(args.overrides) + ([f"train.track={args.track}"] if args.track else [])
     try:
         if args.resume and args.config is None:
             # Without --config the checkpoint's config is the base; --set may change train.* (e.g. more steps).
             saved = read_checkpoint(Path(args.out) / CHECKPOINT_FILE)["config"]
-            config = Config.from_dict(apply_overrides(saved, list(args.overrides)))
+            config = Config.from_dict(apply_overrides(saved, overrides))
         else:
             # train() refuses a --resume whose policy section differs from the checkpoint's.
-            config = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+            config = load_config(args.config or DEFAULT_CONFIG, overrides)
         result = train(config, args.dataset, args.out, resume=args.resume, progress=not args.no_progress,
                        log_lines=args.no_progress)
     except (ConfigError, CheckpointError, DatasetError, FileNotFoundError) as e:
