@@ -22,7 +22,7 @@ def test_two_rank_gloo_run_keeps_ranks_identical(tmp_path: Path):
     data = bimodal_dataset(tmp_path / "toy.zarr", n_episodes=6, length=20)
     out = tmp_path / "run" / "out"
     overrides = ["policy.preset=test", "policy.regime_ladder=0.5", "train.steps=6", "train.batch_size=16",
-                 "train.warmup_steps=2", "train.log_every=2", "train.ckpt_every=3", "train.lr=1e-3", "train.device=cpu"]
+                 "train.warmup_steps=2", "train.log_every=2", "train.ckpt_every=3", "train.lr=1e-3", "train.device=cpu", "train.track=tensorboard"]
     mp.spawn(run_rank, args=(2, free_port(), str(data), str(out), overrides), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "run" / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "run" / "rank1.pt", weights_only=True)
@@ -34,6 +34,7 @@ def test_two_rank_gloo_run_keeps_ranks_identical(tmp_path: Path):
     assert ckpt["step"] == 6
     for k, v in ckpt["model"].items():
         assert torch.equal(v, r0["weights"][k]), k
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "last.pt", "loss.png", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "last.pt", "loss.png", "metrics.jsonl", "tensorboard"]
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0's tracker only
     # The EMA (deployed) weights lag the raw ones; both were saved.
     assert any(not torch.equal(ckpt["model"][k], ckpt["ema"][k]) for k in ckpt["model"])
