@@ -13,6 +13,7 @@ EPILOG = """examples:
   dpstack data info out/lift.zarr
   dpstack data convert lift_ph_image.hdf5 --out lift.zarr --obs-keys robot0_eef_pos robot0_eef_quat agentview_image
   dpstack data video out/lift.zarr --episode 3 --out ep3.mp4
+  dpstack data describe pusht_cchi_v7_replay.zarr --obs state,img --action action --hz 10
 """
 
 
@@ -48,6 +49,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="action dims that are binary gripper commands (default: inferred from the data)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
+    p = sub.add_parser("describe", help="write dpstack's attrs into a store that has none (Diffusion Policy zarr)",
+                       description="Name the observation keys, the action key and the control rate of a store "
+                                   "without dpstack attrs (e.g. Diffusion Policy's zarr); shapes and dtypes come "
+                                   "from the arrays, gripper dims from the action values unless given. Only the "
+                                   "store's .zattrs changes, in one atomic rename. A .zarr.zip is read-only: train "
+                                   "on it in place with data.control_hz and policy.obs_keys in the config instead.")
+    p.add_argument("path", type=Path, help="dataset: a zarr directory store")
+    p.add_argument("--obs", required=True, help="observation keys, comma-separated (e.g. state,img)")
+    p.add_argument("--action", default="action", help="the action key (default: action)")
+    p.add_argument("--hz", type=float, required=True, help="control rate the actions were recorded at")
+    p.add_argument("--task", default="", help="task name (default: the store's name)")
+    p.add_argument("--robot", default="", help="robot name (default: unknown)")
+    p.add_argument("--gripper-dims", type=int, nargs="*", metavar="DIM",
+                   help="action dims that are binary gripper commands (default: inferred from the data)")
+    p.add_argument("--replace", action="store_true", help="replace dpstack attrs the store already has")
+
     p = sub.add_parser("video", help="write an episode's camera images to an MP4",
                        description="Render one episode's image keys (uint8 H x W x C per step) to an MP4. "
                                    "With several image keys, cameras are shown side by side.")
@@ -62,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dpstack.data.replay_buffer import DatasetError
 
-    action = {"info": _info, "convert": _convert, "video": _video}[args.data_action]
+    action = {"info": _info, "convert": _convert, "video": _video, "describe": _describe}[args.data_action]
     try:
         return action(args)
     except (DatasetError, FileNotFoundError, FileExistsError, IndexError, KeyError) as e:
@@ -97,6 +114,21 @@ def _convert(args: argparse.Namespace) -> int:
     except FileExistsError:
         raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it") from None
     print(f"wrote {rb.n_episodes} episodes, {rb.n_steps} steps, keys {list(rb.keys)} to {args.out}")
+    return 0
+
+
+def _describe(args: argparse.Namespace) -> int:
+    from dpstack.data.describe import infer_attrs, write_attrs
+    from dpstack.data.replay_buffer import ReplayBuffer
+
+    obs = [k.strip() for k in args.obs.split(",") if k.strip()]
+    with ReplayBuffer.open(args.path) as rb:
+        attrs = infer_attrs(rb, obs, args.action, args.hz, args.task, args.robot, args.gripper_dims)
+    write_attrs(args.path, attrs, replace=args.replace)
+    s = attrs.spec
+    print(f"described {args.path}: task {s.task}, {s.control_hz:g} Hz, obs "
+          f"{', '.join(f'{o.key} {o.shape}' for o in s.observations)}, action {s.action.key} {s.action.shape}"
+          f"{f' gripper dims {list(s.action.gripper_dims)}' if s.action.gripper_dims else ''}")
     return 0
 
 

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from dpstack.data.describe import infer_gripper_dims
 from dpstack.data.replay_buffer import DatasetAttrs, DatasetError, ReplayBuffer
 from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
 
@@ -45,12 +46,6 @@ def read_env_args(data_group: Any) -> dict[str, Any]:
         return json.loads(raw)
     except json.JSONDecodeError as e:
         raise DatasetError(f"data.attrs['env_args']: not valid JSON ({e})") from None
-
-
-def infer_gripper_dims(actions: np.ndarray) -> tuple[int, ...]:
-    """Dimensions that only ever take the values -1 and +1 are binary gripper commands."""
-    flat = actions.reshape(-1, actions.shape[-1])
-    return tuple(int(d) for d in range(flat.shape[1]) if np.all(np.abs(flat[:, d]) == 1.0))
 
 
 def _robot_name(env_kwargs: dict[str, Any]) -> str:
