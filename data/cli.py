@@ -47,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "--rename object=object keeps robomimic's name)")
     p.add_argument("--gripper-dims", type=int, nargs="*", metavar="DIM",
                    help="action dims that are binary gripper commands (default: inferred from the data)")
+    p.add_argument("--actions", choices=("auto", "delta", "absolute"), default="auto",
+                   help="delta: 'actions' as they are; absolute: 'actions_abs' (else 'actions') as position + "
+                        "axis-angle + gripper, stored with the rotation as 6d (10 dims per arm); auto (default): "
+                        "absolute when env_args declare an absolute controller or the file is *_abs.hdf5")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = sub.add_parser("describe", help="write dpstack's attrs into a store that has none (Diffusion Policy zarr)",
@@ -110,10 +114,12 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         rb = convert_robomimic(args.src, args.out, obs_keys=args.obs_keys, task=args.task, control_hz=args.hz,
                                gripper_dims=args.gripper_dims, overwrite=args.overwrite, robot=args.robot,
-                               rename=rename)
+                               rename=rename, actions=args.actions)
     except FileExistsError:
         raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it") from None
-    print(f"wrote {rb.n_episodes} episodes, {rb.n_steps} steps, keys {list(rb.keys)} to {args.out}")
+    space = rb.attrs.extra["actions"]["space"]
+    print(f"wrote {rb.n_episodes} episodes, {rb.n_steps} steps, keys {list(rb.keys)}, {space} actions "
+          f"{rb.attrs.spec.action.shape} to {args.out}")
     return 0
 
 
