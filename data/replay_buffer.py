@@ -109,8 +109,9 @@ class ReplayBuffer:
 
     # ---------------------------------------------------------------- opening
     @classmethod
-    def create(cls, path: str | os.PathLike, attrs: DatasetAttrs, *, overwrite: bool = False) -> "ReplayBuffer":
-        """Create a new, empty directory store at `path` and open it for appending."""
+    def create(cls, path: str | os.PathLike, attrs: DatasetAttrs | None, *, overwrite: bool = False) -> "ReplayBuffer":
+        """Create a new, empty directory store at `path` and open it for appending
+        (attrs None: a store without dpstack attrs, like a foreign one)."""
         import zarr
 
         path = Path(path)
@@ -124,7 +125,8 @@ class ReplayBuffer:
         meta = root.create_group("meta")
         meta.create_array(name="episode_ends", shape=(0,), chunks=(EPISODE_ENDS_CHUNK,), dtype=np.int64,
                           compressors=None, fill_value=0)
-        root.attrs.put(attrs.to_dict())
+        if attrs is not None:
+            root.attrs.put(attrs.to_dict())
         rb = cls(path, root, store, "a")
         rb._attrs = attrs
         return rb
