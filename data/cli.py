@@ -17,6 +17,16 @@ EPILOG = """examples:
   dpstack data edit a.zarr b.zarr --out ab.zarr --delete 3,7:9 --val-out val.zarr --val-fraction 0.1
 """
 
+DESCRIBE_HELP = ("Name the observation keys, the action key and the control rate of a store without dpstack attrs "
+                 "(e.g. Diffusion Policy's zarr); shapes and dtypes come from the arrays, gripper dims from the "
+                 "action values unless given. Only the store's .zattrs changes, in one atomic rename. A .zarr.zip "
+                 "is read-only: train on it in place with data.control_hz and policy.obs_keys in the config instead.")
+EDIT_HELP = ("Write a new store (--out) from one or more input stores (merged in the order given, episodes "
+             "numbered across them from 0): --keep and --delete choose episodes, --val-out with --val-fraction or "
+             "--val-count moves a seeded random set of them into a validation store. Inputs are never modified; "
+             "--in-place replaces the one input atomically (built beside it, then swapped by rename).")
+GRIPPER_DIMS_HELP = "action dims that are binary gripper commands (default: inferred from the data)"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -46,8 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--rename", action="extend", nargs="+", default=[], metavar="OLD=NEW",
                    help="store observation OLD as NEW (default: object=object-state; "
                         "--rename object=object keeps robomimic's name)")
-    p.add_argument("--gripper-dims", type=int, nargs="*", metavar="DIM",
-                   help="action dims that are binary gripper commands (default: inferred from the data)")
+    p.add_argument("--gripper-dims", type=int, nargs="*", metavar="DIM", help=GRIPPER_DIMS_HELP)
     p.add_argument("--actions", choices=("auto", "delta", "absolute"), default="auto",
                    help="delta: 'actions' as they are; absolute: 'actions_abs' (else 'actions') as position + "
                         "axis-angle + gripper, stored with the rotation as 6d (10 dims per arm); auto (default): "
@@ -55,27 +64,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = sub.add_parser("describe", help="write dpstack's attrs into a store that has none (Diffusion Policy zarr)",
-                       description="Name the observation keys, the action key and the control rate of a store "
-                                   "without dpstack attrs (e.g. Diffusion Policy's zarr); shapes and dtypes come "
-                                   "from the arrays, gripper dims from the action values unless given. Only the "
-                                   "store's .zattrs changes, in one atomic rename. A .zarr.zip is read-only: train "
-                                   "on it in place with data.control_hz and policy.obs_keys in the config instead.")
+                       description=DESCRIBE_HELP)
     p.add_argument("path", type=Path, help="dataset: a zarr directory store")
     p.add_argument("--obs", required=True, help="observation keys, comma-separated (e.g. state,img)")
     p.add_argument("--action", default="action", help="the action key (default: action)")
     p.add_argument("--hz", type=float, required=True, help="control rate the actions were recorded at")
     p.add_argument("--task", default="", help="task name (default: the store's name)")
     p.add_argument("--robot", default="", help="robot name (default: unknown)")
-    p.add_argument("--gripper-dims", type=int, nargs="*", metavar="DIM",
-                   help="action dims that are binary gripper commands (default: inferred from the data)")
+    p.add_argument("--gripper-dims", type=int, nargs="*", metavar="DIM", help=GRIPPER_DIMS_HELP)
     p.add_argument("--replace", action="store_true", help="replace dpstack attrs the store already has")
 
     p = sub.add_parser("edit", help="delete episodes, keep a range, merge stores, split off a validation set",
-                       description="Write a new store (--out) from one or more input stores (merged in the order "
-                                   "given, episodes numbered across them from 0): --keep and --delete choose "
-                                   "episodes, --val-out with --val-fraction or --val-count moves a seeded random "
-                                   "set of them into a validation store. Inputs are never modified; --in-place "
-                                   "replaces the one input atomically (built beside it, then swapped by rename).")
+                       description=EDIT_HELP)
     p.add_argument("inputs", type=Path, nargs="+", metavar="STORE", help="input stores (merged stores need the same spec)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", type=Path, help="new store to write (must not exist)")
