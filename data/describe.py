@@ -73,8 +73,7 @@ def write_attrs(path: str | Path, attrs: DatasetAttrs, replace: bool = False) ->
         if rb.attrs is not None and not replace:
             raise DatasetError(f"{path}: already has dpstack attrs (task {rb.attrs.task!r}); "
                                "pass --replace to overwrite them")
-        if rb.n_steps:
-            rb._check_spec(attrs.spec, {k: (rb.shape(k), rb.dtype(k)) for k in rb.keys}, where="attrs spec")
+        rb.check_attrs(attrs)
     if not (path / ".zgroup").is_file():
         raise DatasetError(f"{path}: not a zarr format 2 store; only format 2 stores can be described")
     zattrs = path / ".zattrs"

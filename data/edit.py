@@ -127,6 +127,8 @@ def edit(inputs: Sequence[str | os.PathLike], out: str | os.PathLike | None = No
         raise DatasetError("a validation split needs --val-out and one of --val-fraction / --val-count")
     dst = paths[0] if in_place else Path(out)
     for p in ([] if in_place else [dst]) + ([Path(val_out)] if val_out is not None else []):
+        if p.suffix == ".zip":
+            raise DatasetError(f"{p}: an edit writes a directory store; name it without .zip and zip it afterwards")
         if p.exists():
             raise FileExistsError(f"{p} already exists; choose a new path (an edit never overwrites a store)")
 

@@ -278,12 +278,16 @@ class ReplayBuffer:
         return {k: self._read(k, sl) for k in (self.keys if keys is None else keys)}
 
     # ---------------------------------------------------------------- writing
-    def set_attrs(self, attrs: DatasetAttrs) -> None:
-        """Attach or replace the attrs (e.g. on a foreign Diffusion Policy dataset)."""
-        self._require_writable()
+    def check_attrs(self, attrs: DatasetAttrs) -> None:
+        """Raise DatasetError unless every key of `attrs`' spec is stored with its shape and dtype kind."""
         if self.n_steps:
             self._check_spec(attrs.spec, {k: (a.shape[1:], a.dtype) for k, a in self._arrays.items()},
                              where="attrs spec")
+
+    def set_attrs(self, attrs: DatasetAttrs) -> None:
+        """Attach or replace the attrs (e.g. on a foreign Diffusion Policy dataset)."""
+        self._require_writable()
+        self.check_attrs(attrs)
         self._root.attrs.put({**dict(self._root.attrs), **attrs.to_dict()})
         self._attrs = attrs
 

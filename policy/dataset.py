@@ -103,6 +103,9 @@ def dataset_attrs(rb, config: PolicyConfig, data: DataConfig | None = None):
         if data.control_hz and abs(data.control_hz - rb.attrs.control_hz) > 1e-6:
             raise ConfigError(f"data.control_hz {data.control_hz:g} differs from the {rb.attrs.control_hz:g} Hz "
                               f"in {rb.path}'s attrs; drop data.control_hz")
+        if data.action_key not in ("action", rb.attrs.spec.action.key):
+            raise ConfigError(f"data.action_key {data.action_key!r} differs from the action "
+                              f"{rb.attrs.spec.action.key!r} in {rb.path}'s attrs; drop data.action_key")
         return rb.attrs
     if not data.control_hz or not config.obs_keys:
         raise ConfigError(f"{rb.path}: dataset has no dpstack attributes (task, rate, RobotSpec); name its "

@@ -96,3 +96,15 @@ def test_train_cli_on_a_zip_store_without_python(dp_zip, tmp_path, capsys):
                "train.eval_every=0", "train.cpu_threads=1"])
     assert rc == 0, capsys.readouterr().err
     assert (tmp_path / "run" / "last.pt").is_file()
+
+
+def test_an_action_stored_under_another_name_trains_as_the_action(dp_dir):
+    root = zarr.open_group(str(dp_dir), mode="r+")
+    cmd = root["data/action"][:] * 2 + 1
+    root["data"].create_array(name="cmd", shape=cmd.shape, chunks=(7, 2), dtype=cmd.dtype)[:] = cmd
+    assert main(["data", "describe", str(dp_dir), "--obs", "state", "--action", "cmd", "--hz", "10"]) == 0
+    data = load_dataset(dp_dir, PolicyConfig(obs_keys=("state",)))
+    assert data.spec.action.key == "action" and set(data.arrays) == {"state", "action"}
+    np.testing.assert_allclose(data.normalizer.unnormalize("action", data.arrays["action"]), cmd, atol=1e-5)
+    with pytest.raises(ConfigError, match="data.action_key 'other' differs"):
+        load_dataset(dp_dir, PolicyConfig(obs_keys=("state",)), data=DataConfig(action_key="other"))

@@ -132,6 +132,9 @@ def test_in_place_refusals(tmp_path, capsys):
     assert "--in-place takes one input" in capsys.readouterr().err
     assert edit(a, "--out", tmp_path / "b.zarr") == 2
     assert "already exists" in capsys.readouterr().err
+    assert edit(a, "--out", tmp_path / "c.zarr.zip") == 2
+    assert "without .zip" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zarr", "b.zarr"]
 
 
 KILLED_EDIT = textwrap.dedent("""
