@@ -1,4 +1,4 @@
-"""`dpstack data`: inspect, convert and render demonstration datasets.
+"""`dpstack data`: inspect, convert, describe, edit and render demonstration datasets.
 
 Heavy dependencies (zarr, h5py, imageio) are imported inside the actions so
 `dpstack --help` stays fast.
@@ -13,7 +13,19 @@ EPILOG = """examples:
   dpstack data info out/lift.zarr
   dpstack data convert lift_ph_image.hdf5 --out lift.zarr --obs-keys robot0_eef_pos robot0_eef_quat agentview_image
   dpstack data video out/lift.zarr --episode 3 --out ep3.mp4
+  dpstack data describe pusht_cchi_v7_replay.zarr --obs state,img --action action --hz 10
+  dpstack data edit a.zarr b.zarr --out ab.zarr --delete 3,7:9 --val-out val.zarr --val-fraction 0.1
 """
+
+DESCRIBE_HELP = ("Name the observation keys, the action key and the control rate of a store without dpstack attrs "
+                 "(e.g. Diffusion Policy's zarr); shapes and dtypes come from the arrays, gripper dims from the "
+                 "action values unless given. Only the store's .zattrs changes, in one atomic rename. A .zarr.zip "
+                 "is read-only: train on it in place with data.control_hz and policy.obs_keys in the config instead.")
+EDIT_HELP = ("Write a new store (--out) from one or more input stores (merged in the order given, episodes "
+             "numbered across them from 0): --keep and --delete choose episodes, --val-out with --val-fraction or "
+             "--val-count moves a seeded random set of them into a validation store. Inputs are never modified; "
+             "--in-place replaces the one input atomically (built beside it, then swapped by rename).")
+GRIPPER_DIMS_HELP = "action dims that are binary gripper commands (default: inferred from the data)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,9 +56,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--rename", action="extend", nargs="+", default=[], metavar="OLD=NEW",
                    help="store observation OLD as NEW (default: object=object-state; "
                         "--rename object=object keeps robomimic's name)")
-    p.add_argument("--gripper-dims", type=int, nargs="*", metavar="DIM",
-                   help="action dims that are binary gripper commands (default: inferred from the data)")
+    p.add_argument("--gripper-dims", type=int, nargs="*", metavar="DIM", help=GRIPPER_DIMS_HELP)
+    p.add_argument("--actions", choices=("auto", "delta", "absolute"), default="auto",
+                   help="delta: 'actions' as they are; absolute: 'actions_abs' (else 'actions') as position + "
+                        "axis-angle + gripper, stored with the rotation as 6d (10 dims per arm); auto (default): "
+                        "absolute when env_args declare an absolute controller or the file is *_abs.hdf5")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    p = sub.add_parser("describe", help="write dpstack's attrs into a store that has none (Diffusion Policy zarr)",
+                       description=DESCRIBE_HELP)
+    p.add_argument("path", type=Path, help="dataset: a zarr directory store")
+    p.add_argument("--obs", required=True, help="observation keys, comma-separated (e.g. state,img)")
+    p.add_argument("--action", default="action", help="the action key (default: action)")
+    p.add_argument("--hz", type=float, required=True, help="control rate the actions were recorded at")
+    p.add_argument("--task", default="", help="task name (default: the store's name)")
+    p.add_argument("--robot", default="", help="robot name (default: unknown)")
+    p.add_argument("--gripper-dims", type=int, nargs="*", metavar="DIM", help=GRIPPER_DIMS_HELP)
+    p.add_argument("--replace", action="store_true", help="replace dpstack attrs the store already has")
+
+    p = sub.add_parser("edit", help="delete episodes, keep a range, merge stores, split off a validation set",
+                       description=EDIT_HELP)
+    p.add_argument("inputs", type=Path, nargs="+", metavar="STORE", help="input stores (merged stores need the same spec)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help="new store to write (must not exist)")
+    where.add_argument("--in-place", action="store_true", help="replace the input store with the result")
+    p.add_argument("--delete", default="", metavar="EPISODES", help="episodes to drop, e.g. 3,5,7:10 (stop excluded)")
+    p.add_argument("--keep", metavar="START:STOP", help="keep only episodes START..STOP-1, e.g. 0:50 or 10:")
+    p.add_argument("--val-out", type=Path, help="validation store to write (must not exist)")
+    val = p.add_mutually_exclusive_group()
+    val.add_argument("--val-fraction", type=float, help="fraction of the chosen episodes to move into --val-out")
+    val.add_argument("--val-count", type=int, help="number of the chosen episodes to move into --val-out")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation draw (default: 0)")
 
     p = sub.add_parser("video", help="write an episode's camera images to an MP4",
                        description="Render one episode's image keys (uint8 H x W x C per step) to an MP4. "
@@ -62,7 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dpstack.data.replay_buffer import DatasetError
 
-    action = {"info": _info, "convert": _convert, "video": _video}[args.data_action]
+    action = {"info": _info, "convert": _convert, "video": _video, "describe": _describe,
+              "edit": _edit}[args.data_action]
     try:
         return action(args)
     except (DatasetError, FileNotFoundError, FileExistsError, IndexError, KeyError) as e:
@@ -93,10 +134,39 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         rb = convert_robomimic(args.src, args.out, obs_keys=args.obs_keys, task=args.task, control_hz=args.hz,
                                gripper_dims=args.gripper_dims, overwrite=args.overwrite, robot=args.robot,
-                               rename=rename)
+                               rename=rename, actions=args.actions)
     except FileExistsError:
         raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it") from None
-    print(f"wrote {rb.n_episodes} episodes, {rb.n_steps} steps, keys {list(rb.keys)} to {args.out}")
+    space = rb.attrs.extra["actions"]["space"]
+    print(f"wrote {rb.n_episodes} episodes, {rb.n_steps} steps, keys {list(rb.keys)}, {space} actions "
+          f"{rb.attrs.spec.action.shape} to {args.out}")
+    return 0
+
+
+def _describe(args: argparse.Namespace) -> int:
+    from dpstack.data.describe import infer_attrs, write_attrs
+    from dpstack.data.replay_buffer import ReplayBuffer
+
+    obs = [k.strip() for k in args.obs.split(",") if k.strip()]
+    with ReplayBuffer.open(args.path) as rb:
+        attrs = infer_attrs(rb, obs, args.action, args.hz, args.task, args.robot, args.gripper_dims)
+    write_attrs(args.path, attrs, replace=args.replace)
+    s = attrs.spec
+    print(f"described {args.path}: task {s.task}, {s.control_hz:g} Hz, obs "
+          f"{', '.join(f'{o.key} {o.shape}' for o in s.observations)}, action {s.action.key} {s.action.shape}"
+          f"{f' gripper dims {list(s.action.gripper_dims)}' if s.action.gripper_dims else ''}")
+    return 0
+
+
+def _edit(args: argparse.Namespace) -> int:
+    from dpstack.data.edit import edit, parse_episodes, parse_range
+
+    result = edit(args.inputs, args.out, in_place=args.in_place,
+                  delete=parse_episodes(args.delete) if args.delete else (),
+                  keep=parse_range(args.keep) if args.keep else None, val_out=args.val_out,
+                  val_fraction=args.val_fraction, val_count=args.val_count, seed=args.seed)
+    print(f"wrote {result.n_episodes} episodes ({result.n_steps} steps) to {result.out}"
+          + (f", {result.val_episodes} to {result.val_out}" if result.val_out else ""))
     return 0
 
 

@@ -109,8 +109,9 @@ class ReplayBuffer:
 
     # ---------------------------------------------------------------- opening
     @classmethod
-    def create(cls, path: str | os.PathLike, attrs: DatasetAttrs, *, overwrite: bool = False) -> "ReplayBuffer":
-        """Create a new, empty directory store at `path` and open it for appending."""
+    def create(cls, path: str | os.PathLike, attrs: DatasetAttrs | None, *, overwrite: bool = False) -> "ReplayBuffer":
+        """Create a new, empty directory store at `path` and open it for appending
+        (attrs None: a store without dpstack attrs, like a foreign one)."""
         import zarr
 
         path = Path(path)
@@ -124,7 +125,8 @@ class ReplayBuffer:
         meta = root.create_group("meta")
         meta.create_array(name="episode_ends", shape=(0,), chunks=(EPISODE_ENDS_CHUNK,), dtype=np.int64,
                           compressors=None, fill_value=0)
-        root.attrs.put(attrs.to_dict())
+        if attrs is not None:
+            root.attrs.put(attrs.to_dict())
         rb = cls(path, root, store, "a")
         rb._attrs = attrs
         return rb
@@ -276,12 +278,16 @@ class ReplayBuffer:
         return {k: self._read(k, sl) for k in (self.keys if keys is None else keys)}
 
     # ---------------------------------------------------------------- writing
-    def set_attrs(self, attrs: DatasetAttrs) -> None:
-        """Attach or replace the attrs (e.g. on a foreign Diffusion Policy dataset)."""
-        self._require_writable()
+    def check_attrs(self, attrs: DatasetAttrs) -> None:
+        """Raise DatasetError unless every key of `attrs`' spec is stored with its shape and dtype kind."""
         if self.n_steps:
             self._check_spec(attrs.spec, {k: (a.shape[1:], a.dtype) for k, a in self._arrays.items()},
                              where="attrs spec")
+
+    def set_attrs(self, attrs: DatasetAttrs) -> None:
+        """Attach or replace the attrs (e.g. on a foreign Diffusion Policy dataset)."""
+        self._require_writable()
+        self.check_attrs(attrs)
         self._root.attrs.put({**dict(self._root.attrs), **attrs.to_dict()})
         self._attrs = attrs
 

@@ -8,6 +8,13 @@ their names except "object", which robomimic renamed from robosuite's "object-st
 and which goes back to that name (the one our tasks and shipped configs use); `rename`
 changes or undoes that. Each demo is committed as it is written, so an interrupted
 import leaves a valid dataset of the demos done so far.
+
+Actions come in two variants. Delta actions (robomimic's default, OSC_POSE with
+control_delta) are stored as they are. Absolute actions (robomimic's `actions_abs`, or
+Diffusion Policy's `*_abs.hdf5` files, which keep them in `actions`) are, per arm,
+position (3), axis-angle rotation (3) and gripper (1); they are stored the way Diffusion
+Policy trains on them: position, rotation 6d (the first two rows of the rotation
+matrix, the pytorch3d/robomimic convention) and gripper, 10 per arm.
 """
 from __future__ import annotations
 
@@ -20,10 +27,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from dpstack.data.describe import infer_gripper_dims
 from dpstack.data.replay_buffer import DatasetAttrs, DatasetError, ReplayBuffer
 from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
 
 _DEMO = re.compile(r"^demo_(\d+)$")
+ACTION_SPACES = ("auto", "delta", "absolute")
+ABS_KEY = "actions_abs"   # robomimic's key for absolute actions next to the delta `actions`
+ARM_IN, ARM_OUT = 7, 10  # per arm: pos + axis-angle + gripper in, pos + rotation 6d + gripper out
 _RESERVED = ("action", "reward", "done")
 # robomimic stores robosuite's "object-state" as "object"; dpstack's tasks publish "object-state".
 DEFAULT_RENAME = {"object": "object-state"}
@@ -47,10 +58,52 @@ def read_env_args(data_group: Any) -> dict[str, Any]:
         raise DatasetError(f"data.attrs['env_args']: not valid JSON ({e})") from None
 
 
-def infer_gripper_dims(actions: np.ndarray) -> tuple[int, ...]:
-    """Dimensions that only ever take the values -1 and +1 are binary gripper commands."""
-    flat = actions.reshape(-1, actions.shape[-1])
-    return tuple(int(d) for d in range(flat.shape[1]) if np.all(np.abs(flat[:, d]) == 1.0))
+def declares_absolute(env_args: Mapping[str, Any]) -> bool:
+    """Whether the env's controller config takes absolute targets: robosuite < 1.5 says
+    control_delta: false, 1.5's per-body-part configs may say input_type: absolute."""
+    def walk(node: Any) -> bool:
+        if isinstance(node, Mapping):
+            if node.get("control_delta") is False or node.get("input_type") == "absolute":
+                return True
+            return any(walk(v) for v in node.values())
+        return isinstance(node, list) and any(walk(v) for v in node)
+    return walk(env_args.get("env_kwargs", {}).get("controller_configs", {}))
+
+
+def choose_action_space(requested: str, src: Path, env_args: Mapping[str, Any], has_abs_key: bool) -> tuple[str, str, str]:
+    """(space, the demo key to read, why) for `requested` in ACTION_SPACES."""
+    if requested not in ACTION_SPACES:
+        raise DatasetError(f"actions must be one of {ACTION_SPACES}, got {requested!r}")
+    if requested == "delta":
+        return "delta", "actions", "--actions delta"
+    if requested == "absolute":
+        return "absolute", ABS_KEY if has_abs_key else "actions", "--actions absolute"
+    if declares_absolute(env_args):
+        return "absolute", ABS_KEY if has_abs_key else "actions", "env_args: absolute controller"
+    if src.name.endswith("_abs.hdf5"):  # Diffusion Policy's converted files keep the delta env_args
+        return "absolute", ABS_KEY if has_abs_key else "actions", "file name *_abs.hdf5"
+    return "delta", "actions", "env_args: delta controller"
+
+
+def axis_angle_to_rotation_6d(rotvec: np.ndarray) -> np.ndarray:
+    """(..., 3) axis-angle -> (..., 6): the first two rows of the rotation matrix."""
+    from scipy.spatial.transform import Rotation
+
+    flat = np.asarray(rotvec, dtype=np.float64).reshape(-1, 3)
+    rows = Rotation.from_rotvec(flat).as_matrix()[:, :2, :]
+    return rows.reshape(*np.shape(rotvec)[:-1], 6)
+
+
+def absolute_to_stored(actions: np.ndarray) -> np.ndarray:
+    """(T, 7 * arms) pos + axis-angle + gripper -> (T, 10 * arms) pos + rotation 6d + gripper."""
+    arms = actions.reshape(actions.shape[0], -1, ARM_IN)
+    out = np.concatenate([arms[..., :3], axis_angle_to_rotation_6d(arms[..., 3:6]), arms[..., 6:]], axis=-1)
+    return out.reshape(actions.shape[0], -1)
+
+
+def absolute_action_names(n_arms: int) -> tuple[str, ...]:
+    names = ("x", "y", "z", *(f"rot6d_{i}" for i in range(6)), "gripper")
+    return names if n_arms == 1 else tuple(f"robot{a}_{n}" for a in range(n_arms) for n in names)
 
 
 def _robot_name(env_kwargs: dict[str, Any]) -> str:
@@ -88,9 +141,11 @@ def convert_robomimic(src: str | os.PathLike, dst: str | os.PathLike, obs_keys: 
                       task: str | None = None, control_hz: float | None = None,
                       gripper_dims: Sequence[int] | None = None, overwrite: bool = False,
                       progress: bool = True, robot: str | None = None,
-                      rename: Mapping[str, str] | None = None) -> ReplayBuffer:
+                      rename: Mapping[str, str] | None = None, actions: str = "auto") -> ReplayBuffer:
     """Convert robomimic HDF5 `src` into a new dataset at `dst`; returns it opened for appending.
-    `obs_keys` may name a key as in the file or as renamed; `rename` maps file keys to stored ones."""
+    `obs_keys` may name a key as in the file or as renamed; `rename` maps file keys to stored ones.
+    `actions` is "delta", "absolute" or "auto" (absolute when the env_args declare an absolute
+    controller or the file is named *_abs.hdf5, as Diffusion Policy names its converted files)."""
     import h5py
     from tqdm import tqdm
 
@@ -112,7 +167,8 @@ def convert_robomimic(src: str | os.PathLike, dst: str | os.PathLike, obs_keys: 
         env_kwargs = env_args.get("env_kwargs", {}) or {}
 
         first = data[names[0]]
-        for k in ("obs", "actions"):
+        space, action_key, why = choose_action_space(actions, src, env_args, ABS_KEY in first)
+        for k in ("obs", action_key):
             if k not in first:
                 raise DatasetError(f"{src}: data/{names[0]}/{k} missing")
         available = list(first["obs"].keys())
@@ -131,8 +187,8 @@ def convert_robomimic(src: str | os.PathLike, dst: str | os.PathLike, obs_keys: 
             for k in keys:
                 if "obs" not in demo or k not in demo["obs"]:
                     raise DatasetError(f"data/{name}/obs/{k}: missing (have {list(demo.get('obs', {}).keys())})")
-            if "actions" not in demo:
-                raise DatasetError(f"data/{name}/actions: missing")
+            if action_key not in demo:
+                raise DatasetError(f"data/{name}/{action_key}: missing")
 
         task = task or env_args.get("env_name")
         if not task:
@@ -141,26 +197,34 @@ def convert_robomimic(src: str | os.PathLike, dst: str | os.PathLike, obs_keys: 
         if not hz:
             raise DatasetError(f"{src}: env_args.env_kwargs has no control_freq; pass the control rate (--hz)")
 
-        all_actions = np.concatenate([np.asarray(data[n]["actions"][:], dtype=np.float64) for n in names])
+        all_actions = np.concatenate([np.asarray(data[n][action_key][:], dtype=np.float64) for n in names])
         if all_actions.ndim != 2:
-            raise DatasetError(f"actions: expected (steps, dim), got per-demo shape {first['actions'].shape}")
-        grippers = tuple(gripper_dims) if gripper_dims is not None else infer_gripper_dims(all_actions)
-        # robosuite clips commands to [-1, 1]; record that range only when the data respects it.
-        bounded = bool(np.all(np.abs(all_actions) <= 1.0))
-        adim = all_actions.shape[1]
-        action = ActionSpec(shape=(adim,), gripper_dims=grippers,
-                            low=(-1.0,) * adim if bounded else (), high=(1.0,) * adim if bounded else ())
+            raise DatasetError(f"{action_key}: expected (steps, dim), got per-demo shape {first[action_key].shape}")
+        if space == "absolute":
+            action = _absolute_action_spec(all_actions.shape[1], action_key, gripper_dims)
+        else:
+            grippers = tuple(gripper_dims) if gripper_dims is not None else infer_gripper_dims(all_actions)
+            # robosuite clips commands to [-1, 1]; record that range only when the data respects it.
+            bounded = bool(np.all(np.abs(all_actions) <= 1.0))
+            adim = all_actions.shape[1]
+            action = ActionSpec(shape=(adim,), gripper_dims=grippers,
+                                low=(-1.0,) * adim if bounded else (), high=(1.0,) * adim if bounded else ())
+        action_info = {"space": space, "from": f"{action_key} ({why})"}
+        if space == "absolute":
+            action_info.update(rotation="rotation_6d", source_rotation="axis_angle")
         spec = RobotSpec(task=task, robot=robot or _robot_name(env_kwargs), control_hz=float(hz),
                          observations=tuple(_obs_spec(stored[k], first["obs"][k]) for k in keys), action=action)
         attrs = DatasetAttrs(task=task, control_hz=float(hz), spec=spec, source="import",
                              extra={"imported_from": src.name, "format": "robomimic", "demos": names,
-                                    "renamed": {k: v for k, v in stored.items() if k != v}, "env_args": env_args})
+                                    "renamed": {k: v for k, v in stored.items() if k != v}, "actions": action_info,
+                                    "env_args": env_args})
         rb = ReplayBuffer.create(dst, attrs, overwrite=overwrite)
         for name in tqdm(names, desc=f"import {src.name}", unit="demo", disable=not progress):
             demo = data[name]
             episode = {stored[k]: np.asarray(demo["obs"][k][:]).astype(np.dtype(spec.obs(stored[k]).dtype), copy=False)
                        for k in keys}
-            episode["action"] = np.asarray(demo["actions"][:], dtype=np.float32)
+            raw = np.asarray(demo[action_key][:], dtype=np.float64)
+            episode["action"] = (absolute_to_stored(raw) if space == "absolute" else raw).astype(np.float32)
             if "rewards" in demo:
                 episode["reward"] = np.asarray(demo["rewards"][:], dtype=np.float32)
             if "dones" in demo:
@@ -170,3 +234,13 @@ def convert_robomimic(src: str | os.PathLike, dst: str | os.PathLike, obs_keys: 
             except DatasetError as e:
                 raise DatasetError(f"data/{name}: {e}") from None
     return rb
+
+
+def _absolute_action_spec(dim: int, action_key: str, gripper_dims: Sequence[int] | None) -> ActionSpec:
+    if dim % ARM_IN:
+        raise DatasetError(f"{action_key}: absolute actions are position + axis-angle + gripper ({ARM_IN} per arm), "
+                           f"got {dim} dims; pass --actions delta if these are delta actions")
+    n_arms = dim // ARM_IN
+    # The gripper's place is known; inferring it could mistake a constant rotation entry for one.
+    grippers = tuple(gripper_dims) if gripper_dims is not None else tuple(a * ARM_OUT + 9 for a in range(n_arms))
+    return ActionSpec(shape=(n_arms * ARM_OUT,), gripper_dims=grippers, names=absolute_action_names(n_arms))

@@ -38,7 +38,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "collect": Command("dpstack.sim.collect_cli", "collect demonstrations with a scripted expert in simulation", "sim"),
-    "data": Command("dpstack.data.cli", "inspect, convert and render demonstration datasets", "data"),
+    "data": Command("dpstack.data.cli", "inspect, convert, describe, edit and render demonstration datasets", "data"),
     "train": Command("dpstack.policy.train_cli", "train a diffusion policy on a dataset", "train"),
     "export": Command("dpstack.policy.export_cli", "export a checkpoint to an ONNX policy package", "train"),
     "serve": Command("dpstack.runtime.serve_cli", "serve a policy package over ZeroMQ", "runtime"),

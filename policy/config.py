@@ -108,13 +108,29 @@ class TrainConfig:
 
 
 @dataclass
+class DataConfig:
+    """For a store without dpstack attrs (Diffusion Policy's zarr, directory or .zip): what its
+    arrays cannot tell. The observation keys are policy.obs_keys. Unused when the store has attrs."""
+    control_hz: float = 0.0     # the rate the actions were recorded at; 0 = take it from the attrs
+    action_key: str = "action"
+    task: str = ""              # "" = the store's name
+    robot: str = ""             # "" = "unknown"
+
+    def validate(self) -> None:
+        if self.control_hz < 0:
+            raise ConfigError(f"data.control_hz must be >= 0, got {self.control_hz}")
+
+
+@dataclass
 class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
         self.policy.validate()
         self.train.validate()
+        self.data.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return to_data(self)
@@ -130,4 +146,4 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
     return load_yaml(Config, path, overrides)
 
 
-__all__ = ["CONFIG_DIR", "Config", "ConfigError", "PolicyConfig", "TrainConfig", "apply_overrides", "load_config"]
+__all__ = ["CONFIG_DIR", "Config", "ConfigError", "DataConfig", "PolicyConfig", "TrainConfig", "apply_overrides", "load_config"]

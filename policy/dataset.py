@@ -3,6 +3,7 @@ everything once up front, and cut windows with data.windows.SequenceWindows.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 from dpstack.core.normalizer import FieldStats, Normalizer
 from dpstack.core.spec import RobotSpec
 
-from .config import ConfigError, PolicyConfig
+from .config import ConfigError, DataConfig, PolicyConfig
 
 ACTION = "action"
 
@@ -91,17 +92,45 @@ def prepare(arrays: Mapping[str, np.ndarray], episode_ends: np.ndarray, spec: Ro
     return TrainingData(out, ends, used_spec, norm, dataset_fingerprint(arrays, ends), source)
 
 
-def load_dataset(path: str | Path, config: PolicyConfig, normalizer: Normalizer | None = None) -> TrainingData:
+def dataset_attrs(rb, config: PolicyConfig, data: DataConfig | None = None):
+    """The store's DatasetAttrs, or (for a store without them) attrs built from the config:
+    policy.obs_keys, data.action_key and data.control_hz."""
+    from dpstack.data.describe import infer_attrs
+    from dpstack.data.replay_buffer import DatasetError
+
+    data = data or DataConfig()
+    if rb.attrs is not None:
+        if data.control_hz and abs(data.control_hz - rb.attrs.control_hz) > 1e-6:
+            raise ConfigError(f"data.control_hz {data.control_hz:g} differs from the {rb.attrs.control_hz:g} Hz "
+                              f"in {rb.path}'s attrs; drop data.control_hz")
+        if data.action_key not in ("action", rb.attrs.spec.action.key):
+            raise ConfigError(f"data.action_key {data.action_key!r} differs from the action "
+                              f"{rb.attrs.spec.action.key!r} in {rb.path}'s attrs; drop data.action_key")
+        return rb.attrs
+    if not data.control_hz or not config.obs_keys:
+        raise ConfigError(f"{rb.path}: dataset has no dpstack attributes (task, rate, RobotSpec); name its "
+                          "observation keys and rate in the config (policy.obs_keys, data.control_hz, "
+                          "data.action_key), or write them into the store once with `dpstack data describe` "
+                          "(docs/datasets.md, 'Bringing your own data')")
+    try:
+        return infer_attrs(rb, config.obs_keys, data.action_key, data.control_hz, data.task, data.robot)
+    except DatasetError as e:
+        raise ConfigError(f"data: {e}") from None
+
+
+def load_dataset(path: str | Path, config: PolicyConfig, normalizer: Normalizer | None = None,
+                 data: DataConfig | None = None) -> TrainingData:
     from dpstack.data.replay_buffer import ReplayBuffer
 
-    rb = ReplayBuffer.open(path)
-    if rb.attrs is None:
-        raise ConfigError(f"{path}: dataset has no dpstack attributes (task, rate, RobotSpec); attach them once with "
-                          "ReplayBuffer.set_attrs, as docs/datasets.md 'Bringing your own data' shows "
-                          "(a robomimic .hdf5 file imports with them: `dpstack data convert`)")
-    spec = rb.attrs.spec
-    keys = (*resolve_obs_keys(config, spec), ACTION)
-    arrays = rb.load(keys)
-    if rb.n_episodes == 0:
-        raise ConfigError(f"{path}: dataset has no episodes")
-    return prepare(arrays, rb.episode_ends, spec, config, str(path), normalizer)
+    with ReplayBuffer.open(path) as rb:
+        spec = dataset_attrs(rb, config, data).spec
+        obs_keys = resolve_obs_keys(config, spec)
+        if rb.n_episodes == 0:
+            raise ConfigError(f"{path}: dataset has no episodes")
+        arrays = rb.load(obs_keys)
+        # The policy's action is "action" whatever the store calls it.
+        arrays[ACTION] = rb.load([spec.action.key])[spec.action.key]
+        episode_ends = rb.episode_ends
+    spec = RobotSpec(spec.task, spec.robot, spec.control_hz, spec.observations,
+                     dataclasses.replace(spec.action, key=ACTION), spec.extra)
+    return prepare(arrays, episode_ends, spec, config, str(path), normalizer)

@@ -299,7 +299,7 @@ def train(config: Config, dataset: str | os.PathLike | TrainingData, out_dir: st
         data = dataset
     else:
         from dpstack.core.normalizer import Normalizer
-        data = load_dataset(dataset, pc, Normalizer.from_dict(payload["normalizer"]) if payload else None)
+        data = load_dataset(dataset, pc, Normalizer.from_dict(payload["normalizer"]) if payload else None, config.data)
     if payload and payload["dataset"].get("fingerprint") != data.fingerprint:
         raise ConfigError(f"--resume: dataset {data.source} (fingerprint {data.fingerprint[:12]}) is not the one the "
                           f"checkpoint was trained on ({payload['dataset'].get('source')}, "

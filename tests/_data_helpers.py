@@ -1,8 +1,11 @@
-"""Test helpers for the data tests: a small robomimic-layout HDF5 file written with h5py."""
+"""Test helpers for the data tests: a small robomimic-layout HDF5 file written with h5py, and a
+store in Diffusion Policy's zarr layout written with zarr's format-2 API."""
 import json
 
 import h5py
+import numcodecs
 import numpy as np
+import zarr
 
 LENGTHS = {"demo_0": 6, "demo_1": 9, "demo_2": 4, "demo_10": 7}
 ENV_ARGS = {"env_name": "Lift", "type": 1,
@@ -32,3 +35,22 @@ def write_robomimic(path, lengths=LENGTHS, env_args=ENV_ARGS):
             g.attrs["num_samples"] = T
             demos[name] = {**obs, "action": acts}
     return demos
+
+
+def build_dp_store(store, lengths, compressor=True):
+    """A store in Diffusion Policy's layout, written with zarr's format-2 API, no dpstack attrs."""
+    root = zarr.open_group(store, mode="w", zarr_format=2)
+    data, meta = root.create_group("data"), root.create_group("meta")
+    n = int(sum(lengths))
+    rng = np.random.default_rng(7)
+    arrays = {"state": rng.normal(size=(n, 5)).astype(np.float32),
+              "action": rng.normal(size=(n, 2)).astype(np.float32),
+              "img": rng.integers(0, 255, size=(n, 6, 6, 3), dtype=np.uint8)}
+    comp = numcodecs.Blosc(cname="lz4") if compressor else None
+    for k, v in arrays.items():
+        a = data.create_array(name=k, shape=v.shape, chunks=(7,) + v.shape[1:], dtype=v.dtype, compressors=comp)
+        a[:] = v
+    e = meta.create_array(name="episode_ends", shape=(len(lengths),), chunks=(2,), dtype=np.int64,
+                          compressors=comp)
+    e[:] = np.cumsum(lengths)
+    return arrays

@@ -4,13 +4,14 @@ import json
 import shutil
 import zipfile
 
-import numcodecs
 import numpy as np
 import pytest
 import zarr
 
 from dpstack.data.replay_buffer import DatasetAttrs, DatasetError, PartialEpisodeWarning, ReplayBuffer
 from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
+
+from _data_helpers import build_dp_store
 
 
 def make_attrs(hz=20.0):
@@ -67,25 +68,6 @@ def test_written_layout_is_plain_zarr_v2_diffusion_policy_layout(tmp_path):
     assert root["data/action"].shape == (10, 7)
     assert root["data/agentview_image"].shape == (10, 8, 10, 3)
     assert root.attrs["task"] == "lift" and root.attrs["spec"]["action"]["gripper_dims"] == [6]
-
-
-def build_dp_store(store, lengths, compressor=True):
-    """A store in Diffusion Policy's layout, written with zarr's format-2 API, no dpstack attrs."""
-    root = zarr.open_group(store, mode="w", zarr_format=2)
-    data, meta = root.create_group("data"), root.create_group("meta")
-    n = int(sum(lengths))
-    rng = np.random.default_rng(7)
-    arrays = {"state": rng.normal(size=(n, 5)).astype(np.float32),
-              "action": rng.normal(size=(n, 2)).astype(np.float32),
-              "img": rng.integers(0, 255, size=(n, 6, 6, 3), dtype=np.uint8)}
-    comp = numcodecs.Blosc(cname="lz4") if compressor else None
-    for k, v in arrays.items():
-        a = data.create_array(name=k, shape=v.shape, chunks=(7,) + v.shape[1:], dtype=v.dtype, compressors=comp)
-        a[:] = v
-    e = meta.create_array(name="episode_ends", shape=(len(lengths),), chunks=(2,), dtype=np.int64,
-                          compressors=comp)
-    e[:] = np.cumsum(lengths)
-    return arrays
 
 
 @pytest.mark.parametrize("kind", ["directory", "zip_of_directory", "zarr_zipstore"])

@@ -217,7 +217,7 @@ def test_no_progress_prints_the_log_lines(toy, tmp_path, capsys):
     assert all("loss" in line and "lr" in line for line in lines)
 
 
-def test_a_dataset_without_attrs_points_at_set_attrs(toy, tmp_path, capsys):
+def test_a_dataset_without_attrs_points_at_describe_and_the_config(toy, tmp_path, capsys):
     import shutil
     foreign = tmp_path / "foreign.zarr"
     shutil.copytree(toy, foreign)
@@ -225,7 +225,8 @@ def test_a_dataset_without_attrs_points_at_set_attrs(toy, tmp_path, capsys):
     assert ReplayBuffer.open(foreign).attrs is None
     assert train_cli(foreign, tmp_path / "run") == 2
     err = capsys.readouterr().err
-    assert "set_attrs" in err and "docs/datasets.md" in err and "`dpstack data` first" not in err
+    assert "dpstack data describe" in err and "data.control_hz" in err and "docs/datasets.md" in err
+    assert "set_attrs" not in err and "Traceback" not in err
 
 
 @pytest.mark.slow
