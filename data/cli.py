@@ -12,6 +12,8 @@ from pathlib import Path
 EPILOG = """examples:
   dpstack data info out/lift.zarr
   dpstack data convert lift_ph_image.hdf5 --out lift.zarr --obs-keys robot0_eef_pos robot0_eef_quat agentview_image
+  dpstack data convert koch_pick_place/ --out koch.zarr --rename top=agentview_image
+  dpstack data export out/lift.zarr --format lerobot-v3 --out lift_lerobot/
   dpstack data video out/lift.zarr --episode 3 --out ep3.mp4
   dpstack data describe pusht_cchi_v7_replay.zarr --obs state,img --action action --hz 10
   dpstack data edit a.zarr b.zarr --out ab.zarr --delete 3,7:9 --val-out val.zarr --val-fraction 0.1
@@ -40,27 +42,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("path", type=Path, help="dataset: a .zarr directory or a .zarr.zip file")
     p.add_argument("--no-stats", action="store_true", help="skip the per-key statistics (faster on big datasets)")
 
-    p = sub.add_parser("convert", help="import a robomimic HDF5 file into a zarr dataset",
-                       description="Import robomimic demonstrations (data/demo_<i>/{obs/*, actions, rewards, dones}) "
-                                   "into a new zarr dataset. Demos keep their numeric order; 'actions' becomes "
+    p = sub.add_parser("convert", help="import a robomimic HDF5 file or a LeRobotDataset into a zarr dataset",
+                       description="Import a LeRobotDataset directory (v2.0, v2.1 or v3.0: meta/info.json, parquet, "
+                                   "MP4 video) or robomimic demonstrations into a new zarr dataset. LeRobot: "
+                                   "observation.state becomes 'state', observation.images.<cam> '<cam>' (uint8 "
+                                   "H x W x 3, decoded from the video), action 'action', fps the control rate; "
+                                   "see docs/datasets.md. robomimic (data/demo_<i>/{obs/*, actions, rewards, dones}): "
+                                   "Demos keep their numeric order; 'actions' becomes "
                                    "'action'; robomimic's 'object' is stored as robosuite's 'object-state' (the "
                                    "name the shipped configs use); task, control rate and robot come from the "
                                    "file's env_args. Gripper dims are the action dims that only take the values "
                                    "-1/+1 unless given.")
-    p.add_argument("src", type=Path, help="robomimic .hdf5 file")
+    p.add_argument("src", type=Path, help="robomimic .hdf5 file, or a LeRobotDataset directory")
     p.add_argument("--out", type=Path, required=True, help="destination .zarr directory (must not exist)")
     p.add_argument("--obs-keys", nargs="+", metavar="KEY", help="observation keys to keep (default: all in the file)")
-    p.add_argument("--task", help="task name to record (default: env_args env_name)")
-    p.add_argument("--hz", type=float, help="control rate in Hz (default: env_args env_kwargs control_freq)")
-    p.add_argument("--robot", help="robot name to record (default: env_args env_kwargs robots)")
+    p.add_argument("--task", help="task name to record (default: env_args env_name; LeRobot: its only task)")
+    p.add_argument("--hz", type=float, help="control rate in Hz (default: env_args env_kwargs control_freq; "
+                                            "LeRobot: fps)")
+    p.add_argument("--robot", help="robot name to record (default: env_args env_kwargs robots; LeRobot: robot_type)")
     p.add_argument("--rename", action="extend", nargs="+", default=[], metavar="OLD=NEW",
                    help="store observation OLD as NEW (default: object=object-state; "
-                        "--rename object=object keeps robomimic's name)")
+                        "--rename object=object keeps robomimic's name; LeRobot: OLD is the feature, "
+                        "e.g. observation.images.top, or its default name, e.g. top)")
     p.add_argument("--gripper-dims", type=int, nargs="*", metavar="DIM", help=GRIPPER_DIMS_HELP)
     p.add_argument("--actions", choices=("auto", "delta", "absolute"), default="auto",
                    help="delta: 'actions' as they are; absolute: 'actions_abs' (else 'actions') as position + "
                         "axis-angle + gripper, stored with the rotation as 6d (10 dims per arm); auto (default): "
                         "absolute when env_args declare an absolute controller or the file is *_abs.hdf5")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    p = sub.add_parser("export", help="write a zarr dataset as a LeRobotDataset v3.0",
+                       description="Write a dataset as a LeRobotDataset v3.0 directory (meta/info.json, stats.json, "
+                                   "tasks.parquet, episodes/, one data parquet, one MP4 per camera) that lerobot's "
+                                   "tools read. Image keys become observation.images.<key>, observation keys "
+                                   "observation.<key>, reward/done next.reward/next.done. Video is lossy.")
+    p.add_argument("path", type=Path, help="dataset: a .zarr directory or a .zarr.zip file")
+    p.add_argument("--format", default="lerobot-v3", choices=["lerobot-v3"], help="output format (default: %(default)s)")
+    p.add_argument("--out", type=Path, required=True, help="destination directory (must not exist)")
+    p.add_argument("--codec", default="av1", choices=["av1", "h264"], help="video codec (default: av1, as lerobot)")
+    p.add_argument("--crf", type=int, help="video quality, lower is better (default: 30 for av1, 18 for h264)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = sub.add_parser("describe", help="write dpstack's attrs into a store that has none (Diffusion Policy zarr)",
@@ -102,7 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dpstack.data.replay_buffer import DatasetError
 
-    action = {"info": _info, "convert": _convert, "video": _video, "describe": _describe,
+    action = {"info": _info, "convert": _convert, "export": _export, "video": _video, "describe": _describe,
               "edit": _edit}[args.data_action]
     try:
         return action(args)
@@ -122,6 +142,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from dpstack.data.lerobot import convert_lerobot, is_lerobot_dataset
     from dpstack.data.replay_buffer import DatasetError
     from dpstack.data.robomimic import convert_robomimic
 
@@ -131,15 +152,37 @@ def _convert(args: argparse.Namespace) -> int:
         if not (sep and old and new):
             raise DatasetError(f"--rename {item}: expected OLD=NEW, e.g. --rename object=object-state")
         rename[old] = new
+    if args.src.is_dir() and not is_lerobot_dataset(args.src):
+        raise DatasetError(f"{args.src}: a directory without meta/info.json; convert reads a LeRobotDataset "
+                           "directory or a robomimic .hdf5 file")
+    lerobot = args.src.is_dir()
+    if lerobot and args.actions != "auto":
+        raise DatasetError("--actions is for robomimic files; a LeRobotDataset's action is imported as it is")
     try:
-        rb = convert_robomimic(args.src, args.out, obs_keys=args.obs_keys, task=args.task, control_hz=args.hz,
-                               gripper_dims=args.gripper_dims, overwrite=args.overwrite, robot=args.robot,
-                               rename=rename, actions=args.actions)
+        if lerobot:
+            rb = convert_lerobot(args.src, args.out, obs_keys=args.obs_keys, task=args.task, control_hz=args.hz,
+                                 gripper_dims=args.gripper_dims, overwrite=args.overwrite, robot=args.robot,
+                                 rename=rename)
+        else:
+            rb = convert_robomimic(args.src, args.out, obs_keys=args.obs_keys, task=args.task, control_hz=args.hz,
+                                   gripper_dims=args.gripper_dims, overwrite=args.overwrite, robot=args.robot,
+                                   rename=rename, actions=args.actions)
     except FileExistsError:
         raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it") from None
-    space = rb.attrs.extra["actions"]["space"]
-    print(f"wrote {rb.n_episodes} episodes, {rb.n_steps} steps, keys {list(rb.keys)}, {space} actions "
-          f"{rb.attrs.spec.action.shape} to {args.out}")
+    space = rb.attrs.extra.get("actions", {}).get("space")
+    print(f"wrote {rb.n_episodes} episodes, {rb.n_steps} steps, keys {list(rb.keys)}, "
+          f"{f'{space} actions' if space else 'action'} {rb.attrs.spec.action.shape} to {args.out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from dpstack.data.lerobot import export_lerobot_v3
+
+    try:
+        out = export_lerobot_v3(args.path, args.out, codec=args.codec, crf=args.crf, overwrite=args.overwrite)
+    except FileExistsError:
+        raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it") from None
+    print(f"wrote {out} (LeRobotDataset v3.0)")
     return 0
 
 

@@ -1,10 +1,12 @@
 """Atomic file writes: readers (and a crash) see the old file or the new one, never a part."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import uuid
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], object]) -> Path:
@@ -26,3 +28,26 @@ def write_atomic(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside `path`; when the block succeeds it becomes `path`
+    (replacing it if `overwrite`), when it fails it is removed and `path` is left as it was."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise FileExistsError(f"{path} already exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.{uuid.uuid4().hex}.old") if path.exists() else None
+    if old is not None:
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
