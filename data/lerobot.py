@@ -269,16 +269,19 @@ class _VideoCursor:
     def frames_at(self, times: np.ndarray) -> np.ndarray:
         if self._frames is None or (self._cur is not None and times[0] < self._cur[0] - self.tolerance):
             self._open()
-        out = []
-        for t in times:
+        out = None
+        for i, t in enumerate(times):
             while self._cur is None or self._cur[0] < t - self.tolerance:
                 if not self._advance():
                     raise DatasetError(f"{self.path}: no frame at t={t:.3f}s (the video ends before the data; "
                                        f"truncated or corrupt)")
             if abs(self._cur[0] - t) > self.tolerance:
                 raise DatasetError(f"{self.path}: no frame at t={t:.3f}s (nearest {self._cur[0]:.3f}s)")
-            out.append(self._cur[1].to_ndarray(format="rgb24"))
-        return np.stack(out)
+            img = self._cur[1].to_ndarray(format="rgb24")
+            if out is None:  # filled in place: stacking a list would copy every frame again
+                out = np.empty((len(times),) + img.shape, np.uint8)
+            out[i] = img
+        return out
 
     def close(self) -> None:
         if self._container is not None:
@@ -389,7 +392,12 @@ def _check_columns(src: LeRobotSource, plan: _Plan) -> None:
 
 def _prior_attrs(root: Path) -> DatasetAttrs | None:
     path = root / ATTRS_FILE
-    return DatasetAttrs.from_dict(_read_json(path)) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return DatasetAttrs.from_dict(_read_json(path))
+    except DatasetError as e:
+        raise DatasetError(f"{path}: {e}") from None
 
 
 def convert_lerobot(src: str | os.PathLike, dst: str | os.PathLike, obs_keys: Sequence[str] | None = None,
@@ -526,6 +534,60 @@ class _VideoWriter:
         self._container.close()
 
 
+@dataclass(frozen=True)
+class _ExportPlan:
+    feature: dict[str, str]  # dpstack key -> LeRobot feature
+    cameras: tuple[str, ...]
+    lowdim: tuple[str, ...]
+    tasks: tuple[str, ...]
+    task_key: str | None     # a per-step task_index array from a multi-task import
+
+
+def _export_plan(rb: ReplayBuffer, attrs: DatasetAttrs) -> _ExportPlan:
+    if rb.n_episodes == 0:
+        raise DatasetError(f"{rb.path}: no episodes to export")
+    if "action" not in rb.keys:
+        raise DatasetError(f"{rb.path}: no 'action' key")
+    tasks = attrs.extra.get("tasks")
+    task_key = "task_index" if "task_index" in rb.keys and isinstance(tasks, list) and tasks else None
+    tasks = tuple(str(t) for t in tasks) if task_key else (attrs.task,)
+    keys = [k for k in rb.keys if k != task_key]
+    cams = tuple(k for k in keys if is_image_key(rb, k))
+    for k in cams:
+        h, w, c = rb.shape(k)
+        if c != 3 or h % 2 or w % 2:
+            raise DatasetError(f"{k}: images {h}x{w}x{c}; video export needs 3 channels and even sizes")
+    lowdim = tuple(k for k in keys if k not in cams)
+    for k in lowdim:
+        if len(rb.shape(k)) > 1:
+            raise DatasetError(f"{k}: per-step shape {rb.shape(k)}; export handles scalars, vectors and images")
+        if k in BOOKKEEPING:
+            raise DatasetError(f"{k}: the name of a LeRobot bookkeeping column; rename the key first")
+    obs = attrs.spec.obs_keys
+    feature = {k: (f"observation.images.{k}" if k in cams else _lerobot_feature(k, obs)) for k in keys}
+    return _ExportPlan(feature, cams, lowdim, tasks, task_key)
+
+
+def _info_features(rb: ReplayBuffer, attrs: DatasetAttrs, plan: _ExportPlan, codec: str) -> dict[str, Any]:
+    spec_of = {s.key: s for s in (*attrs.spec.observations, attrs.spec.action)}
+    features = {}
+    for k in plan.cameras:
+        h, w, c = rb.shape(k)
+        features[plan.feature[k]] = {
+            "dtype": "video", "shape": [h, w, c], "names": ["height", "width", "channels"],
+            "info": {"video.height": h, "video.width": w, "video.codec": codec, "video.pix_fmt": "yuv420p",
+                     "video.is_depth_map": False, "video.fps": attrs.control_hz, "video.channels": c,
+                     "has_audio": False}}
+    for k in plan.lowdim:
+        s = spec_of.get(k)
+        features[plan.feature[k]] = {"dtype": rb.dtype(k).name, "shape": list(rb.shape(k)) or [1],
+                                     "names": list(s.names) if s is not None and s.names else None}
+    for k, dtype in (("timestamp", "float32"), ("frame_index", "int64"), ("episode_index", "int64"),
+                     ("index", "int64"), ("task_index", "int64")):
+        features[k] = {"dtype": dtype, "shape": [1], "names": None}
+    return features
+
+
 def export_lerobot_v3(src: str | os.PathLike, out: str | os.PathLike, codec: str = "av1", crf: int | None = None,
                       overwrite: bool = False, progress: bool = True) -> Path:
     """Write dpstack dataset `src` as a LeRobotDataset v3.0 at `out` (one data file, one video file per
@@ -542,63 +604,45 @@ def export_lerobot_v3(src: str | os.PathLike, out: str | os.PathLike, codec: str
         if attrs is None:
             raise DatasetError(f"{src}: no dpstack attrs (control rate and spec); attach them with "
                                "ReplayBuffer.set_attrs first (see docs/datasets.md)")
-        if rb.n_episodes == 0:
-            raise DatasetError(f"{src}: no episodes to export")
-        if "action" not in rb.keys:
-            raise DatasetError(f"{src}: no 'action' key")
-        fps = attrs.control_hz
-        obs = attrs.spec.obs_keys
-        cams = [k for k in rb.keys if is_image_key(rb, k)]
-        for k in cams:
-            h, w, c = rb.shape(k)
-            if c != 3 or h % 2 or w % 2:
-                raise DatasetError(f"{k}: images {h}x{w}x{c}; video export needs 3 channels and even sizes")
-        lowdim = [k for k in rb.keys if k not in cams]
-        for k in lowdim:
-            if len(rb.shape(k)) > 1:
-                raise DatasetError(f"{k}: per-step shape {rb.shape(k)}; export handles scalars, vectors and images")
-        for k in rb.keys:
-            if k in BOOKKEEPING:
-                raise DatasetError(f"{k}: the name of a LeRobot bookkeeping column; rename the key first")
-        spec_of = {s.key: s for s in (*attrs.spec.observations, attrs.spec.action)}
-        feature = {k: (f"observation.images.{k}" if k in cams else _lerobot_feature(k, obs)) for k in rb.keys}
-
+        plan = _export_plan(rb, attrs)
+        fps, feature = attrs.control_hz, plan.feature
         with staged_dir(out, overwrite=overwrite) as tmp:
+            data_file = tmp / V3_DATA_PATH.format(chunk_index=0, file_index=0)
+            data_file.parent.mkdir(parents=True)
             writer, videos = None, {}
             episodes, stats = [], {}
             try:
                 for i in tqdm(range(rb.n_episodes), desc=f"export {Path(src).name}", unit="episode",
                               disable=not progress):
-                    ep = rb.get_episode(i)
-                    sl = rb.episode_slice(i)
+                    ep, sl = rb.get_episode(i), rb.episode_slice(i)
                     T = sl.stop - sl.start
                     frame_index = np.arange(T, dtype=np.int64)
+                    task_index = (ep[plan.task_key].astype(np.int64) if plan.task_key
+                                  else np.zeros(T, dtype=np.int64))
+                    if task_index.min() < 0 or task_index.max() >= len(plan.tasks):
+                        raise DatasetError(f"episode {i}: task_index outside the {len(plan.tasks)} tasks in attrs extra.tasks")
                     book = {"timestamp": (frame_index / fps).astype(np.float32), "frame_index": frame_index,
                             "episode_index": np.full(T, i, dtype=np.int64),
-                            "index": np.arange(sl.start, sl.stop, dtype=np.int64),
-                            "task_index": np.zeros(T, dtype=np.int64)}
-                    table = pa.table({**{feature[k]: _arrow_column(ep[k]) for k in lowdim},
+                            "index": np.arange(sl.start, sl.stop, dtype=np.int64), "task_index": task_index}
+                    table = pa.table({**{feature[k]: _arrow_column(ep[k]) for k in plan.lowdim},
                                       **{k: pa.array(v) for k, v in book.items()}})
-                    if writer is None:
-                        data_file = tmp / V3_DATA_PATH.format(chunk_index=0, file_index=0)
-                        data_file.parent.mkdir(parents=True)
-                        writer = pq.ParquetWriter(data_file, table.schema)
+                    writer = writer or pq.ParquetWriter(data_file, table.schema)
                     writer.write_table(table)
-                    row = {"episode_index": i, "tasks": [attrs.task], "length": T,
+                    row = {"episode_index": i, "tasks": [plan.tasks[t] for t in np.unique(task_index)], "length": T,
                            "data/chunk_index": 0, "data/file_index": 0,
                            "dataset_from_index": sl.start, "dataset_to_index": sl.stop}
-                    for k in cams:
+                    for k in plan.cameras:
                         if k not in videos:
                             h, w, _ = rb.shape(k)
-                            videos[k] = _VideoWriter(tmp / V3_VIDEO_PATH.format(video_key=feature[k], chunk_index=0,
-                                                                                file_index=0), w, h, fps, codec, crf)
+                            path = tmp / V3_VIDEO_PATH.format(video_key=feature[k], chunk_index=0, file_index=0)
+                            videos[k] = _VideoWriter(path, w, h, fps, codec, crf)
                         start = videos[k].frames / fps
                         videos[k].write(ep[k])
                         row.update({f"videos/{feature[k]}/chunk_index": 0, f"videos/{feature[k]}/file_index": 0,
                                     f"videos/{feature[k]}/from_timestamp": start,
                                     f"videos/{feature[k]}/to_timestamp": videos[k].frames / fps})
                     row.update({"meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
-                    ep_stats = {feature[k]: _stats(ep[k], k in cams) for k in rb.keys}
+                    ep_stats = {feature[k]: _stats(ep[k], k in plan.cameras) for k in feature}
                     ep_stats.update({k: _stats(v, False) for k, v in book.items()})
                     for f, st in ep_stats.items():
                         stats.setdefault(f, []).append(st)
@@ -611,31 +655,15 @@ def export_lerobot_v3(src: str | os.PathLike, out: str | os.PathLike, codec: str
                     v.close()
             (tmp / V3_EPISODES_PATH).parent.mkdir(parents=True)
             pq.write_table(pa.Table.from_pylist(episodes), tmp / V3_EPISODES_PATH)
-            _write_tasks(tmp / "meta" / "tasks.parquet", [attrs.task])
+            _write_tasks(tmp / "meta" / "tasks.parquet", plan.tasks)
             merged = {f: {s: v.tolist() for s, v in _merge_stats(parts).items()} for f, parts in stats.items()}
             (tmp / "meta" / "stats.json").write_text(json.dumps(merged, indent=2))
-            features = {}
-            for k in rb.keys:
-                s = spec_of.get(k)
-                shape = list(rb.shape(k)) or [1]
-                if k in cams:
-                    h, w, c = rb.shape(k)
-                    features[feature[k]] = {
-                        "dtype": "video", "shape": [h, w, c], "names": ["height", "width", "channels"],
-                        "info": {"video.height": h, "video.width": w, "video.codec": codec, "video.pix_fmt": "yuv420p",
-                                 "video.is_depth_map": False, "video.fps": fps, "video.channels": c,
-                                 "has_audio": False}}
-                else:
-                    features[feature[k]] = {"dtype": rb.dtype(k).name, "shape": shape,
-                                            "names": list(s.names) if s is not None and s.names else None}
-            for k, dtype in (("timestamp", "float32"), ("frame_index", "int64"), ("episode_index", "int64"),
-                             ("index", "int64"), ("task_index", "int64")):
-                features[k] = {"dtype": dtype, "shape": [1], "names": None}
             info = {"codebase_version": "v3.0", "robot_type": attrs.spec.robot, "total_episodes": rb.n_episodes,
-                    "total_frames": rb.n_steps, "total_tasks": 1, "chunks_size": 1000,
+                    "total_frames": rb.n_steps, "total_tasks": len(plan.tasks), "chunks_size": 1000,
                     "data_files_size_in_mb": 100, "video_files_size_in_mb": 200, "fps": fps,
                     "splits": {"train": f"0:{rb.n_episodes}"}, "data_path": V3_DATA_PATH,
-                    "video_path": V3_VIDEO_PATH if cams else None, "features": features}
+                    "video_path": V3_VIDEO_PATH if plan.cameras else None,
+                    "features": _info_features(rb, attrs, plan, codec)}
             (tmp / "meta" / "info.json").write_text(json.dumps(info, indent=4))
             (tmp / ATTRS_FILE).write_text(json.dumps(attrs.to_dict(), indent=2))
     return Path(out)

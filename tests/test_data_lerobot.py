@@ -146,6 +146,39 @@ def test_round_trip_dpstack_lerobot_v3_dpstack(tmp_path, capsys):
             np.testing.assert_array_equal(a, b, err_msg=k)
 
 
+def test_several_tasks_survive_import_export_import(tmp_path):
+    eps = layout.write_v21(tmp_path / "koch")
+    assert _import(tmp_path / "koch", tmp_path / "a.zarr") == 0
+    assert main(["data", "export", str(tmp_path / "a.zarr"), "--out", str(tmp_path / "v3"), "--codec", "h264"]) == 0
+    episodes = pq.read_table(tmp_path / "v3/meta/episodes/chunk-000/file-000.parquet").to_pylist()
+    assert [e["tasks"] for e in episodes] == [[layout.TASKS[i % 2]] for i in range(3)]
+    assert _import(tmp_path / "v3", tmp_path / "b.zarr") == 0
+    a, b = ReplayBuffer.open(tmp_path / "a.zarr"), ReplayBuffer.open(tmp_path / "b.zarr")
+    assert b.attrs.extra["tasks"] == layout.TASKS and b.keys == a.keys
+    np.testing.assert_array_equal(b.load(["task_index"])["task_index"], np.concatenate([e["task_index"] for e in eps]))
+
+
+def test_image_features_inside_the_parquet(tmp_path):
+    import imageio.v3 as iio
+    import pyarrow as pa
+
+    eps = layout.write_v21(tmp_path / "d", cameras=())
+    info_path = tmp_path / "d/meta/info.json"
+    info = json.loads(info_path.read_text())
+    info["features"]["observation.images.top"] = {"dtype": "image", "shape": [32, 32, 3],
+                                                  "names": ["height", "width", "channels"]}
+    info_path.write_text(json.dumps(info))
+    for i, ep in enumerate(eps):
+        path = tmp_path / f"d/data/chunk-000/episode_{i:06d}.parquet"
+        png = [{"bytes": iio.imwrite("<bytes>", layout.frame(0, j), extension=".png"), "path": None}
+               for j in ep["index"]]
+        pq.write_table(pq.read_table(path).append_column("observation.images.top", pa.array(png)), path)
+    assert _import(tmp_path / "d", tmp_path / "d.zarr") == 0
+    rb = ReplayBuffer.open(tmp_path / "d.zarr")
+    for i, ep in enumerate(eps):  # PNG is lossless
+        np.testing.assert_array_equal(rb.get_episode(i)["top"], np.stack([layout.frame(0, j) for j in ep["index"]]))
+
+
 def test_corrupt_or_malformed_dataset_is_one_error_and_writes_nothing(tmp_path, capsys):
     eps = layout.write_v30(tmp_path / "so100")
     # a video that ends early: the first episodes import, the last one fails
