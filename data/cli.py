@@ -77,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    "tools read. Image keys become observation.images.<key>, observation keys "
                                    "observation.<key>, reward/done next.reward/next.done. Video is lossy.")
     p.add_argument("path", type=Path, help="dataset: a .zarr directory or a .zarr.zip file")
-    p.add_argument("--format", default="lerobot-v3", choices=["lerobot-v3"], help="output format (default: %(default)s)")
+    p.add_argument("--format", default="lerobot-v3", choices=["lerobot-v3"],
+                   help="output format (default: %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="destination directory (must not exist)")
     p.add_argument("--codec", default="av1", choices=["av1", "h264"], help="video codec (default: av1, as lerobot)")
     p.add_argument("--crf", type=int, help="video quality, lower is better (default: 30 for av1, 18 for h264)")

@@ -183,7 +183,8 @@ def _v3_meta(root: Path, info: Mapping[str, Any], videos: Sequence[str]) -> tupl
     episodes = []
     for r in rows:
         ep = _Episode(int(r["episode_index"]), int(r["length"]),
-                      root / info["data_path"].format(chunk_index=r["data/chunk_index"], file_index=r["data/file_index"]))
+                      root / info["data_path"].format(chunk_index=r["data/chunk_index"],
+                                                      file_index=r["data/file_index"]))
         for key in videos:
             path = info["video_path"].format(video_key=key, chunk_index=r[f"videos/{key}/chunk_index"],
                                              file_index=r[f"videos/{key}/file_index"])
@@ -329,7 +330,8 @@ def _plan(src: LeRobotSource, obs_keys: Sequence[str] | None, rename: Mapping[st
     if stored["action"] != "action" or "action" in [stored[k] for k in stored if k != "action"]:
         raise DatasetError("only the 'action' feature can be stored as 'action'; change --rename")
     if len(src.tasks) > 1 and "task_index" in stored.values():
-        raise DatasetError("a feature would be stored as 'task_index', which holds the task of each step; change --rename")
+        raise DatasetError("a feature would be stored as 'task_index', which holds the task of each step; "
+                           "change --rename")
     return _Plan(stored, tuple(obs))
 
 
@@ -337,8 +339,8 @@ def _names(feature: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[str, ...
     names = feature.get("names")
     if isinstance(names, dict) and len(names) == 1:
         names = next(iter(names.values()))
-    if isinstance(names, list) and len(shape) == 1 and len(names) == shape[0] and all(isinstance(n, str) for n in names):
-        return tuple(names)
+    if isinstance(names, list) and len(shape) == 1 and len(names) == shape[0]:
+        return tuple(str(n) for n in names)
     return ()
 
 
@@ -422,7 +424,8 @@ def convert_lerobot(src: str | os.PathLike, dst: str | os.PathLike, obs_keys: Se
     if prior is not None and prior.spec.action.shape == (adim,) and gripper_dims is None:
         action = prior.spec.action
     else:
-        action = ActionSpec(shape=(adim,), names=_names(action_feature, (adim,)), gripper_dims=tuple(gripper_dims or ()))
+        action = ActionSpec(shape=(adim,), names=_names(action_feature, (adim,)),
+                            gripper_dims=tuple(gripper_dims or ()))
     prior_obs = {o.key: o for o in prior.spec.observations} if prior else {}
 
     hz = float(control_hz or source.fps)
@@ -432,6 +435,7 @@ def convert_lerobot(src: str | os.PathLike, dst: str | os.PathLike, obs_keys: Se
 
     cursors: dict[Path, _VideoCursor] = {}
     table_path, table = None, None
+    actions = []
     try:
         with staged_dir(dst, overwrite=overwrite) as tmp:
             rb = None
@@ -439,10 +443,8 @@ def convert_lerobot(src: str | os.PathLike, dst: str | os.PathLike, obs_keys: Se
                 if ep.data_file != table_path:
                     table_path, table = ep.data_file, _read_parquet(ep.data_file)
                 episode = _read_episode(source, ep, plan, table, cursors)
+                actions.append(episode["action"])
                 if rb is None:  # the spec needs the decoded image shapes
-                    if gripper_dims is None and prior is None:
-                        action = ActionSpec(shape=action.shape, names=action.names,
-                                            gripper_dims=infer_gripper_dims(episode["action"]))
                     observations = []
                     for f in plan.observations:
                         k = plan.stored[f]
@@ -458,6 +460,11 @@ def convert_lerobot(src: str | os.PathLike, dst: str | os.PathLike, obs_keys: Se
                     rb.add_episode(episode)
                 except DatasetError as e:
                     raise DatasetError(f"episode {ep.index}: {e}") from None
+            if gripper_dims is None and prior is None:  # judged on every episode's actions
+                action = ActionSpec(shape=action.shape, names=action.names,
+                                    gripper_dims=infer_gripper_dims(np.concatenate(actions)))
+                spec = RobotSpec(spec.task, spec.robot, spec.control_hz, spec.observations, action)
+                rb.set_attrs(DatasetAttrs(task=name, control_hz=hz, spec=spec, source="import", extra=extra))
             rb.close()
     finally:
         for c in cursors.values():
@@ -620,7 +627,8 @@ def export_lerobot_v3(src: str | os.PathLike, out: str | os.PathLike, codec: str
                     task_index = (ep[plan.task_key].astype(np.int64) if plan.task_key
                                   else np.zeros(T, dtype=np.int64))
                     if task_index.min() < 0 or task_index.max() >= len(plan.tasks):
-                        raise DatasetError(f"episode {i}: task_index outside the {len(plan.tasks)} tasks in attrs extra.tasks")
+                        raise DatasetError(f"episode {i}: task_index outside the {len(plan.tasks)} tasks "
+                                           "in attrs extra.tasks")
                     book = {"timestamp": (frame_index / fps).astype(np.float32), "frame_index": frame_index,
                             "episode_index": np.full(T, i, dtype=np.int64),
                             "index": np.arange(sl.start, sl.stop, dtype=np.int64), "task_index": task_index}

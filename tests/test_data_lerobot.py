@@ -2,8 +2,8 @@
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from dpstack.cli import main
 from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
@@ -56,6 +56,18 @@ def test_import_v21(tmp_path, capsys):
     assert a.spec.obs("state").names == tuple(layout.STATE_NAMES)
     assert a.spec.obs("top").shape == (32, 32, 3) and rb.dtype("top") == np.uint8
     assert a.spec.action.names == tuple(layout.ACTION_NAMES) and a.spec.action.gripper_dims == (2,)
+    # gripper dims are judged on every episode: dim 2 is -1/+1 throughout, dim 0 only in episode 0
+    koch2 = tmp_path / "koch2"
+    layout.write_v21(koch2)
+    data = koch2 / "data/chunk-000/episode_000000.parquet"
+    t = pq.read_table(data)
+    action = np.array(t.column("action").to_pylist(), np.float32)
+    action[:, 0] = 1.0
+    t = t.set_column(t.column_names.index("action"), "action",
+                     pa.FixedSizeListArray.from_arrays(pa.array(action.reshape(-1)), 3))
+    pq.write_table(t, data)
+    assert _import(koch2, tmp_path / "k2.zarr") == 0
+    assert ReplayBuffer.open(tmp_path / "k2.zarr").attrs.spec.action.gripper_dims == (2,)
     assert a.extra["tasks"] == layout.TASKS and a.extra["format"] == "lerobot v2.1"
     assert a.task == "koch"  # several tasks: the directory's name unless --task
 
@@ -160,7 +172,6 @@ def test_several_tasks_survive_import_export_import(tmp_path):
 
 def test_image_features_inside_the_parquet(tmp_path):
     import imageio.v3 as iio
-    import pyarrow as pa
 
     eps = layout.write_v21(tmp_path / "d", cameras=())
     info_path = tmp_path / "d/meta/info.json"
