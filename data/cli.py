@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("export", help="write a zarr dataset as a LeRobotDataset v3.0",
                        description="Write a dataset as a LeRobotDataset v3.0 directory (meta/info.json, stats.json, "
-                                   "tasks.parquet, episodes/, one data parquet, one MP4 per camera) that lerobot's "
+                                   "tasks.parquet, episodes/, data parquet, an MP4 per camera) that lerobot's "
                                    "tools read. Image keys become observation.images.<key>, observation keys "
                                    "observation.<key>, reward/done next.reward/next.done. Video is lossy.")
     p.add_argument("path", type=Path, help="dataset: a .zarr directory or a .zarr.zip file")

@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -41,6 +41,8 @@ ATTRS_FILE = "meta/dpstack_attrs.json"
 V3_DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 V3_VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
 V3_EPISODES_PATH = "meta/episodes/chunk-000/file-000.parquet"
+CHUNKS_SIZE = 1000  # files per chunk folder
+MB = 1 << 20
 # Exported video: lerobot's own defaults (AV1, CRF 30, a key frame every 2 frames for random access).
 CODECS = {"av1": "libsvtav1", "h264": "libx264"}
 DEFAULT_CRF = {"av1": 30, "h264": 18}
@@ -595,10 +597,42 @@ def _info_features(rb: ReplayBuffer, attrs: DatasetAttrs, plan: _ExportPlan, cod
     return features
 
 
+class _RollingFiles:
+    """One stream's files (the data, or one camera's video): the next file starts once the current one
+    has passed `max_mb`, checked between episodes, as lerobot does."""
+
+    def __init__(self, root: Path, template: str, max_mb: float, open_file: Callable[[Path], Any],
+                 **names: str) -> None:
+        self.root, self.template, self.names = root, template, names
+        self.max_bytes, self.open_file = max_mb * MB, open_file
+        self.n, self.path, self.file = -1, None, None
+
+    def current(self) -> Any:
+        # a muxer creates its file with the first packet, which an encoder may still hold back
+        if self.file is None or (self.path.exists() and self.path.stat().st_size >= self.max_bytes):
+            self.close()
+            self.n += 1
+            chunk, index = self.location
+            self.path = self.root / self.template.format(chunk_index=chunk, file_index=index, **self.names)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = self.open_file(self.path)
+        return self.file
+
+    @property
+    def location(self) -> tuple[int, int]:
+        return divmod(self.n, CHUNKS_SIZE)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
 def export_lerobot_v3(src: str | os.PathLike, out: str | os.PathLike, codec: str = "av1", crf: int | None = None,
-                      overwrite: bool = False, progress: bool = True) -> Path:
-    """Write dpstack dataset `src` as a LeRobotDataset v3.0 at `out` (one data file, one video file per
-    camera). `out` appears only when the whole dataset is written."""
+                      overwrite: bool = False, progress: bool = True, data_file_mb: float = 100,
+                      video_file_mb: float = 200) -> Path:
+    """Write dpstack dataset `src` as a LeRobotDataset v3.0 at `out`, starting a new data (video) file
+    after one passes `data_file_mb` (`video_file_mb`). `out` appears only when all is written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm import tqdm
@@ -614,9 +648,11 @@ def export_lerobot_v3(src: str | os.PathLike, out: str | os.PathLike, codec: str
         plan = _export_plan(rb, attrs)
         fps, feature = attrs.control_hz, plan.feature
         with staged_dir(out, overwrite=overwrite) as tmp:
-            data_file = tmp / V3_DATA_PATH.format(chunk_index=0, file_index=0)
-            data_file.parent.mkdir(parents=True)
-            writer, videos = None, {}
+            data = _RollingFiles(tmp, V3_DATA_PATH, data_file_mb, lambda path: pq.ParquetWriter(path, table.schema))
+            videos = {k: _RollingFiles(tmp, V3_VIDEO_PATH, video_file_mb,
+                                       lambda path, k=k: _VideoWriter(path, rb.shape(k)[1], rb.shape(k)[0], fps,
+                                                                      codec, crf),
+                                       video_key=feature[k]) for k in plan.cameras}
             episodes, stats = [], {}
             try:
                 for i in tqdm(range(rb.n_episodes), desc=f"export {Path(src).name}", unit="episode",
@@ -634,21 +670,18 @@ def export_lerobot_v3(src: str | os.PathLike, out: str | os.PathLike, codec: str
                             "index": np.arange(sl.start, sl.stop, dtype=np.int64), "task_index": task_index}
                     table = pa.table({**{feature[k]: _arrow_column(ep[k]) for k in plan.lowdim},
                                       **{k: pa.array(v) for k, v in book.items()}})
-                    writer = writer or pq.ParquetWriter(data_file, table.schema)
-                    writer.write_table(table)
+                    data.current().write_table(table)
                     row = {"episode_index": i, "tasks": [plan.tasks[t] for t in np.unique(task_index)], "length": T,
-                           "data/chunk_index": 0, "data/file_index": 0,
+                           "data/chunk_index": data.location[0], "data/file_index": data.location[1],
                            "dataset_from_index": sl.start, "dataset_to_index": sl.stop}
                     for k in plan.cameras:
-                        if k not in videos:
-                            h, w, _ = rb.shape(k)
-                            path = tmp / V3_VIDEO_PATH.format(video_key=feature[k], chunk_index=0, file_index=0)
-                            videos[k] = _VideoWriter(path, w, h, fps, codec, crf)
-                        start = videos[k].frames / fps
-                        videos[k].write(ep[k])
-                        row.update({f"videos/{feature[k]}/chunk_index": 0, f"videos/{feature[k]}/file_index": 0,
+                        video = videos[k].current()
+                        start = video.frames / fps
+                        video.write(ep[k])
+                        row.update({f"videos/{feature[k]}/chunk_index": videos[k].location[0],
+                                    f"videos/{feature[k]}/file_index": videos[k].location[1],
                                     f"videos/{feature[k]}/from_timestamp": start,
-                                    f"videos/{feature[k]}/to_timestamp": videos[k].frames / fps})
+                                    f"videos/{feature[k]}/to_timestamp": video.frames / fps})
                     row.update({"meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
                     ep_stats = {feature[k]: _stats(ep[k], k in plan.cameras) for k in feature}
                     ep_stats.update({k: _stats(v, False) for k, v in book.items()})
@@ -657,18 +690,16 @@ def export_lerobot_v3(src: str | os.PathLike, out: str | os.PathLike, codec: str
                         row.update({f"stats/{f}/{s}": v.tolist() for s, v in st.items()})
                     episodes.append(row)
             finally:
-                if writer is not None:
-                    writer.close()
-                for v in videos.values():
-                    v.close()
+                for files in (data, *videos.values()):
+                    files.close()
             (tmp / V3_EPISODES_PATH).parent.mkdir(parents=True)
             pq.write_table(pa.Table.from_pylist(episodes), tmp / V3_EPISODES_PATH)
             _write_tasks(tmp / "meta" / "tasks.parquet", plan.tasks)
             merged = {f: {s: v.tolist() for s, v in _merge_stats(parts).items()} for f, parts in stats.items()}
             (tmp / "meta" / "stats.json").write_text(json.dumps(merged, indent=2))
             info = {"codebase_version": "v3.0", "robot_type": attrs.spec.robot, "total_episodes": rb.n_episodes,
-                    "total_frames": rb.n_steps, "total_tasks": len(plan.tasks), "chunks_size": 1000,
-                    "data_files_size_in_mb": 100, "video_files_size_in_mb": 200, "fps": fps,
+                    "total_frames": rb.n_steps, "total_tasks": len(plan.tasks), "chunks_size": CHUNKS_SIZE,
+                    "data_files_size_in_mb": data_file_mb, "video_files_size_in_mb": video_file_mb, "fps": fps,
                     "splits": {"train": f"0:{rb.n_episodes}"}, "data_path": V3_DATA_PATH,
                     "video_path": V3_VIDEO_PATH if plan.cameras else None,
                     "features": _info_features(rb, attrs, plan, codec)}

@@ -102,7 +102,7 @@ def test_import_renames_and_selects(tmp_path, capsys):
     assert not (tmp_path / "b.zarr").exists() and not (tmp_path / "c.zarr").exists()
 
 
-def _dpstack_store(path):
+def _dpstack_store(path, lengths=(9, 5, 11)):
     spec = RobotSpec(task="lift", robot="Panda", control_hz=20.0,
                      observations=(ArraySpec("robot0_eef_pos", (3,), names=("x", "y", "z")),
                                    ArraySpec("agentview_image", (32, 32, 3), "uint8"),
@@ -111,7 +111,7 @@ def _dpstack_store(path):
     rb = ReplayBuffer.create(path, DatasetAttrs(task="lift", control_hz=20.0, spec=spec, source="scripted_expert"))
     rng = np.random.default_rng(1)
     start = 0
-    for T in (9, 5, 11):
+    for T in lengths:
         idx = np.arange(start, start + T)
         rb.add_episode({"robot0_eef_pos": rng.normal(size=(T, 3)).astype(np.float32),
                         "agentview_image": np.stack([layout.frame(0, j) for j in idx]),
@@ -156,6 +156,25 @@ def test_round_trip_dpstack_lerobot_v3_dpstack(tmp_path, capsys):
             _assert_frames(b, a)
         else:
             np.testing.assert_array_equal(a, b, err_msg=k)
+
+
+def test_export_starts_new_files_past_the_size_limits(tmp_path):
+    from dpstack.data.lerobot import export_lerobot_v3
+
+    # episodes longer than the encoder holds back, so each one reaches its file
+    src = _dpstack_store(tmp_path / "src.zarr", lengths=(60, 50, 70))
+    out = export_lerobot_v3(tmp_path / "src.zarr", tmp_path / "v3", progress=False, data_file_mb=1e-6,
+                            video_file_mb=1e-6)  # every file is past the limit after one episode
+    assert sorted(p.name for p in (out / "data/chunk-000").iterdir()) == ["file-000.parquet", "file-001.parquet",
+                                                                          "file-002.parquet"]
+    assert len(list((out / "videos/observation.images.wrist_image/chunk-000").iterdir())) == 3
+    episodes = pq.read_table(out / "meta/episodes/chunk-000/file-000.parquet").to_pylist()
+    assert [e["videos/observation.images.wrist_image/from_timestamp"] for e in episodes] == [0.0] * 3
+    assert _import(out, tmp_path / "back.zarr") == 0
+    back = ReplayBuffer.open(tmp_path / "back.zarr")
+    for k in ("robot0_eef_pos", "action", "reward", "done"):
+        np.testing.assert_array_equal(back.load([k])[k], src.load([k])[k])
+    _assert_frames(back.load(["wrist_image"])["wrist_image"], src.load(["wrist_image"])["wrist_image"])
 
 
 def test_several_tasks_survive_import_export_import(tmp_path):
