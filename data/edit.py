@@ -10,14 +10,13 @@ leaves the original complete, under its own name or, between the two renames, un
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from dpstack.core.files import staged_dir
 from dpstack.data.replay_buffer import DatasetAttrs, DatasetError, ReplayBuffer
 
 
@@ -176,29 +175,11 @@ def _build(path: Path, episodes: Sequence[tuple[ReplayBuffer, int]], attrs: Data
     rb.close()
 
 
-def _temp_beside(path: Path, tag: str) -> Path:
-    return path.with_name(f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}.partial")
-
-
 def _write_new(path: Path, episodes: Sequence[tuple[ReplayBuffer, int]], attrs: DatasetAttrs | None) -> None:
-    tmp = _temp_beside(path, "edit")
-    try:
+    with staged_dir(path, tag="edit") as tmp:
         _build(tmp, episodes, attrs)
-        os.rename(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _replace(path: Path, episodes: Sequence[tuple[ReplayBuffer, int]], attrs: DatasetAttrs | None) -> None:
-    tmp, old = _temp_beside(path, "edit"), path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-    try:
+    with staged_dir(path, overwrite=True, tag="edit") as tmp:
         _build(tmp, episodes, attrs)
-        os.rename(path, old)
-        try:
-            os.rename(tmp, path)
-        except BaseException:
-            os.rename(old, path)
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old)

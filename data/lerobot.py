@@ -439,7 +439,7 @@ def convert_lerobot(src: str | os.PathLike, dst: str | os.PathLike, obs_keys: Se
     table_path, table = None, None
     actions = []
     try:
-        with staged_dir(dst, overwrite=overwrite) as tmp:
+        with staged_dir(dst, overwrite=overwrite, tag="import") as tmp:
             rb = None
             for ep in tqdm(source.episodes, desc=f"import {source.root.name}", unit="episode", disable=not progress):
                 if ep.data_file != table_path:
@@ -647,7 +647,7 @@ def export_lerobot_v3(src: str | os.PathLike, out: str | os.PathLike, codec: str
                                "ReplayBuffer.set_attrs first (see docs/datasets.md)")
         plan = _export_plan(rb, attrs)
         fps, feature = attrs.control_hz, plan.feature
-        with staged_dir(out, overwrite=overwrite) as tmp:
+        with staged_dir(out, overwrite=overwrite, tag="export") as tmp:
             data = _RollingFiles(tmp, V3_DATA_PATH, data_file_mb, lambda path: pq.ParquetWriter(path, table.schema))
             videos = {k: _RollingFiles(tmp, V3_VIDEO_PATH, video_file_mb,
                                        lambda path, k=k: _VideoWriter(path, rb.shape(k)[1], rb.shape(k)[0], fps,

@@ -31,23 +31,29 @@ def write_atomic(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
 
 
 @contextlib.contextmanager
-def staged_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside `path`; when the block succeeds it becomes `path`
-    (replacing it if `overwrite`), when it fails it is removed and `path` is left as it was."""
+def staged_dir(path: str | os.PathLike, overwrite: bool = False, tag: str = "new") -> Iterator[Path]:
+    """Yield an empty directory `.NAME.<tag>-<id>.partial` beside `path`; when the block succeeds it
+    becomes `path`, when it fails it is removed. With `overwrite` an existing `path` is renamed
+    aside (`.NAME.old-<id>`), the new one renamed in, then the old one deleted: a crash at any
+    point leaves a complete directory under `path` or, between the two renames, under the old name."""
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
         raise FileExistsError(f"{path} already exists")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    tmp = path.with_name(f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}.partial")
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}") if path.exists() else None
+        if old is not None:
+            os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.rename(old, path)
+            raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = path.with_name(f".{path.name}.{uuid.uuid4().hex}.old") if path.exists() else None
-    if old is not None:
-        os.replace(path, old)
-    os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
