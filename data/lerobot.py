@@ -426,8 +426,9 @@ def convert_lerobot(src: str | os.PathLike, dst: str | os.PathLike, obs_keys: Se
     if prior is not None and prior.spec.action.shape == (adim,) and gripper_dims is None:
         action = prior.spec.action
     else:
-        action = ActionSpec(shape=(adim,), names=_names(action_feature, (adim,)),
-                            gripper_dims=tuple(gripper_dims or ()))
+        dtype = str(action_feature.get("dtype", "float32"))
+        action = ActionSpec(shape=(adim,), dtype=dtype if dtype in ("float32", "float64") else "float32",
+                            names=_names(action_feature, (adim,)), gripper_dims=tuple(gripper_dims or ()))
     prior_obs = {o.key: o for o in prior.spec.observations} if prior else {}
 
     hz = float(control_hz or source.fps)
@@ -463,7 +464,7 @@ def convert_lerobot(src: str | os.PathLike, dst: str | os.PathLike, obs_keys: Se
                 except DatasetError as e:
                     raise DatasetError(f"episode {ep.index}: {e}") from None
             if gripper_dims is None and prior is None:  # judged on every episode's actions
-                action = ActionSpec(shape=action.shape, names=action.names,
+                action = ActionSpec(shape=action.shape, dtype=action.dtype, names=action.names,
                                     gripper_dims=infer_gripper_dims(np.concatenate(actions)))
                 spec = RobotSpec(spec.task, spec.robot, spec.control_hz, spec.observations, action)
                 rb.set_attrs(DatasetAttrs(task=name, control_hz=hz, spec=spec, source="import", extra=extra))

@@ -56,18 +56,28 @@ def test_import_v21(tmp_path, capsys):
     assert a.spec.obs("state").names == tuple(layout.STATE_NAMES)
     assert a.spec.obs("top").shape == (32, 32, 3) and rb.dtype("top") == np.uint8
     assert a.spec.action.names == tuple(layout.ACTION_NAMES) and a.spec.action.gripper_dims == (2,)
-    # gripper dims are judged on every episode: dim 2 is -1/+1 throughout, dim 0 only in episode 0
+    # gripper dims are judged on every episode: dim 2 is -1/+1 throughout, dim 0 only in episode 0;
+    # a float64 action stays float64
     koch2 = tmp_path / "koch2"
-    layout.write_v21(koch2)
-    data = koch2 / "data/chunk-000/episode_000000.parquet"
-    t = pq.read_table(data)
-    action = np.array(t.column("action").to_pylist(), np.float32)
-    action[:, 0] = 1.0
-    t = t.set_column(t.column_names.index("action"), "action",
-                     pa.FixedSizeListArray.from_arrays(pa.array(action.reshape(-1)), 3))
-    pq.write_table(t, data)
+    eps = layout.write_v21(koch2)
+    info = json.loads((koch2 / "meta/info.json").read_text())
+    info["features"]["action"]["dtype"] = "float64"
+    (koch2 / "meta/info.json").write_text(json.dumps(info))
+    for i, ep in enumerate(eps):
+        data = koch2 / f"data/chunk-000/episode_{i:06d}.parquet"
+        t = pq.read_table(data)
+        action = ep["action"].astype(np.float64) + 1e-12
+        action[:, 2] = ep["action"][:, 2]
+        if i == 0:
+            action[:, 0] = 1.0
+        t = t.set_column(t.column_names.index("action"), "action",
+                         pa.FixedSizeListArray.from_arrays(pa.array(action.reshape(-1)), 3))
+        pq.write_table(t, data)
+        ep["action"] = action
     assert _import(koch2, tmp_path / "k2.zarr") == 0
-    assert ReplayBuffer.open(tmp_path / "k2.zarr").attrs.spec.action.gripper_dims == (2,)
+    k2 = ReplayBuffer.open(tmp_path / "k2.zarr")
+    assert k2.attrs.spec.action.gripper_dims == (2,) and k2.attrs.spec.action.dtype == "float64"
+    np.testing.assert_array_equal(k2.load(["action"])["action"], np.concatenate([e["action"] for e in eps]))
     assert a.extra["tasks"] == layout.TASKS and a.extra["format"] == "lerobot v2.1"
     assert a.task == "koch"  # several tasks: the directory's name unless --task
 
