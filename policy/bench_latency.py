@@ -92,6 +92,23 @@ def forward_timer(denoise: Callable, horizon: int, action_dim: int, cond_dim: in
     return once
 
 
+def observation_pool(spec, normalizer, obs_keys, rng: np.random.Generator, n: int = 16) -> list[dict[str, np.ndarray]]:
+    """`n` plausible observations in robot units, to cycle through: states uniform inside the
+    normaliser's range, images random uint8."""
+    pool = []
+    for _ in range(n):
+        o = {}
+        for k in obs_keys:
+            s = spec.obs(k)
+            if s.is_image:
+                o[k] = rng.integers(0, 256, s.shape).astype(np.uint8)
+            else:
+                st = normalizer[k]
+                o[k] = rng.uniform(st.min, st.max).astype(np.float32)
+        pool.append(o)
+    return pool
+
+
 def time_sampler(package, sampler: str, steps: int, max_seconds: float, seed: int, forward: Callable[[], float]) -> dict[str, Any]:
     """Time `steps` control steps; after each, one bare denoiser forward, so the reference
     forward is measured in the same time window as the steps (fair ratios on a busy machine)."""
@@ -99,20 +116,7 @@ def time_sampler(package, sampler: str, steps: int, max_seconds: float, seed: in
 
     runner = PolicyRunner(package, sampler)
     runner.reset(seed)
-    rng = np.random.default_rng(seed)
-    spec = package.spec
-    # A small pool of plausible observations (inside the normaliser's range), cycled.
-    pool = []
-    for _ in range(16):
-        o = {}
-        for k in package.obs_keys:
-            s = spec.obs(k)
-            if s.is_image:
-                o[k] = rng.integers(0, 256, s.shape).astype(np.uint8)
-            else:
-                st = package.normalizer[k]
-                o[k] = rng.uniform(st.min, st.max).astype(np.float32)
-        pool.append(o)
+    pool = observation_pool(package.spec, package.normalizer, package.obs_keys, np.random.default_rng(seed))
     s = time.perf_counter()
     runner.control_step(pool[0])
     first_ms = (time.perf_counter() - s) * 1e3

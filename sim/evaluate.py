@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from dpstack.core.process import ChildFailed, ChildProcess
+from dpstack.core.process import ChildFailed, ChildProcess, dpstack_command
 from dpstack.core.stats import format_ms
 from dpstack.runtime.realtime import RealtimeConfig, available_cpus, format_cpus
 from dpstack.runtime.samplers import SamplerConfig
@@ -39,11 +39,6 @@ RUN_KEY_FILE = "run.json"  # in RAW_DIR: the package and settings the raw record
 
 class EvalError(RuntimeError):
     """A server or an arm process failed; the message carries its last output lines."""
-
-
-def dpstack_command(*args: str) -> list[str]:
-    """Run a dpstack subcommand with this interpreter (works without the console script on PATH)."""
-    return [sys.executable, "-m", "dpstack.cli", *args]
 
 
 def training_dataset(policy_dir: Path) -> Path | None:

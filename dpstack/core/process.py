@@ -26,6 +26,11 @@ from typing import Any, Callable, Sequence
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
+def dpstack_command(*args: str) -> list[str]:
+    """Run a dpstack subcommand with this interpreter (works without the console script on PATH)."""
+    return [sys.executable, "-m", "dpstack.cli", *args]
+
+
 def announce_ready(**fields: Any) -> None:
     """Print the ready line on stdout (flushed: the parent is waiting for it)."""
     print(json.dumps({"ready": True, **fields}, sort_keys=True), flush=True)
