@@ -32,6 +32,8 @@ MODELS = {"test": ("unet", "test"), "small": ("unet", "small"), "dp": ("unet", "
           "transformer": ("transformer", "dp"), "transformer-small": ("transformer", "small")}
 INT8 = "-int8"  # a model name with this suffix: the same model exported with int8 MatMul weights (policy/quantize.py)
 MODELS.update({name + INT8: MODELS[name] for name in ("dp", "transformer")})
+# backend name -> the onnxruntime execution provider it times
+GPU_BACKENDS = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 # Targets from the issue, checked on the ratios measured within one run.
 STREAM_TARGET, RTI_TARGET, ORT_SPEEDUP_TARGET, DP_STREAM_P99_MS = 1.3, 3.5, 2.5, 15.0
 
@@ -46,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated samplers as `dpstack serve --sampler` takes them: ddpm-N, ddim-N, "
                           "rti (= rti-renoise-20,8,0), rti[-renoise]-K1,K2,.., streaming-E; a bare number continues "
                           "the rti list before it (default %(default)s)")
-    lat.add_argument("--backends", default="onnx,torch", help="onnx and/or torch (default %(default)s)")
+    lat.add_argument("--backends", default="onnx,torch",
+                     help="onnx (onnxruntime CPU), torch (eager), cuda, tensorrt (onnxruntime's GPU providers, where "
+                          "they exist; fp16 and an engine cache for TensorRT) (default %(default)s)")
     lat.add_argument("--steps", type=int, default=500, help="control steps timed per (model, sampler, backend)")
     lat.add_argument("--max-seconds", type=float, default=60.0,
                      help="stop a record early after this long (noted in the JSON; default %(default)s)")
@@ -107,6 +111,15 @@ def observation_pool(spec, normalizer, obs_keys, rng: np.random.Generator, n: in
                 o[k] = rng.uniform(st.min, st.max).astype(np.float32)
         pool.append(o)
     return pool
+
+
+def gpu_backend_missing(backend: str) -> str | None:
+    """One sentence when onnxruntime here lacks the provider of a GPU backend, else None."""
+    import onnxruntime as ort
+
+    from dpstack.runtime.package import missing_providers
+
+    return missing_providers([GPU_BACKENDS[backend]], ort.get_available_providers())
 
 
 def time_sampler(package, sampler: str, steps: int, max_seconds: float, seed: int, forward: Callable[[], float]) -> dict[str, Any]:
@@ -233,9 +246,17 @@ def run_latency(args: argparse.Namespace) -> int:
     samplers = split_sampler_names(args.samplers)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     for b in backends:
-        if b not in ("onnx", "torch"):
-            print(f"dpstack bench: unknown backend {b!r}; use onnx,torch", file=sys.stderr)
+        if b not in ("onnx", "torch", *GPU_BACKENDS):
+            print(f"dpstack bench: unknown backend {b!r}; use onnx, torch, {', '.join(GPU_BACKENDS)}", file=sys.stderr)
             return 2
+    for b in [b for b in backends if b in GPU_BACKENDS]:
+        why = gpu_backend_missing(b)
+        if why:
+            print(f"dpstack bench: backend {b} skipped: {why}", file=sys.stderr)
+            backends.remove(b)
+    if not backends:
+        print("dpstack bench: no backend left to time", file=sys.stderr)
+        return 2
     models = [m.strip() for m in args.models.split(",") if m.strip()] if not args.package else []
     for m in models:
         if m not in MODELS:
@@ -253,7 +274,7 @@ def run_latency(args: argparse.Namespace) -> int:
             model = build_and_export(m, Path(tmp) / m, args.seed)
             jobs.append((m, Path(tmp) / m, model))
         jobs += [(Path(p).name, Path(p), None) for p in args.package]
-        total = sum(len(samplers) * len([b for b in backends if b == "onnx" or model is not None]) for _, _, model in jobs)
+        total = sum(len(samplers) * len([b for b in backends if b != "torch" or model is not None]) for _, _, model in jobs)
         bar = tqdm(total=total, desc="bench latency", unit="record")
         for name, pdir, model in jobs:
             package = load_package(pdir, options=options)
@@ -269,6 +290,15 @@ def run_latency(args: argparse.Namespace) -> int:
                     torch.set_num_threads(args.threads)
                     ref = torch_callables(model)
                     pkg = package.with_backend(ref.encode, ref.denoise)
+                elif backend in GPU_BACKENDS:
+                    gpu = SessionOptions(intra_op_threads=args.threads, providers=(GPU_BACKENDS[backend],),
+                                         spin=not args.no_spin)
+                    pkg = load_package(pdir, options=gpu)
+                    if pkg.providers[:1] != (GPU_BACKENDS[backend],):  # offered, but did not start
+                        print(f"dpstack bench: backend {backend} skipped for {name}: it runs on "
+                              f"{', '.join(pkg.providers)} here", file=sys.stderr)
+                        bar.update(len(samplers))
+                        continue
                 else:
                     pkg = package
                 rng = np.random.default_rng(args.seed)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dpstack.runtime.package import (DENOISER_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, MANIFEST, PackageError, PolicyPackage,
+from dpstack.runtime.package import (DENOISER_FILE, DENOISER_INPUTS, ENCODER_FILE, FORMAT, FORMAT_VERSION, MANIFEST, PackageError, PolicyPackage,
                              SessionOptions, load_package, read_manifest, sha256_file, verify_files)
 
 from dpstack.runtime.verify import VerifyError, random_denoiser_inputs, random_observations, verify_onnx_only
@@ -92,7 +92,7 @@ def export_graphs(model: DiffusionPolicyModel, out_dir: Path, opset: int | None 
                                             model.schedule.num_train_steps, 2, rng)
         # The same function in ops onnxruntime runs fast at batch 1 (nets/export_form.py).
         torch.onnx.export(_DenoiserGraph(export_form(model.denoiser)).eval(), (torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(cond)),
-                          str(out_dir / DENOISER_FILE), input_names=["x", "t", "cond"], output_names=["eps"],
+                          str(out_dir / DENOISER_FILE), input_names=list(DENOISER_INPUTS), output_names=["eps"],
                           dynamic_shapes=({0: batch}, {0: batch}, {0: batch}), **kwargs)
     return {"encoder_inputs": enc_names}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -27,7 +28,16 @@ SUPPORTED_VERSIONS = (1,)
 MANIFEST = "manifest.json"
 ENCODER_FILE = "encoder.onnx"
 DENOISER_FILE = "denoiser.onnx"
+DENOISER_INPUTS = ("x", "t", "cond")  # (B, Tp, A), (B, Tp) int64, (B, C): the names the export gives them
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+CPU_PROVIDER = "CPUExecutionProvider"
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+GPU_HINT = ("for a GPU, install dpstack[gpu] (onnxruntime-gpu, in place of onnxruntime) on a machine with an NVIDIA "
+            "GPU, CUDA and cuDNN (TensorRT too for its provider)")
+# What the runtime writes for a package (the TensorRT engine cache) lives in this folder of it.
+RUN_DIR = "run"
+
+log = logging.getLogger(__name__)
 
 Encode = Callable[[Mapping[str, np.ndarray]], np.ndarray]
 
@@ -79,15 +89,29 @@ def verify_files(policy_dir: str | Path, manifest: Mapping[str, Any]) -> None:
 
 
 def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
-    """TensorRT, then CUDA, then CPU: whichever this onnxruntime build offers (or `requested`, if available)."""
+    """TensorRT, then CUDA, then CPU: whichever this onnxruntime build offers (or `requested`, if available).
+    A requested provider this build lacks is left out (`missing_providers` says so); with none left, the CPU."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
     wanted = list(requested) if requested else list(PREFERRED_PROVIDERS)
     chosen = [p for p in wanted if p in available]
     if not chosen:
-        raise PackageError(f"none of the providers {wanted} is available; onnxruntime offers {available}")
+        if CPU_PROVIDER not in available:
+            raise PackageError(f"none of the providers {wanted} is available; onnxruntime offers {available}")
+        chosen = [CPU_PROVIDER]
     return chosen
+
+
+def missing_providers(wanted: Sequence[str], available: Sequence[str]) -> str | None:
+    """A sentence naming the wanted providers that `available` lacks (and how to get the GPU
+    ones), or None."""
+    missing = [p for p in wanted if p not in available]
+    if not missing:
+        return None
+    hint = f"; {GPU_HINT}" if set(missing) & set(GPU_PROVIDERS) else ""
+    return (f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not available in this onnxruntime "
+            f"(it offers {', '.join(available)}){hint}")
 
 
 @dataclass(frozen=True)
@@ -98,9 +122,42 @@ class SessionOptions:
     # Worker threads spin between ops: lowest latency on a quiet machine, much worse when
     # the cores are oversubscribed (measured on the shared 2-core box); turn off there.
     spin: bool = True
+    # GPU providers (ignored on the CPU):
+    device_id: int = 0
+    trt_fp16: bool = True              # TensorRT may run layers in fp16
+    trt_cache_dir: str | None = None   # TensorRT engines and timing cache; None: <package>/run/tensorrt
+    max_batch: int = 32                # TensorRT optimisation profile: batches 1..max_batch (the server's sessions),
+    opt_batch: int = 8                 # tuned for this one
 
 
-def make_session(path: str | Path, options: SessionOptions = SessionOptions()):
+def provider_options(provider: str, options: SessionOptions, cache_dir: Path | None,
+                     shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, str]:
+    """onnxruntime options for one execution provider. TensorRT: fp16, an engine and timing
+    cache in `cache_dir` (built once, minutes for a large net, then loaded), and with `shapes`
+    (input name -> shape without the batch) one optimisation profile for batches 1..max_batch,
+    so a batch size the server has not run yet does not rebuild the engine. CUDA: the device
+    and copies on the compute stream."""
+    if provider == "TensorrtExecutionProvider":
+        o = {"device_id": str(options.device_id), "trt_fp16_enable": str(options.trt_fp16)}
+        if cache_dir is not None:
+            o.update(trt_engine_cache_enable="True", trt_engine_cache_path=str(cache_dir),
+                     trt_timing_cache_enable="True", trt_timing_cache_path=str(cache_dir))
+        if shapes:
+            def profile(batch: int) -> str:
+                return ",".join(f"{name}:{'x'.join(str(d) for d in (batch, *shape))}" for name, shape in shapes.items())
+            o.update(trt_profile_min_shapes=profile(1), trt_profile_opt_shapes=profile(min(options.opt_batch, options.max_batch)),
+                     trt_profile_max_shapes=profile(options.max_batch))
+        return o
+    if provider == "CUDAExecutionProvider":
+        return {"device_id": str(options.device_id), "do_copy_in_default_stream": "1"}
+    return {}
+
+
+def make_session(path: str | Path, options: SessionOptions = SessionOptions(),
+                 shapes: Mapping[str, tuple[int, ...]] | None = None):
+    """An onnxruntime session for one network; `shapes` (input name -> shape without the
+    batch) sets TensorRT's optimisation profile. A GPU provider that is offered but cannot
+    start (CUDA or cuDNN libraries missing) leaves the session on the CPU (`gpu_fallback`)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -111,12 +168,36 @@ def make_session(path: str | Path, options: SessionOptions = SessionOptions()):
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.log_severity_level = 3  # TensorRT/CUDA fallbacks are expected on CPU machines
+    providers = choose_providers(options.providers)
+    cache = Path(options.trt_cache_dir) if options.trt_cache_dir else Path(path).parent / RUN_DIR / "tensorrt"
+    if "TensorrtExecutionProvider" in providers:
+        cache.mkdir(parents=True, exist_ok=True)
     try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=choose_providers(options.providers))
+        session = ort.InferenceSession(str(path), sess_options=so, providers=providers,
+                                       provider_options=[provider_options(p, options, cache, shapes) for p in providers])
     except PackageError:
         raise
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
         raise PackageError(f"{path}: onnxruntime cannot load it: {str(e).splitlines()[0]}") from None
+    return session
+
+
+def provider_problem(options: SessionOptions, session_providers: Sequence[str]) -> str | None:
+    """One sentence when the providers asked for in `options` are not what a session runs on
+    (this onnxruntime lacks them, or a GPU provider it offers did not start), else None."""
+    import onnxruntime as ort
+
+    if not options.providers:
+        return None  # the preferred order: the CPU is expected on a CPU machine
+    runs_on = f"it runs on {', '.join(session_providers)}"
+    why = missing_providers(options.providers, ort.get_available_providers())
+    if why:
+        return f"{runs_on}: {why}"
+    gpu = [p for p in options.providers if p in GPU_PROVIDERS]
+    if gpu and gpu[0] not in session_providers:
+        return (f"{runs_on}: {gpu[0]} is in this onnxruntime but did not start (CUDA, cuDNN or TensorRT libraries "
+                f"missing, or no GPU); {GPU_HINT}")
+    return None
 
 
 def onnx_encoder(session, obs_keys: Sequence[str], input_names: Sequence[str]) -> Encode:
@@ -206,9 +287,18 @@ def load_package(policy_dir: str | Path, serves: RobotSpec | None = None,
     verify_files(policy_dir, manifest)
     spec, normalizer, schedule, trained = describe(manifest, serves)
     obs_keys = tuple(manifest["obs_keys"])
-    enc = make_session(policy_dir / ENCODER_FILE, options)
-    den = make_session(policy_dir / DENOISER_FILE, options)
-    input_names = manifest.get("encoder_inputs") or [i.name for i in enc.get_inputs()]
+    names = manifest.get("encoder_inputs")
+    enc_shapes = dict(zip(names, ((trained.n_obs_steps, *spec.obs(k).shape) for k in obs_keys))) if names else None
+    enc = make_session(policy_dir / ENCODER_FILE, options, enc_shapes)
+    den_shapes = None
+    if "cond_dim" in manifest:
+        den_shapes = dict(zip(DENOISER_INPUTS, ((trained.horizon, spec.action.dim), (trained.horizon,),
+                                                (int(manifest["cond_dim"]),))))
+    den = make_session(policy_dir / DENOISER_FILE, options, den_shapes)
+    input_names = names or [i.name for i in enc.get_inputs()]
+    problem = provider_problem(options, den.get_providers())
+    if problem:
+        log.warning("%s: %s", policy_dir, problem)
     if len(input_names) != len(obs_keys):
         raise PackageError(f"{policy_dir}: encoder has inputs {input_names} for observation keys {list(obs_keys)}")
     return PolicyPackage(manifest=manifest, spec=spec, normalizer=normalizer, schedule=schedule, obs_keys=obs_keys,
