@@ -43,6 +43,8 @@ from dpstack.core.stats import Summary, format_ms, summarize_ms
 RECENT_CHUNKS = 20        # latencies the request lead looks back on (as the simulated arm)
 ACTION_DEADLINE = 0.8     # a tick waits for a chunk until this fraction of its period, then holds
 START_TIMEOUT_S = 600.0   # server ready (package load + start-up measurement) and each robot's first chunk
+REPLY_TIMEOUT_S = 2.0     # a chunk unanswered this long: the robot's link reconnects (as PolicyClient's timeout)
+NOT_STARTED = "another robot failed to start"
 # The server's stats key for the batch sizes it ran: {size: number of batched calls}.
 BATCH_SIZES_KEY = "batch_sizes"
 
@@ -111,21 +113,26 @@ class SimulatedRobot:
         from dpstack.runtime.action_schedule import ActionSchedule
         from dpstack.runtime.client import PolicyClient
 
-        client = PolicyClient(self.endpoint, self.spec, self.robot_id, seed=self.seed, timeout_s=2.0)
+        # The start-up chunks of all robots queue on one server: each robot waits for its own as
+        # long as it takes, rather than reconnecting (which would start its start-up again).
+        client = PolicyClient(self.endpoint, self.spec, self.robot_id, seed=self.seed, timeout_s=START_TIMEOUT_S)
         schedule = ActionSchedule(self.spec.action)
         try:
             reply = client.request(self.pool[0], 0.0, START_TIMEOUT_S)  # the episode's start-up chunk
             if reply is None:
-                self.failure = client.refusal() or f"robot {self.robot_id} got no start-up chunk from {self.endpoint}"
+                errors = "; ".join(f"{e.code}: {e.message}" for e in list(client.errors)[-2:])
+                self.failure = client.refusal() or (f"robot {self.robot_id} got no start-up chunk from {self.endpoint}"
+                                                    + (f" ({errors})" if errors else ""))
                 start.abort()
                 return
+            client.timeout_s = REPLY_TIMEOUT_S
             schedule.offer(reply)
             start.wait(START_TIMEOUT_S)
             self._loop(client, schedule, clock["start"], stop)
             if want_stats:
                 self.stats = dict(client.request_stats(5.0) or {})
         except threading.BrokenBarrierError:
-            self.failure = self.failure or "another robot failed to start"
+            self.failure = self.failure or NOT_STARTED
         finally:
             self.reconnects = client.n_reconnects
             self.errors.update(e.code for e in client.errors)
@@ -258,9 +265,9 @@ def run_fleet(package_dir: Path, model: str, sampler: str, robots: int, args: ar
             t.start()
         while "start" not in clock and not barrier.broken:
             time.sleep(0.05)
-        failed = [r.failure for r in fleet if r.failure]
+        failed = sorted((r.failure for r in fleet if r.failure), key=lambda f: f == NOT_STARTED)
         if barrier.broken or failed:
-            raise FleetError(next(iter(failed), "a robot failed to start"))
+            raise FleetError(next(iter(failed), NOT_STARTED))
         start = clock["start"]
         next_sample = start
         while time.perf_counter() < start + args.seconds:
