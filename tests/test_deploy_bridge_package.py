@@ -174,6 +174,7 @@ def test_shipped_defaults_drive_the_arm_within_seconds_and_again_after_a_server_
         if "first" not in events and b.schedule.n_executed:
             events["first"] = now
             events["reconnects_at_first"] = client.n_reconnects
+            events["at_first"] = (b.schedule.n_hold, b.stats.control_ticks)
         if "killed" not in events and now - events["start"] >= 8.0:
             server.kill()   # SIGKILL, then a fresh server on the same endpoint, loading meanwhile
             events["killed"] = now
@@ -195,7 +196,9 @@ def test_shipped_defaults_drive_the_arm_within_seconds_and_again_after_a_server_
     assert events["first"] - events["start"] < 4.0, figures
     chunks, holds, ticks = events["at_kill"]
     assert chunks >= 50, (figures, summary)
-    assert holds <= 0.3 * ticks, (figures, summary)   # holding only at the start-up, then driven
+    # Holding only until the start-up chunk, then driven (a loaded machine stretches the start-up, not this).
+    holds_after, ticks_after = holds - events["at_first"][0], ticks - events["at_first"][1]
+    assert holds_after <= 0.3 * ticks_after, (figures, summary)
     # After the restart: the new server's first session starts, at most the Hello then in flight is retried.
     assert "first2" in events, (figures, summary)
     assert events["reconnects_at_first2"] - events["reconnects_at_ready2"] <= 1, figures
