@@ -67,8 +67,8 @@ def bridge_loop(hz: float, seconds: float, endpoint: str | None = None) -> dict:
         if client is not None:
             client.close()
     return {"period_error": period_error(ticks, hz), "loop_work": summary["loop_work"],
-            "obs_to_chunk": summary["obs_to_chunk"], "obs_to_command": summary["obs_to_command"],
-            "chunks": summary["chunks"], "sim_controller_overruns": raw.get("overruns")}
+            "obs_to_chunk": summary.get("obs_to_chunk"), "obs_to_command": summary["obs_to_command"],
+            "chunks": summary.get("chunks", 0), "sim_controller_overruns": raw.get("overruns")}
 
 
 def _start_zero_server(out: Path):

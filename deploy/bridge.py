@@ -1,15 +1,15 @@
 """The real-robot bridge: robot state and cameras -> policy server -> safe servo commands.
 
 One loop at the servo rate (the driver's):
-- every cycle: read the arm state (kept in a ring for alignment), poll the policy
-  link, adopt newer chunks (ActionSchedule; a fresh chunk feeds the safety
-  watchdog), sample the interpolated trajectory, pass it through the safety
-  layer, send the result to the driver (or log it in dry-run mode);
+- every cycle: read the arm state (kept in a ring for alignment), poll the action
+  source (deploy/sources.py: a policy server's chunks, or a teleop device; fresh
+  input feeds the safety watchdog), sample the interpolated trajectory, pass it
+  through the safety layer, send the result to the driver (or log it in dry-run mode);
 - every control period (the policy's rate): build an observation aligned to one
-  timestamp (last state/frame sample at or before it), send it if none is in
-  flight, take the next scheduled action (stale ones are dropped), convert it to
-  a Cartesian target as the YAML says, and plan a linear/slerp segment from the
-  last command to that target over one control period.
+  timestamp (last state/frame sample at or before it), hand it to the source and
+  take its action for now (a policy: the next scheduled one, stale ones dropped),
+  convert it to a Cartesian target as the YAML says, and plan a linear/slerp
+  segment from the last command to that target over one control period.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from dpstack.deploy.drivers.base import ArmDriver, ArmState, DriverInfo, Pose
 from dpstack.deploy.estop import EStop, EStopServer, KeyWatcher, install_signal
 from dpstack.deploy.interpolate import PoseTrajectory, Waypoint
 from dpstack.deploy.safety import SafetyLayer
+from dpstack.deploy.sources import ActionSource, PolicySource, SourceAction
 from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
 from dpstack.core.stats import summarize_ms
 
@@ -93,32 +94,46 @@ def action_to_target(action: np.ndarray, cfg: ActionConfig, reference: Pose) -> 
 
 # ---------------------------------------------------------------- the bridge
 @dataclass
+class Aligned:
+    """One control step's observation: every key's last sample at or before `t`, and its time."""
+
+    t: float
+    arrays: dict[str, np.ndarray]
+    times: dict[str, float]
+    state: ArmState
+
+
+@dataclass
+class ControlStep:
+    """What one control step saw and commanded (what `dpstack record` stores)."""
+
+    t: float
+    observation: Aligned | None
+    action: np.ndarray | None   # None: the source held
+
+
+@dataclass
 class BridgeStats:
     ticks: int = 0
     control_ticks: int = 0
-    observations_sent: int = 0
-    chunks: int = 0
     commands_sent: int = 0
     would_send: int = 0
     stops_sent: int = 0
     resets: int = 0
     period_error_s: deque = field(default_factory=lambda: deque(maxlen=200_000))
     obs_to_command_s: deque = field(default_factory=lambda: deque(maxlen=100_000))
-    obs_to_chunk_s: deque = field(default_factory=lambda: deque(maxlen=100_000))
     loop_work_s: deque = field(default_factory=lambda: deque(maxlen=200_000))
 
 
 class Bridge:
-    def __init__(self, cfg: BridgeConfig, driver: ArmDriver, client=None, *, dry_run: bool | None = None,
-                 estop: EStop | None = None, cameras: dict | None = None, clock: Callable[[], float] = time.monotonic,
-                 install_handlers: bool = True):
-        """`client` is a runtime.client.PolicyClient (None: no policy; the arm holds).
+    def __init__(self, cfg: BridgeConfig, driver: ArmDriver, client=None, *, source: ActionSource | None = None,
+                 dry_run: bool | None = None, estop: EStop | None = None, cameras: dict | None = None,
+                 clock: Callable[[], float] = time.monotonic, install_handlers: bool = True):
+        """Actions come from `source`, or from a policy server through `client` (a
+        runtime.client.PolicyClient); neither: the arm holds.
         `cameras` maps camera name -> object with `.frames` (a TimedBuffer), e.g. OpenCVCamera."""
-        from dpstack.runtime.action_schedule import ActionSchedule
-
         self.cfg = cfg
         self.driver = driver
-        self.client = client
         self.dry_run = cfg.dry_run if dry_run is None else dry_run
         self.estop = estop or EStop()
         self.cameras = cameras or {}
@@ -129,11 +144,12 @@ class Bridge:
         self.info: DriverInfo | None = None
         self.safety: SafetyLayer | None = None
         self.spec = robot_spec(cfg)
-        self.schedule = ActionSchedule(self.spec.action, mode=cfg.action.mode, tolerance_s=0.01)
+        if source is None and client is not None:
+            source = PolicySource(client, self.spec.action, cfg.action.mode, cfg.policy.action_latency_s, clock)
+        self.source = source
         self.states: TimedBuffer[ArmState] = TimedBuffer(maxlen=int(2.0 * cfg.driver.servo_hz))
         self.stats = BridgeStats()
         self.counts: Counter[str] = Counter()
-        self._obs_times: dict[int, float] = {}
         self._traj: PoseTrajectory | None = None
         self._gripper: float | None = None
         self._stopped = False
@@ -165,8 +181,8 @@ class Bridge:
         if s.estop_endpoint:
             self._estop_server = EStopServer(self.estop, s.estop_endpoint)
             self._estop_server.start()
-        if self.client is not None:
-            self.client.reset()
+        if self.source is not None:
+            self.source.reset()
         log.info("bridge started: %s at %.0f Hz servo / %.0f Hz policy%s", self.info.name, self.cfg.driver.servo_hz,
                  self.cfg.spec.control_hz, " (DRY RUN: nothing is commanded)" if self.dry_run else "")
         return self.info
@@ -190,9 +206,11 @@ class Bridge:
 
     # ---------------------------------------------------------------- the loop
     def run(self, duration_s: float = 0.0, should_stop: Callable[[], bool] | None = None,
-            on_tick: Callable[["Bridge", float], None] | None = None) -> dict:
-        """Run until `duration_s` (0: forever), `should_stop()`, or the policy server refuses
-        this robot for good (client.refusal(): a spec mismatch); returns summary()."""
+            on_tick: Callable[["Bridge", float], None] | None = None,
+            on_control: Callable[["Bridge", ControlStep], None] | None = None) -> dict:
+        """Run until `duration_s` (0: forever), `should_stop()`, or the source ends for good
+        (a policy server refusing this robot: a spec mismatch); returns summary().
+        `on_tick` runs after every servo cycle, `on_control` after every control step."""
         start = self.clock()
         next_tick = start
         next_control = start
@@ -202,15 +220,17 @@ class Bridge:
                 break
             if should_stop is not None and should_stop():
                 break
-            if self.client is not None and self.client.fatal is not None:
-                break   # no chunk can ever come: holding on would only hide the mistake
+            if self.source is not None and self.source.ended() is not None:
+                break   # no action can ever come: holding on would only hide the mistake
             self.stats.period_error_s.append(now - next_tick)
             control = now >= next_control
             if control:
                 next_control += self.control_dt
                 if now - next_control > self.control_dt:   # fell far behind: skip, don't burst
                     next_control = now + self.control_dt
-            self.step(now, control)
+            step = self.step(now, control)
+            if step is not None and on_control is not None:
+                on_control(self, step)
             if on_tick is not None:
                 on_tick(self, now)
             self.stats.loop_work_s.append(self.clock() - now)
@@ -222,49 +242,40 @@ class Bridge:
                 next_tick = self.clock()   # missed whole periods: resynchronise
         return self.summary()
 
-    def step(self, now: float, control: bool) -> None:
-        """One servo cycle (and, when `control`, one policy-rate cycle)."""
+    def step(self, now: float, control: bool) -> ControlStep | None:
+        """One servo cycle (and, when `control`, one policy-rate cycle, returned)."""
         self.stats.ticks += 1
         state = self.driver.read_state()
         self.states.append(state.t, state)
         if self.estop.reset_requested.is_set():
             self._reset_after_estop(state)
-        self._poll_policy(now)
+        if self.source is not None and self.source.poll(now):
+            self.safety.feed(now)
+        done = None
         if control:
             self.stats.control_ticks += 1
-            self._send_observation(now)
-            self._plan(now)
+            aligned = self.aligned(now)
+            action = None
+            if self.source is not None:
+                action = self.source.act(now, None if aligned is None else aligned.arrays,
+                                         None if aligned is None else aligned.state)
+            self._plan(now, action)
+            done = ControlStep(now, aligned, None if action is None else action.action)
         target = grip = None
         if self._traj is not None:
             w = self._traj.sample(now)
             target, grip = Pose(w.position, w.quat), w.gripper
         cmd = self.safety.filter(target, grip, state=state, now=now)
         self._command(cmd, now)
+        return done
 
     # ---------------------------------------------------------------- pieces
-    def _poll_policy(self, now: float) -> None:
-        if self.client is None:
-            return
-        reply = self.client.poll(0.0)
-        if reply is None:
-            return
-        t_obs = self._obs_times.get(reply.seq)
-        if t_obs is not None:
-            self.stats.obs_to_chunk_s.append(now - t_obs)
-        try:
-            if self.schedule.offer(reply):
-                self.stats.chunks += 1
-                self.safety.feed(now)
-        except Exception as e:  # a malformed chunk is refused, never executed
-            self.counts["bad_chunk"] += 1
-            log.warning("refused a chunk: %s", e)
-
-    def observation(self, t: float) -> dict[str, np.ndarray] | None:
+    def aligned(self, t: float) -> Aligned | None:
         """Observation aligned to time t: the last sample at or before t of every source."""
         st = self.states.at(t)
         if st is None:
             return None
-        obs = {}
+        obs, times = {}, {}
         for o in self.cfg.spec.observations:
             if o.source == "camera":
                 cam = self.cameras.get(o.camera)
@@ -272,43 +283,29 @@ class Bridge:
                 if frame is None:
                     self.counts["missing_frame"] += 1
                     return None
-                obs[o.key] = frame[1]
+                times[o.key], obs[o.key] = frame
             else:
-                obs[o.key] = state_observation(o.source, st[1])
-        return obs
+                times[o.key], obs[o.key] = st[0], state_observation(o.source, st[1])
+        return Aligned(t, obs, times, st[1])
 
-    def _send_observation(self, now: float) -> None:
-        # Every control step: while a chunk is in flight the client sends it history-only,
-        # so a policy with To > 1 keeps its history at the control rate.
-        if self.client is None:
-            return
-        obs = self.observation(now)
-        if obs is None:
-            return
-        seq = self.client.send_observation(obs, now)
-        if seq is not None:
-            self.stats.observations_sent += 1
-            self._obs_times[seq] = now
-            for k in [k for k in self._obs_times if k < seq - 64]:   # answers that never came
-                del self._obs_times[k]
+    def observation(self, t: float) -> dict[str, np.ndarray] | None:
+        a = self.aligned(t)
+        return None if a is None else a.arrays
 
-    def _plan(self, now: float) -> None:
-        # Actions due before a command could take effect are stale.
-        decision = self.schedule.next(now + self.cfg.policy.action_latency_s)
-        if decision.hold or decision.action is None:
+    def _plan(self, now: float, action: SourceAction | None) -> None:
+        if action is None:
             self._traj = None   # the safety layer brakes and holds
             return
         st = self.states.at(now)
         reference = st[1].pose if st is not None else self.safety.commanded
-        target, width = action_to_target(decision.action, self.cfg.action, reference)
+        target, width = action_to_target(action.action, self.cfg.action, reference)
         start = self.safety.commanded
         grip0 = self._gripper if self._gripper is not None else width
         self._traj = PoseTrajectory([Waypoint(now, start.position, start.quat, grip0),
                                      Waypoint(now + self.control_dt, target.position, target.quat, width)])
-        t_obs = self._obs_times.pop(decision.seq, None) if decision.seq is not None else None
-        if t_obs is not None:
+        if action.t_obs is not None:
             # First action of this chunk: its first servo command goes out in this very cycle.
-            self.stats.obs_to_command_s.append(self.clock() - t_obs)
+            self.stats.obs_to_command_s.append(self.clock() - action.t_obs)
 
     def _command(self, cmd, now: float) -> None:
         if cmd is None:   # e-stop latched
@@ -338,11 +335,10 @@ class Bridge:
     def _reset_after_estop(self, state: ArmState) -> None:
         log.warning("e-stop reset by operator: restarting at rest from the measured pose")
         self.safety.reset(state)
-        self.schedule.reset()
         self._traj = None
         self.stats.resets += 1
-        if self.client is not None:
-            self.client.reset()
+        if self.source is not None:
+            self.source.reset()
 
     # ---------------------------------------------------------------- report
     def summary(self) -> dict:
@@ -350,18 +346,15 @@ class Bridge:
         out = {
             "robot": self.cfg.name, "driver": self.info.name if self.info else None, "dry_run": self.dry_run,
             "servo_hz": self.cfg.driver.servo_hz, "control_hz": self.cfg.spec.control_hz,
-            "ticks": s.ticks, "control_ticks": s.control_ticks, "observations_sent": s.observations_sent,
-            "chunks": s.chunks, "commands_sent": s.commands_sent, "would_send": s.would_send,
+            "ticks": s.ticks, "control_ticks": s.control_ticks,
+            "commands_sent": s.commands_sent, "would_send": s.would_send,
             "stops_sent": s.stops_sent, "estop_resets": s.resets,
-            "actions_executed": self.schedule.n_executed, "actions_stale": self.schedule.n_stale,
-            "holds": self.schedule.n_hold, "safety": self.safety.summary() if self.safety else {},
+            "safety": self.safety.summary() if self.safety else {},
             "other": dict(self.counts),
             "servo_period_error": summarize_ms(s.period_error_s, scale=1e3),
             "loop_work": summarize_ms(s.loop_work_s, scale=1e3),
-            "obs_to_chunk": summarize_ms(s.obs_to_chunk_s, scale=1e3),
             "obs_to_command": summarize_ms(s.obs_to_command_s, scale=1e3),
         }
-        if self.client is not None:
-            out["link"] = {"reconnects": self.client.n_reconnects, "errors": len(self.client.errors),
-                           "fatal": None if self.client.fatal is None else self.client.fatal.message}
+        if self.source is not None:
+            out.update(self.source.summary())
         return out

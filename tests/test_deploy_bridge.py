@@ -81,7 +81,7 @@ class Trace:
         self.pos.append(c.pose.position.copy())
         self.speed.append(c.linear_speed + c.angular_speed)
         self.holding.append(c.holding)
-        self.chunks.append(bridge.stats.chunks)
+        self.chunks.append(bridge.source.chunks)
 
 
 def test_closed_loop_reaches_the_goal_through_the_safety_layer():
@@ -114,13 +114,13 @@ def test_policy_server_killed_mid_episode_arm_holds_then_resumes_after_restart()
     def on_tick(b, now):
         trace(b, now)
         moving = b.last_command is not None and b.last_command.linear_speed > 0.1
-        if "killed" not in events and b.stats.chunks >= 5 and moving:
+        if "killed" not in events and b.source.chunks >= 5 and moving:
             server.kill()   # SIGKILL: no Bye, the link just goes silent
             events["killed"] = now
         elif "killed" in events and "restarted" not in events and now - events["killed"] > 0.8:
             servers.append(goal_server(bind=endpoint))
             events["restarted"] = b.clock()
-            events["chunks_at_restart"] = b.stats.chunks
+            events["chunks_at_restart"] = b.source.chunks
 
     summary = run_then_close(bridge, client, servers, duration_s=15.0, on_tick=on_tick,
                              should_stop=lambda: "restarted" in events and reached(bridge, 0.005))
@@ -174,7 +174,7 @@ def test_estop_over_zmq_stops_the_arm_until_reset():
     events = {}
 
     def on_tick(b, now):
-        if "estop" not in events and b.stats.chunks >= 5:
+        if "estop" not in events and b.source.chunks >= 5:
             assert send(b.estop_endpoint, "estop").startswith("latched")
             events["estop"] = now
             events["commands"] = b.stats.commands_sent

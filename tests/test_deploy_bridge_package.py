@@ -103,10 +103,10 @@ def test_bridge_runs_an_exported_package_and_holds_when_its_server_is_killed(pac
 
     def on_tick(b, now):
         trace(b, now)
-        if "killed" not in events and b.stats.chunks >= 20:
+        if "killed" not in events and b.source.chunks >= 20:
             server.kill()   # SIGKILL: no Bye, the link just goes silent
             events["killed"] = now
-            events["chunks_at_kill"] = b.stats.chunks
+            events["chunks_at_kill"] = b.source.chunks
 
     summary = run_then_close(bridge, client, [server], duration_s=20.0, on_tick=on_tick,
                              should_stop=lambda: "killed" in events and bridge.clock() - events["killed"] > 1.5)
@@ -171,21 +171,21 @@ def test_shipped_defaults_drive_the_arm_within_seconds_and_again_after_a_server_
 
     def on_tick(b, now):
         events.setdefault("start", now)
-        if "first" not in events and b.schedule.n_executed:
+        if "first" not in events and b.source.schedule.n_executed:
             events["first"] = now
             events["reconnects_at_first"] = client.n_reconnects
             events["at_first"] = (b.schedule.n_hold, b.stats.control_ticks)
         if "killed" not in events and now - events["start"] >= 8.0:
             server.kill()   # SIGKILL, then a fresh server on the same endpoint, loading meanwhile
             events["killed"] = now
-            events["at_kill"] = (b.stats.chunks, b.schedule.n_hold, b.stats.control_ticks)
-            events["executed_at_kill"] = b.schedule.n_executed
+            events["at_kill"] = (b.source.chunks, b.source.schedule.n_hold, b.stats.control_ticks)
+            events["executed_at_kill"] = b.source.schedule.n_executed
             threading.Thread(target=restart, daemon=True).start()
-        if "ready2" in events and "first2" not in events and b.schedule.n_executed > events["executed_at_kill"] \
-                and b.stats.chunks > events["at_kill"][0]:
+        if "ready2" in events and "first2" not in events and b.source.schedule.n_executed > events["executed_at_kill"] \
+                and b.source.chunks > events["at_kill"][0]:
             events["first2"] = now
             events["reconnects_at_first2"] = client.n_reconnects
-            events["chunks_at_first2"] = b.stats.chunks
+            events["chunks_at_first2"] = b.source.chunks
 
     summary = run_then_close(bridge, client, servers, duration_s=40.0, on_tick=on_tick,
                              should_stop=lambda: "first2" in events and bridge.clock() - events["first2"] > 2.0)
