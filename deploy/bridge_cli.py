@@ -74,12 +74,8 @@ def run(args: argparse.Namespace) -> int:
             logging.getLogger("deploy").warning("policy link to %s is NOT authenticated: set policy.server_public_key "
                                                 "and policy.client_secret_key (dpstack keys generate)", endpoint)
 
-    cameras = {}
-    for c in cfg.cameras:
-        from dpstack.deploy.cameras import OpenCVCamera
-        cam = OpenCVCamera(c)
-        cam.start()
-        cameras[c.name] = cam
+    from dpstack.deploy.cameras import start_cameras
+    cameras = start_cameras(cfg.cameras)
 
     driver = make_driver(cfg.driver)
     from dpstack.deploy.bridge import robot_spec

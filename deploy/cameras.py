@@ -83,3 +83,18 @@ class OpenCVCamera(threading.Thread):
         self._halt.set()
         self.join(2.0)
         self.cap.release()
+
+
+def start_cameras(configs) -> dict[str, OpenCVCamera]:
+    """One running OpenCVCamera per configured camera, by name (those started are stopped if one fails)."""
+    cameras: dict[str, OpenCVCamera] = {}
+    try:
+        for c in configs:
+            cam = OpenCVCamera(c)
+            cam.start()
+            cameras[c.name] = cam
+    except Exception:
+        for cam in cameras.values():
+            cam.stop()
+        raise
+    return cameras

@@ -46,6 +46,8 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("dpstack.sim.eval_cli", "closed-loop evaluation of a policy package", "sim"),
     "bench": Command("dpstack.bench_cli", "benchmarks: sampler latency, training throughput, transport, servo jitter", "train"),
     "bridge": Command("dpstack.deploy.bridge_cli", "run the real-robot bridge", "deploy"),
+    "record": Command("dpstack.deploy.record_cli", "teleoperate the arm through the bridge and record demonstrations",
+                      "deploy"),
     "keys": Command("dpstack.deploy.keys_cli", "generate CurveZMQ keys for authenticated links", "deploy"),
     "demo": Command("dpstack.demo.cli", "end-to-end demo: collect, train, export, serve, evaluate", "all"),
 }

@@ -26,7 +26,7 @@ MAY_IMPORT = {
     "dpstack.core": set(),
     "dpstack.data": {"dpstack.core"},
     "dpstack.runtime": {"dpstack.core"},
-    "dpstack.deploy": {"dpstack.core", "dpstack.runtime"},
+    "dpstack.deploy": {"dpstack.core", "dpstack.data", "dpstack.runtime"},  # data: `dpstack record` writes stores
     "dpstack.policy": {"dpstack.core", "dpstack.data", "dpstack.runtime"},
     "dpstack.sim": {"dpstack.core", "dpstack.data", "dpstack.runtime"},
     "dpstack.demo": {"dpstack.core", "dpstack.data", "dpstack.policy", "dpstack.runtime", "dpstack.sim"},
