@@ -60,6 +60,7 @@ class EpisodeRecorder:
     """Rows of the episode in progress."""
 
     def __init__(self, spec: RobotSpec, camera_keys: tuple[str, ...] = ()):
+        self.spec = spec
         self.keys = tuple(o.key for o in spec.observations)
         self.action_key = spec.action.key
         self.camera_keys = camera_keys
@@ -76,6 +77,15 @@ class EpisodeRecorder:
         if step.observation is None or step.action is None:
             self.skipped += 1
             return
+        # Checked row by row, so a camera giving the wrong size stops the recording at once
+        # instead of failing the write of an episode a person just demonstrated.
+        try:
+            for o in self.spec.observations:
+                o.check(step.observation.arrays[o.key])
+            self.spec.action.check(step.action)
+        except ValueError as e:
+            raise RecordError(f"{e}, against the spec the robot YAML publishes; fix the YAML (camera "
+                              "width/height, observation sources) and record again") from None
         self.rows.append(step)
 
     def discard(self) -> int:
@@ -256,6 +266,6 @@ class Session:
         ticks = np.array(self.ticks)
         return {"episodes_kept": self.kept, "episodes_saved": self.writer.saved, "episodes_discarded": self.discarded,
                 "store": str(self.store.path), "store_episodes": self.store.n_episodes,
-                "control_period_error": summarize_ms(np.diff(ticks) - dt if ticks.size > 1 else [], scale=1e3),
-                "camera_state_skew": {k: summarize_ms(v, scale=1e3) for k, v in self.skews.items()},
+                "control_period_error": summarize_ms(np.abs(np.diff(ticks) - dt) if ticks.size > 1 else [], scale=1e3),
+                "camera_state_skew": {k: summarize_ms(np.abs(v), scale=1e3) for k, v in self.skews.items()},
                 "write_error": self.writer.error}

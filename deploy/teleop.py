@@ -310,11 +310,12 @@ class TeleopSource:
 
     device: Device
     action: ActionConfig
-    home_tolerance: tuple[float, float] = (0.005, 0.03)   # m, rad
+    home_tolerance: tuple[float, float, float] = (0.005, 0.03, 0.01)   # m, rad, and at rest below m/s
     events: list[str] = field(default_factory=list)
     home_pose: Pose | None = None
     homing: bool = False
     _gripper: float = -1.0
+    _last: tuple[float, np.ndarray] | None = None   # (time, position) of the last homing step
 
     def reset(self) -> None:
         self.homing = False
@@ -329,7 +330,7 @@ class TeleopSource:
             self.home_pose = state.pose.copy()
         if self.homing:
             # Events wait until the arm is home: a scripted start must not begin mid-way.
-            action = self._toward_home(state)
+            action = self._toward_home(now, state)
             return None if action is None else SourceAction(action)
         got = self.device.read()
         self.events.extend(got.events)
@@ -353,12 +354,15 @@ class TeleopSource:
                                                                 * self.action.rotation_scale))
         return a
 
-    def _toward_home(self, state: ArmState) -> np.ndarray | None:
+    def _toward_home(self, now: float, state: ArmState) -> np.ndarray | None:
         home, pose = self.home_pose, state.pose
         dpos = home.position - pose.position
         drot = rotations.error_rotvec(pose.quat, home.quat)
-        if np.linalg.norm(dpos) < self.home_tolerance[0] and np.linalg.norm(drot) < self.home_tolerance[1]:
-            self.homing = False
+        last, self._last = self._last, (now, pose.position.copy())
+        speed = np.inf if last is None or now <= last[0] else np.linalg.norm(pose.position - last[1]) / (now - last[0])
+        close = np.linalg.norm(dpos) < self.home_tolerance[0] and np.linalg.norm(drot) < self.home_tolerance[1]
+        if close and speed < self.home_tolerance[2]:   # home and at rest: the next episode starts still
+            self.homing, self._last = False, None
             return None
         motion = np.concatenate([dpos / self.action.position_scale, drot / self.action.rotation_scale])
         return self._from_motion(np.clip(motion, -1.0, 1.0), pose)
