@@ -3,10 +3,10 @@
 The bridge runs as it does for a policy (same loop, safety layer, watchdog and
 e-stop) with a TeleopSource in the policy's place. Every control step of an
 episode adds one row: the bridge's aligned observation (the robot YAML's keys),
-the commanded action, and the times: `timestamp` (the control tick),
-`state_timestamp` (the arm state sample) and `<camera key>_timestamp` (the frame's
-capture time), in seconds from the episode's first tick, so a camera's skew to
-the state is `<key>_timestamp - state_timestamp`.
+the commanded action, and the times: `control_time` (the control tick),
+`state_time` (the arm state sample) and `<camera key>_time` (the frame's capture
+time), in seconds from the episode's first tick, so a camera's skew to the state
+is `<key>_time - state_time`. (Not `timestamp`: LeRobot reserves that name.)
 
 An episode lives in memory until it is kept; a writer thread then appends it to
 the ReplayBuffer, whose add_episode is atomic. A crash loses at most the episode
@@ -100,10 +100,10 @@ class EpisodeRecorder:
         t0 = rows[0].t
         out = {k: np.stack([r.observation.arrays[k] for r in rows]) for k in self.keys}
         out[self.action_key] = np.stack([r.action for r in rows]).astype(np.float32)
-        out["timestamp"] = np.array([r.t - t0 for r in rows])
-        out["state_timestamp"] = np.array([r.observation.state.t - t0 for r in rows])
+        out["control_time"] = np.array([r.t - t0 for r in rows])
+        out["state_time"] = np.array([r.observation.state.t - t0 for r in rows])
         for k in self.camera_keys:
-            out[f"{k}_timestamp"] = np.array([r.observation.times[k] - t0 for r in rows])
+            out[f"{k}_time"] = np.array([r.observation.times[k] - t0 for r in rows])
         return out
 
 
@@ -222,9 +222,9 @@ class Session:
             self.status.event(f"episode {self.episode}: empty, not saved")
             return
         for k in self.skews:
-            self.skews[k].extend(episode[f"{k}_timestamp"] - episode["state_timestamp"])
+            self.skews[k].extend(episode[f"{k}_time"] - episode["state_time"])
         self.kept += 1
-        self.status.event(f"episode {self.episode - 1}: kept ({n} steps, {episode['timestamp'][-1]:.1f} s)")
+        self.status.event(f"episode {self.episode - 1}: kept ({n} steps, {episode['control_time'][-1]:.1f} s)")
         self.writer.put(episode)
         if self.max_episodes and self.kept >= self.max_episodes:
             self.quit = True

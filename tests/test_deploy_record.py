@@ -74,8 +74,8 @@ def test_replay_records_kept_episodes_that_data_info_shows_and_training_reads(tm
     for i, kept in enumerate([0, 2, 3]):   # the discarded second one is not there
         ep = rb.get_episode(i)
         np.testing.assert_array_equal(ep["action"], np.asarray(stream[kept], dtype=np.float32))
-        assert np.all(np.diff(ep["timestamp"]) > 0) and ep["timestamp"][0] == 0.0
-        assert np.all(ep["state_timestamp"] <= ep["timestamp"])   # the last state at or before the tick
+        assert np.all(np.diff(ep["control_time"]) > 0) and ep["control_time"][0] == 0.0
+        assert np.all(ep["state_time"] <= ep["control_time"])   # the last state at or before the tick
         # The arm followed the replayed motion: along +x, +y, +z for the kept episodes.
         axis = [0, 1, 2][i]
         moved = ep["robot0_eef_pos"][-1] - ep["robot0_eef_pos"][0]
@@ -85,6 +85,10 @@ def test_replay_records_kept_episodes_that_data_info_shows_and_training_reads(tm
     with redirect_stdout(info):
         assert cli.main(["data", "info", str(store)]) == 0
     assert "episodes  3" in info.getvalue() and "human" in info.getvalue(), info.getvalue()
+    # ... and it exports for lerobot's tools as it is (no key clashes with LeRobot's own columns).
+    with redirect_stdout(io.StringIO()):
+        assert cli.main(["data", "export", str(store), "--format", "lerobot-v3", "--out", str(tmp_path / "lerobot")]) == 0
+    assert (tmp_path / "lerobot" / "meta" / "info.json").is_file()
 
     obs_keys = "[" + ",".join(o.key for o in spec.observations) + "]"
     assert cli.main(["train", "--config", "lift_state_small", "--dataset", str(store), "--out", str(tmp_path / "train"),
@@ -259,8 +263,8 @@ def test_camera_frames_are_recorded_aligned_to_the_control_ticks_with_their_skew
     assert ep["agentview_image"].shape == (12, 8, 8, 3) and ep["agentview_image"].dtype == np.uint8
     # Each row holds the last frame captured at or before its tick: never a later one, and
     # frames advance with the ticks (30 Hz camera, 20 Hz control: a new frame nearly every row).
-    assert np.all(ep["agentview_image_timestamp"] <= ep["timestamp"])
-    assert np.all(ep["timestamp"] - ep["agentview_image_timestamp"] < 0.2)
+    assert np.all(ep["agentview_image_time"] <= ep["control_time"])
+    assert np.all(ep["control_time"] - ep["agentview_image_time"] < 0.2)
     index = ep["agentview_image"][:, 0, 0, 0].astype(int)
     assert np.all(np.diff(index) >= 0) and index[-1] > index[0]
     skew = figures["camera_state_skew"]["agentview_image"]
