@@ -323,3 +323,47 @@ def test_recording_drives_the_vendor_drivers_through_the_same_interface(tmp_path
     np.testing.assert_array_equal(rb.get_episode(0)["action"], actions)
     assert set(rb.keys) >= {o.key for o in bridge.spec.observations}
     assert calls().count(servo_call) > 10   # the servo stream went to the vendor SDK
+
+
+def test_the_keyboard_device_records_from_a_real_terminal_and_restores_it(tmp_path):
+    """`dpstack record` on a pseudo-terminal: keys typed into it start, move, keep, quit."""
+    import pty
+    import termios
+
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    store = tmp_path / "keys.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "dpstack.cli", "record", "--config", sim_yaml(tmp_path),
+                             "--out", str(store)], stdin=slave, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    lines = []
+
+    def wait_for(text):
+        for line in proc.stderr:
+            lines.append(line)
+            if text in line:
+                return
+        raise AssertionError(f"no {text!r} in {''.join(lines)}")
+
+    try:
+        time.sleep(0.5)
+        os.write(master, b"n")
+        wait_for("episode 1: recording")
+        for _ in range(25):
+            os.write(master, b"w")   # a held key: the terminal's auto-repeat
+            time.sleep(0.02)
+        os.write(master, b"y")
+        wait_for("episode 1: kept")
+        os.write(master, b"Q")
+        assert proc.wait(30) == 0, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        after = termios.tcgetattr(slave)
+        os.close(master)
+        os.close(slave)
+    assert after == before   # cbreak mode undone at exit
+    rb = ReplayBuffer.open(store)
+    assert rb.n_episodes == 1 and rb.attrs.extra["device"] == "keyboard"
+    action = rb.get_episode(0)["action"]
+    assert action[:, 0].max() > 0 and np.all(action[:, 1:6] == 0) and np.all(action[:, 6] == -1.0)
