@@ -288,10 +288,6 @@ class Bridge:
                 times[o.key], obs[o.key] = st[0], state_observation(o.source, st[1])
         return Aligned(t, obs, times, st[1])
 
-    def observation(self, t: float) -> dict[str, np.ndarray] | None:
-        a = self.aligned(t)
-        return None if a is None else a.arrays
-
     def _plan(self, now: float, action: SourceAction | None) -> None:
         if action is None:
             self._traj = None   # the safety layer brakes and holds

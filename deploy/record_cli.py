@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return fail(str(e))
     if cfg.dry_run:
-        return fail(f"{args.config} sets dry_run: true, and a recording needs the arm to move; pass --set dry_run=false")
+        return fail(f"{args.config} sets dry_run: true, and a recording needs the arm to move; "
+                    "pass --set dry_run=false")
     estop = EStop()
     try:
         device = _device(args, cfg, estop)
@@ -104,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         session = Session(bridge, source, store, StatusLine(), max_episodes=args.episodes)
         if bridge.estop_endpoint:
             print(f"e-stop socket: {bridge.estop_endpoint}", flush=True)
-        print(f"recording into {args.out} ({store.n_episodes} episodes there) with the {device.name} device", flush=True)
+        print(f"recording into {args.out} ({store.n_episodes} episodes there) with the {device.name} device",
+              flush=True)
         if device.name != "replay":
             print(KEY_HELP, flush=True)
         summary = session.run(should_stop=lambda: stop["flag"])
@@ -127,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         text = json.dumps(summary, indent=2, sort_keys=True)
         print("summary " + text, flush=True)
         if summary.get("write_error"):
-            print(f"dpstack record: {summary['write_error']}; the episodes before it are in {args.out}", file=sys.stderr)
+            print(f"dpstack record: {summary['write_error']}; the episodes before it are in {args.out}",
+                  file=sys.stderr)
             return 1
     return status

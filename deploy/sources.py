@@ -37,7 +37,8 @@ class ActionSource(Protocol):
     def poll(self, now: float) -> bool:
         """Every servo cycle; True when fresh input arrived (it feeds the watchdog)."""
 
-    def act(self, now: float, observation: Mapping[str, np.ndarray] | None, state: ArmState | None) -> SourceAction | None:
+    def act(self, now: float, observation: Mapping[str, np.ndarray] | None,
+            state: ArmState | None) -> SourceAction | None:
         """Every control step: the action to execute now (None: hold)."""
 
     def ended(self) -> str | None:

@@ -87,7 +87,8 @@ def test_replay_records_kept_episodes_that_data_info_shows_and_training_reads(tm
     assert "episodes  3" in info.getvalue() and "human" in info.getvalue(), info.getvalue()
     # ... and it exports for lerobot's tools as it is (no key clashes with LeRobot's own columns).
     with redirect_stdout(io.StringIO()):
-        assert cli.main(["data", "export", str(store), "--format", "lerobot-v3", "--out", str(tmp_path / "lerobot")]) == 0
+        assert cli.main(["data", "export", str(store), "--format", "lerobot-v3",
+                         "--out", str(tmp_path / "lerobot")]) == 0
     assert (tmp_path / "lerobot" / "meta" / "info.json").is_file()
 
     obs_keys = "[" + ",".join(o.key for o in spec.observations) + "]"
@@ -247,7 +248,6 @@ def test_camera_frames_are_recorded_aligned_to_the_control_ticks_with_their_skew
     actions = np.asarray(episode(0, -1.0, 12), dtype=np.float32)
     source = TeleopSource(ReplayDevice([ReplayEpisode(actions)]), cfg.action)
     bridge = Bridge(cfg, MujocoArm(cfg.driver), source=source, cameras={"agentview": camera}, install_handlers=False)
-    stamps = []   # (tick, the camera's frames at that tick) to check the alignment against
     try:
         bridge.start()
         spec = bridge.spec
