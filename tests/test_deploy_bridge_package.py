@@ -174,7 +174,7 @@ def test_shipped_defaults_drive_the_arm_within_seconds_and_again_after_a_server_
         if "first" not in events and b.source.schedule.n_executed:
             events["first"] = now
             events["reconnects_at_first"] = client.n_reconnects
-            events["at_first"] = (b.schedule.n_hold, b.stats.control_ticks)
+            events["at_first"] = (b.source.schedule.n_hold, b.stats.control_ticks)
         if "killed" not in events and now - events["start"] >= 8.0:
             server.kill()   # SIGKILL, then a fresh server on the same endpoint, loading meanwhile
             events["killed"] = now
