@@ -6,6 +6,7 @@ bridge's loop, safety layer and watchdog; what it records must train. Servo rate
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -204,6 +205,9 @@ def test_a_store_with_another_spec_is_refused_and_kept(tmp_path):
     (["--device", "replay"], "--device replay needs --replay PATH"),
     (["--device", "keyboard"], "needs an interactive terminal"),
     (["--device", "replay", "--replay", "missing.json"], "no replay stream at missing.json"),
+    pytest.param(["--device", "spacemouse"], "pip install 'dpstack[spacemouse]'",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("pyspacemouse") is not None,
+                                          reason="pyspacemouse is installed: the absent-SDK message cannot show")),
 ])
 def test_record_mistakes_get_one_sentence_and_status_2(tmp_path, argv, says):
     done = subprocess.run([sys.executable, "-m", "dpstack.cli", "record", "--config", sim_yaml(tmp_path),
