@@ -210,6 +210,12 @@ def onnx_encoder(session, obs_keys: Sequence[str], input_names: Sequence[str]) -
     return encode
 
 
+def batch_limit(session) -> int:
+    """Rows the session's first input takes per call: 0 for a dynamic batch axis, else its fixed size."""
+    first = session.get_inputs()[0].shape[0]
+    return first if isinstance(first, int) and first > 0 else 0
+
+
 def onnx_denoiser(session) -> Denoise:
     """Numpy callable: (x (B,Tp,A), t (B,Tp) int64, cond (B,C)) -> eps (B,Tp,A)."""
     x_name, t_name, c_name = (i.name for i in session.get_inputs())
@@ -240,6 +246,7 @@ class PolicyPackage:
     denoise: Denoise
     path: Path | None = None
     providers: tuple[str, ...] = field(default_factory=tuple)
+    max_batch: int = 0   # rows one denoiser call takes: 0 = any (dynamic batch), 1 = a package exported at batch 1
 
     @property
     def horizon(self) -> int:
@@ -303,4 +310,4 @@ def load_package(policy_dir: str | Path, serves: RobotSpec | None = None,
         raise PackageError(f"{policy_dir}: encoder has inputs {input_names} for observation keys {list(obs_keys)}")
     return PolicyPackage(manifest=manifest, spec=spec, normalizer=normalizer, schedule=schedule, obs_keys=obs_keys,
                          trained=trained, encode=onnx_encoder(enc, obs_keys, input_names), denoise=onnx_denoiser(den),
-                         path=policy_dir, providers=tuple(den.get_providers()))
+                         path=policy_dir, providers=tuple(den.get_providers()), max_batch=batch_limit(den))

@@ -11,6 +11,9 @@ Two ways to drive it:
 - control_step(obs) -> action: one call per control step; the runner infers
   only when the previous chunk is used up, or its replan_after actions are
   (no network calls in between).
+- act_gen(obs): act as a resumable computation that yields each denoiser request
+  (samplers.DenoiseRequest); a server answers many robots' requests in one batched
+  call of `denoise` (at most `max_batch` rows; 0: any). act() drives it alone.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from typing import Mapping
 import numpy as np
 
 from dpstack.runtime.package import PolicyPackage
-from dpstack.runtime.samplers import Sampler, SamplerConfig, build_sampler
+from dpstack.runtime.samplers import DenoiseSteps, Sampler, SamplerConfig, build_sampler, drive
 
 
 @dataclass
@@ -47,6 +50,8 @@ class PolicyRunner:
         self.package = package
         self.config = SamplerConfig.parse(sampler) if isinstance(sampler, str) else sampler
         self.sampler: Sampler = build_sampler(self.config, package.denoise, package.schedule, package.action_dim, package.trained)
+        self.denoise = package.denoise     # what answers act_gen's requests; shared by every runner of the package
+        self.max_batch = package.max_batch
         self.history: deque[dict[str, np.ndarray]] = deque(maxlen=package.n_obs_steps)
         self.t = 0                       # control steps seen this episode
         self._t_inferred: int | None = None  # self.t at the last inference
@@ -92,6 +97,9 @@ class PolicyRunner:
     # -- inference ---------------------------------------------------------------------
     def infer(self) -> ActionChunk:
         """Actions from the current history (the latest observation is step t-1)."""
+        return drive(self.infer_gen(), self.denoise)
+
+    def infer_gen(self) -> DenoiseSteps[ActionChunk]:
         if not self.history:
             raise RuntimeError("no observation yet: call act(obs) or observe(obs) first")
         start = time.perf_counter()
@@ -100,7 +108,7 @@ class PolicyRunner:
         # A robot that was late to ask has executed more than one action since: RTI shifts by that.
         elapsed = None if self._t_inferred is None else self.t - self._t_inferred
         self._t_inferred = self.t
-        out = self.sampler.step(cond, elapsed)
+        out = yield from self.sampler.step_gen(cond, elapsed)
         actions = self.to_robot_units(out.actions)
         offsets = out.indices - (self.package.n_obs_steps - 1)
         chunk = ActionChunk(actions=actions, offsets=offsets, dt=1.0 / self.package.spec.control_hz,
@@ -113,6 +121,10 @@ class PolicyRunner:
     def act(self, obs: Mapping[str, np.ndarray]) -> ActionChunk:
         self.observe(obs)
         return self.infer()
+
+    def act_gen(self, obs: Mapping[str, np.ndarray]) -> DenoiseSteps[ActionChunk]:
+        self.observe(obs)
+        return (yield from self.infer_gen())
 
     def control_step(self, obs: Mapping[str, np.ndarray]) -> np.ndarray:
         """One control step: record obs, infer only if no action is queued, return this step's action."""

@@ -13,7 +13,7 @@ streaming ladder (a level per position). Randomness comes only from the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Generator, Sequence, TypeVar
 
 import numpy as np
 
@@ -22,6 +22,7 @@ from dpstack.core.schedule import NoiseSchedule
 Denoise = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 CLEAN = -1  # the schedule's level for a clean sample
+T = TypeVar("T")
 
 
 def _as_levels(t: int | np.ndarray, batch: int, horizon: int) -> np.ndarray:
@@ -34,9 +35,34 @@ def _as_cond(cond: np.ndarray) -> np.ndarray:
     return cond[None] if cond.ndim == 1 else cond
 
 
-def predict_noise(denoise: Denoise, x: np.ndarray, cond: np.ndarray, t: np.ndarray) -> np.ndarray:
+@dataclass
+class DenoiseRequest:
+    """One denoiser evaluation a sampler is waiting for (batch first, as `Denoise` takes them)."""
+
+    x: np.ndarray      # (B, Tp, A) float32
+    t: np.ndarray      # (B, Tp) int64
+    cond: np.ndarray   # (B, C) float32
+
+
+# A resumable sampler computation: it yields each DenoiseRequest, takes the eps back
+# through send() and returns its result. Functions ending in `_gen` are such steps.
+DenoiseSteps = Generator[DenoiseRequest, np.ndarray, T]
+
+
+def drive(steps: DenoiseSteps[T], denoise: Denoise) -> T:
+    """Run a resumable computation to its end, answering each request with one denoiser call
+    (the batch-of-one path; the server answers many computations' requests in one call)."""
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(denoise(request.x, request.t, request.cond))
+    except StopIteration as done:
+        return done.value
+
+
+def predict_noise_gen(x: np.ndarray, cond: np.ndarray, t: np.ndarray) -> DenoiseSteps[np.ndarray]:
     """One denoiser evaluation: the noise it sees in x at levels t (B, Tp)."""
-    eps = np.asarray(denoise(x.astype(np.float32), t, cond), dtype=np.float32)
+    eps = np.asarray((yield DenoiseRequest(x.astype(np.float32), t, cond)), dtype=np.float32)
     if eps.shape != x.shape:
         raise ValueError(f"denoiser returned shape {eps.shape}, expected {x.shape}")
     return eps
@@ -53,9 +79,9 @@ def step_from_noise(schedule: NoiseSchedule, x: np.ndarray, eps: np.ndarray, t: 
     return schedule.ddim_step(x, eps, t, t_next)
 
 
-def denoise_step(denoise: Denoise, x: np.ndarray, cond: np.ndarray, schedule: NoiseSchedule,
-                 t: int | np.ndarray, t_next: int | np.ndarray, rng: np.random.Generator | None,
-                 method: str = "ddpm") -> np.ndarray:
+def denoise_step_gen(x: np.ndarray, cond: np.ndarray, schedule: NoiseSchedule, t: int | np.ndarray,
+                     t_next: int | np.ndarray, rng: np.random.Generator | None,
+                     method: str = "ddpm") -> DenoiseSteps[np.ndarray]:
     """One denoiser evaluation taking x from level t to the lower level t_next (per position).
 
     Positions with t == t_next are left untouched (their eps is ignored).
@@ -66,12 +92,12 @@ def denoise_step(denoise: Denoise, x: np.ndarray, cond: np.ndarray, schedule: No
     t = _as_levels(t, b, tp)
     t_next = _as_levels(t_next, b, tp)
     schedule.check_descent(t, t_next)
-    return step_from_noise(schedule, x, predict_noise(denoise, x, cond, t), t, t_next, rng, method)
+    eps = yield from predict_noise_gen(x, cond, t)
+    return step_from_noise(schedule, x, eps, t, t_next, rng, method)
 
 
-def denoise_along(denoise: Denoise, x: np.ndarray, cond: np.ndarray, schedule: NoiseSchedule,
-                  levels: Sequence[int | np.ndarray], rng: np.random.Generator | None,
-                  method: str = "ddpm") -> np.ndarray:
+def denoise_along_gen(x: np.ndarray, cond: np.ndarray, schedule: NoiseSchedule, levels: Sequence[int | np.ndarray],
+                      rng: np.random.Generator | None, method: str = "ddpm") -> DenoiseSteps[np.ndarray]:
     """Take x, currently at levels[0], down through levels[1:] and then to clean.
 
     One denoiser evaluation per entry of `levels`; each entry is a scalar or a
@@ -80,12 +106,12 @@ def denoise_along(denoise: Denoise, x: np.ndarray, cond: np.ndarray, schedule: N
     cond = _as_cond(cond)
     for i, t in enumerate(levels):
         t_next = levels[i + 1] if i + 1 < len(levels) else CLEAN
-        x = denoise_step(denoise, x, cond, schedule, t, t_next, rng, method)
+        x = yield from denoise_step_gen(x, cond, schedule, t, t_next, rng, method)
     return x
 
 
-def sample_full(denoise: Denoise, cond: np.ndarray, schedule: NoiseSchedule, levels: Sequence[int],
-                shape: tuple[int, int, int], rng: np.random.Generator, method: str = "ddpm") -> np.ndarray:
+def sample_full_gen(cond: np.ndarray, schedule: NoiseSchedule, levels: Sequence[int], shape: tuple[int, int, int],
+                    rng: np.random.Generator, method: str = "ddpm") -> DenoiseSteps[np.ndarray]:
     """Full denoise of a chunk from Gaussian noise: (B, Tp, A) clean normalised actions.
 
     `levels` is the descending list of levels visited (schedule.inference_levels(k));
@@ -95,7 +121,29 @@ def sample_full(denoise: Denoise, cond: np.ndarray, schedule: NoiseSchedule, lev
     if any(a <= b for a, b in zip(levels, levels[1:])) or not levels or levels[-1] < 0:
         raise ValueError(f"levels must be a non-empty strictly descending list of levels >= 0, got {levels}")
     x = rng.standard_normal(shape).astype(np.float32)
-    return denoise_along(denoise, x, cond, schedule, levels, rng, method)
+    return (yield from denoise_along_gen(x, cond, schedule, levels, rng, method))
+
+
+def sample_full(denoise: Denoise, cond: np.ndarray, schedule: NoiseSchedule, levels: Sequence[int],
+                shape: tuple[int, int, int], rng: np.random.Generator, method: str = "ddpm") -> np.ndarray:
+    """sample_full_gen driven by `denoise`, one call per level."""
+    return drive(sample_full_gen(cond, schedule, levels, shape, rng, method), denoise)
+
+
+def denoise_requests(denoise: Denoise, requests: Sequence[DenoiseRequest], max_batch: int = 0) -> list[np.ndarray]:
+    """Answer several requests with as few denoiser calls as the network takes (max_batch
+    rows per call; 0: any), concatenated along the batch; the eps of each request, in order."""
+    out: list[np.ndarray] = []
+    per_call = max_batch or len(requests)
+    for i in range(0, len(requests), per_call):
+        part = requests[i:i + per_call]
+        if len(part) == 1:
+            out.append(denoise(part[0].x, part[0].t, part[0].cond))
+            continue
+        eps = denoise(np.concatenate([r.x for r in part]), np.concatenate([r.t for r in part]),
+                      np.concatenate([r.cond for r in part]))
+        out.extend(np.split(np.asarray(eps), np.cumsum([len(r.x) for r in part])[:-1]))
+    return out
 
 
 # -- per-control-step samplers ---------------------------------------------------------
@@ -154,6 +202,11 @@ class Sampler:
 
     def step(self, cond: np.ndarray, elapsed: int | None = None) -> SamplerStep:
         """One call. `elapsed`: control steps since the previous call (None: actions_per_call)."""
+        return drive(self.step_gen(cond, elapsed), self.denoise)
+
+    def step_gen(self, cond: np.ndarray, elapsed: int | None = None) -> DenoiseSteps[SamplerStep]:
+        """`step` as a resumable computation: yields its denoiser requests (a server batches
+        them with other robots'), updates the sampler's state as it goes."""
         raise NotImplementedError
 
     def _executed(self, traj: np.ndarray, n: int, nfe: int) -> SamplerStep:
@@ -174,8 +227,8 @@ class FullSampler(Sampler):
         self.name = f"{method}-{num_steps}"
         self.actions_per_call = n_action_steps
 
-    def step(self, cond: np.ndarray, elapsed: int | None = None) -> SamplerStep:
-        traj = sample_full(self.denoise, cond, self.schedule, self.levels, self.geometry.shape, self.rng, self.method)[0]
+    def step_gen(self, cond: np.ndarray, elapsed: int | None = None) -> DenoiseSteps[SamplerStep]:
+        traj = (yield from sample_full_gen(cond, self.schedule, self.levels, self.geometry.shape, self.rng, self.method))[0]
         return self._executed(traj, self.actions_per_call, len(self.levels))
 
 
@@ -255,16 +308,16 @@ class RTISampler(Sampler):
         super().reset(seed)
         self.guess = None
 
-    def step(self, cond: np.ndarray, elapsed: int | None = None) -> SamplerStep:
+    def step_gen(self, cond: np.ndarray, elapsed: int | None = None) -> DenoiseSteps[SamplerStep]:
         if self.guess is None:
-            traj = sample_full(self.denoise, cond, self.schedule, self.full_levels, self.geometry.shape, self.rng, "ddpm")[0]
+            traj = (yield from sample_full_gen(cond, self.schedule, self.full_levels, self.geometry.shape, self.rng, "ddpm"))[0]
             nfe = len(self.full_levels)
         else:
             x = shift_chunk(self.guess, self.actions_per_call if elapsed is None else elapsed)[None]
             if self.renoise:
                 clean, start = _as_levels(CLEAN, 1, x.shape[1]), _as_levels(self.refine_levels[0], 1, x.shape[1])
                 x = self.schedule.renoise(x, self.rng.standard_normal(x.shape).astype(np.float32), clean, start)
-            traj = denoise_along(self.denoise, x, cond, self.schedule, self.refine_levels, self.rng, "ddpm")[0]
+            traj = (yield from denoise_along_gen(x, cond, self.schedule, self.refine_levels, self.rng, "ddpm"))[0]
             nfe = len(self.refine_levels)
         if self.gripper_mode == "clip" and self.gripper_dims:
             g = list(self.gripper_dims)
@@ -332,27 +385,27 @@ class StreamingSampler(Sampler):
         self.buffer = None
         self.buffer_levels = None
 
-    def start(self, cond: np.ndarray) -> int:
+    def start_gen(self, cond: np.ndarray) -> DenoiseSteps[int]:
         """Fill the buffer for a new episode; returns the evaluations spent."""
-        clean = sample_full(self.denoise, cond, self.schedule, self.startup_levels, self.geometry.shape, self.rng,
-                            self.startup_method)[0]
+        clean = (yield from sample_full_gen(cond, self.schedule, self.startup_levels, self.geometry.shape, self.rng,
+                                            self.startup_method))[0]
         noise = self.rng.standard_normal(clean.shape).astype(np.float32)
         self.buffer = self.schedule.add_noise(clean, noise, self.ladder)
         self.buffer_levels = self.ladder.copy()
         return len(self.startup_levels)
 
-    def step(self, cond: np.ndarray, elapsed: int | None = None) -> SamplerStep:
+    def step_gen(self, cond: np.ndarray, elapsed: int | None = None) -> DenoiseSteps[SamplerStep]:
         # The ladder moves one chunk per call (`elapsed` is not used): a late call's
         # buffer is a step behind, which the next observation corrects.
-        nfe = self.start(cond) if self.buffer is None else 0
+        nfe = (yield from self.start_gen(cond)) if self.buffer is None else 0
         x = self.buffer[None]
         cond = _as_cond(cond)
         for e in range(self.evals_per_step - 1):
-            x = denoise_step(self.denoise, x, cond, self.schedule, self.eval_levels[e], self.eval_levels[e + 1], self.rng, "ddpm")
+            x = yield from denoise_step_gen(x, cond, self.schedule, self.eval_levels[e], self.eval_levels[e + 1], self.rng, "ddpm")
         # The last evaluation also yields the clean sample its noise prediction implies
         # for every still-noisy position: that estimate is the look-ahead.
         t, t_next = self.eval_levels[-2][None], self.eval_levels[-1][None]
-        eps = predict_noise(self.denoise, x, cond, t)
+        eps = yield from predict_noise_gen(x, cond, t)
         estimate = self.schedule.ddim_step(x, eps, t, np.full_like(t, CLEAN))[0]
         x = step_from_noise(self.schedule, x, eps, t, t_next, self.rng, "ddpm")
         nfe += self.evals_per_step

@@ -29,6 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats-interval", type=float, default=30.0, help="log server metrics every this many seconds")
     p.add_argument("--max-sessions", type=int, default=32, help="robots served at once (default %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    p.add_argument("--scheduling", choices=("batched", "serial"), default="batched",
+                   help="batched: one denoiser call per round for every robot, round robin per connection; "
+                        "serial: one robot's whole chunk at a time, in arrival order (default: %(default)s)")
+    p.add_argument("--batch-window-ms", type=float, default=0.0,
+                   help="batched: wait this long for more robots before each round's denoiser call (default: 0, "
+                        "run with what is waiting when the previous call ends)")
     p.add_argument("--providers", default="", help="comma-separated onnxruntime providers (default: TensorRT>CUDA>CPU)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (every module, not only sessions and stats)")
     realtime.add_arguments(p)
@@ -82,11 +88,12 @@ def run(args: argparse.Namespace) -> int:
         except (auth.KeyFileError, ValueError) as e:
             print(f"dpstack serve: {e}", file=sys.stderr)
             return 2
-    config = ServerConfig(bind=args.bind, insecure=args.insecure, session_timeout_s=args.session_timeout,
-                          stats_interval_s=args.stats_interval, max_sessions=args.max_sessions, security=security)
     try:
+        config = ServerConfig(bind=args.bind, insecure=args.insecure, session_timeout_s=args.session_timeout,
+                              stats_interval_s=args.stats_interval, max_sessions=args.max_sessions, security=security,
+                              scheduling=args.scheduling, batch_window_ms=args.batch_window_ms)
         server = PolicyServer(factory, spec, info, config)
-    except (InsecureBind, EndpointError) as e:
+    except (InsecureBind, EndpointError, ValueError) as e:
         print(f"dpstack serve: {e}", file=sys.stderr)
         return 2
     try:

@@ -6,9 +6,17 @@ owns its own policy state (observation history, sampler state, RNG) made by the
 server keeps serving everyone else. Sessions idle longer than the timeout are
 dropped (the robot then gets NO_SESSION and says Hello again).
 
-The server is single-threaded: it drains every waiting message, then handles
-them in arrival order, so "queueing ms" (receive -> start of compute) shows how
-long a robot waited behind the others.
+The server is single-threaded. Two schedulings (ServerConfig.scheduling):
+- "batched" (default): messages wait in a queue per connection. Each round gives
+  every connection in turn a bounded share of its messages, then runs ONE denoiser
+  call for every robot whose chunk is being computed (one evaluation each), so a
+  start-up full denoise advances one evaluation per round beside the other robots'
+  control steps instead of ahead of them. A robot waits at most one round for its
+  computation to start, and a flood from one connection fills only its own queue
+  (the oldest of its messages are dropped).
+- "serial": today's one-at-a-time order: drain every waiting message and handle
+  them in arrival order, each robot's chunk computed whole.
+"Queueing ms" (receive -> start of compute) shows how long a robot waited behind the others.
 """
 from __future__ import annotations
 
@@ -30,11 +38,13 @@ from dpstack.runtime.protocol import (DEFAULT_LIMITS, ActionReply, Bye, Error, E
                               Hello, HelloAck, Limits, Message, Observation, PolicyInfo, ProtocolError, Reset,
                               ResetAck, Stats, StatsRequest, check_arrays, decode, encode)
 from dpstack.core.spec import RobotSpec, SpecMismatch
-from dpstack.core.stats import summarize_ms
+from dpstack.core.stats import summarize, summarize_ms
+from dpstack.runtime.samplers import DenoiseRequest, DenoiseSteps, denoise_requests
 
 log = logging.getLogger(__name__)
 
 CLIENT_MESSAGES = (Hello, Observation, Reset, Heartbeat, Bye, StatsRequest)
+SCHEDULINGS = ("batched", "serial")
 
 
 class PolicySession(Protocol):
@@ -49,6 +59,11 @@ class PolicySession(Protocol):
     def reset(self, seed: int | None = None) -> None: ...
 
     def act(self, obs: dict[str, np.ndarray]) -> Any: ...
+
+    # Optional, for batched scheduling (PolicyRunner has them): `act_gen(obs)`, act as a
+    # generator yielding samplers.DenoiseRequest and taking eps back; `denoise`, the
+    # callable that answers them (sessions sharing it are batched together); `max_batch`,
+    # rows per call (0: any). A session without act_gen is computed whole with act().
 
 
 @dataclass(frozen=True)
@@ -94,6 +109,16 @@ class ServerConfig:
     # guard); messages between limits.max_message_bytes and this get an Error.
     hard_frame_bytes: int = 4 * DEFAULT_LIMITS.max_message_bytes
     security: SocketSecurity | None = None
+    scheduling: str = "batched"       # or "serial" (see the module docstring)
+    batch_window_ms: float = 0.0      # batched: wait this long for more robots before a round's denoiser call
+    messages_per_round: int = 8       # batched: messages one connection gets handled per round
+    inbox_limit: int = 1000           # batched: messages queued per connection (as ZeroMQ's own receive queue); beyond, its oldest are dropped
+
+    def __post_init__(self) -> None:
+        if self.scheduling not in SCHEDULINGS:
+            raise ValueError(f"scheduling must be one of {list(SCHEDULINGS)}, got {self.scheduling!r}")
+        if self.batch_window_ms < 0:
+            raise ValueError(f"batch window must be >= 0 ms, got {self.batch_window_ms}")
 
 
 @dataclass
@@ -109,6 +134,19 @@ class Session:
     n_observations: int = 0
 
 
+@dataclass
+class _Work:
+    """A chunk being computed under batched scheduling, one denoiser request at a time."""
+
+    session: Session
+    envelope: list[bytes]
+    msg: Observation
+    t_recv: float
+    t_start: float
+    steps: DenoiseSteps
+    request: DenoiseRequest | None = None
+
+
 class Metrics:
     """Counters and recent timings; `summary()` is plain data (msgpack/JSON-able)."""
 
@@ -119,14 +157,17 @@ class Metrics:
         self.sessions: collections.Counter[str] = collections.Counter()
         self.compute_ms: collections.deque[float] = collections.deque(maxlen=window)
         self.queue_ms: collections.deque[float] = collections.deque(maxlen=window)
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=window)  # rows of each denoiser call
         self.n_chunks = 0
         self.n_history = 0
+        self.n_dropped = 0   # batched: messages dropped from a full connection queue
 
     def summary(self, active_sessions: int) -> dict[str, Any]:
         return {"uptime_s": time.time() - self.started, "chunks": self.n_chunks, "history_only": self.n_history,
                 "active_sessions": active_sessions, "sessions": dict(self.sessions),
-                "messages": dict(self.messages), "errors": dict(self.errors),
-                "compute": summarize_ms(self.compute_ms), "queue": summarize_ms(self.queue_ms)}
+                "messages": dict(self.messages), "errors": dict(self.errors), "dropped": self.n_dropped,
+                "compute": summarize_ms(self.compute_ms), "queue": summarize_ms(self.queue_ms),
+                "batch": summarize(self.batch_sizes)}
 
 
 class PolicyServer:
@@ -154,6 +195,8 @@ class PolicyServer:
         self._dt = 1.0 / policy_spec.control_hz
         self._last_sweep = time.perf_counter()
         self._last_log = time.perf_counter()
+        self._inbox: dict[bytes, collections.deque] = {}   # batched: waiting messages per connection, in turn order
+        self._work: dict[bytes, _Work] = {}                 # batched: chunks in computation per connection
 
     # ------------------------------------------------------------------ loop
     def serve(self, should_stop: Callable[[], bool], poll_ms: int = 100) -> None:
@@ -166,7 +209,102 @@ class PolicyServer:
             self.process(poll_ms)
 
     def process(self, timeout_ms: int = 100, max_batch: int = 1000) -> int:
-        """Wait up to `timeout_ms` for traffic, handle all of it; return messages handled."""
+        """Wait up to `timeout_ms` for traffic (not at all while work waits), handle it; return
+        messages received. Batched: one round (see the module docstring)."""
+        if self.config.scheduling == "serial":
+            return self._process_serial(timeout_ms, max_batch)
+        n = self._receive(0 if self._work or self._inbox else timeout_ms, max_batch)
+        self._admit()
+        if self.config.batch_window_ms > 0 and self._work:
+            deadline = time.perf_counter() + self.config.batch_window_ms / 1e3
+            while (left_ms := (deadline - time.perf_counter()) * 1e3) > 0:
+                n += self._receive(max(1, int(left_ms)), max_batch)
+            self._admit()
+        self._round()
+        self._housekeeping()
+        return n
+
+    def _receive(self, timeout_ms: int, max_n: int) -> int:
+        """Queue what arrives per connection; a full queue drops its own oldest message."""
+        n = 0
+        if self._socket.poll(timeout_ms, zmq.POLLIN):
+            while n < max_n:
+                try:
+                    frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                n += 1
+                queue = self._inbox.setdefault(frames[0].bytes, collections.deque())
+                queue.append((time.perf_counter(), frames))
+                if len(queue) > self.config.inbox_limit:
+                    queue.popleft()
+                    self.metrics.n_dropped += 1
+        return n
+
+    def _admit(self) -> None:
+        """Round robin: each connection with no chunk in computation gets up to
+        messages_per_round of its messages handled, then goes to the back of the turn order."""
+        for identity in list(self._inbox):
+            queue = self._inbox.pop(identity)
+            for _ in range(self.config.messages_per_round):
+                if not queue or identity in self._work:
+                    break
+                self._handle(*queue.popleft())
+            if queue:
+                self._inbox[identity] = queue
+
+    def _round(self) -> None:
+        """One denoiser call per shared denoiser for every chunk in computation, then advance them."""
+        groups: dict[Any, list[_Work]] = {}
+        for work in self._work.values():
+            groups.setdefault(work.session.policy.denoise, []).append(work)
+        for denoise, works in groups.items():
+            max_batch = int(getattr(works[0].session.policy, "max_batch", 0) or 0)
+            requests = [w.request for w in works]
+            try:
+                answers: list = denoise_requests(denoise, requests, max_batch)
+                per_call = max_batch or len(requests)
+                self.metrics.batch_sizes.extend(min(per_call, len(requests) - i) for i in range(0, len(requests), per_call))
+            except Exception:  # one bad request must not fail the others: answer each alone
+                answers = [self._answer_alone(denoise, r) for r in requests]
+            for work, eps in zip(works, answers):
+                self._continue(work, eps)
+
+    def _answer_alone(self, denoise: Any, request: DenoiseRequest) -> np.ndarray | Exception:
+        try:
+            eps = denoise(request.x, request.t, request.cond)
+            self.metrics.batch_sizes.append(1)
+            return eps
+        except Exception as e:
+            return e
+
+    def _continue(self, work: _Work, eps: np.ndarray | Exception) -> None:
+        """Give a chunk in computation its eps; reply once its sampler is done."""
+        session = work.session
+        try:
+            if isinstance(eps, Exception):
+                raise eps
+            done, result = self._advance(work, eps)
+            if not done:
+                return
+            reply = self._chunk_reply(session, work.msg, result, work.t_recv, work.t_start)
+        except ProtocolError as e:
+            reply = self._error(e, work.msg.seq)
+        except Exception as e:
+            reply = self._error(self._policy_failed(e, session, work.msg), work.msg.seq)
+        self._work.pop(session.identity, None)
+        self._send(work.envelope, reply)
+
+    @staticmethod
+    def _advance(work: _Work, eps: np.ndarray | None) -> tuple[bool, Any]:
+        """Run the chunk's computation to its next denoiser request: (done, its result)."""
+        try:
+            work.request = work.steps.send(eps)
+            return False, None
+        except StopIteration as done:
+            return True, done.value
+
+    def _process_serial(self, timeout_ms: int, max_batch: int) -> int:
         batch = []
         if self._socket.poll(timeout_ms, zmq.POLLIN):
             while len(batch) < max_batch:
@@ -211,16 +349,25 @@ class PolicyServer:
             msg = decode(body, self.config.limits, accept=CLIENT_MESSAGES)
             self.metrics.messages[msg.TYPE] += 1
             seq = getattr(msg, "seq", None)
-            reply = self._dispatch(envelope[0], msg, t_recv)
-        except ProtocolError as e:
-            self.metrics.errors[e.code.value] += 1
-            reply = Error.from_exception(e, seq)
+            reply = self._dispatch(envelope, msg, t_recv)
         except Exception as e:  # a bug or a failing policy must not stop the others' service
-            log.exception("internal error handling a message")
-            self.metrics.errors[ErrorCode.INTERNAL.value] += 1
-            reply = Error(ErrorCode.INTERNAL.value, f"{type(e).__name__}: {e}"[:500], seq)
+            reply = self._error(e, seq)
         if reply is not None:
             self._send(envelope, reply)
+
+    def _error(self, e: Exception, seq: int | None) -> Error:
+        """The Error reply for a failure, counted by its code (anything not a ProtocolError is `internal`)."""
+        if isinstance(e, ProtocolError):
+            self.metrics.errors[e.code.value] += 1
+            return Error.from_exception(e, seq)
+        log.exception("internal error handling a message", exc_info=e)
+        self.metrics.errors[ErrorCode.INTERNAL.value] += 1
+        return Error(ErrorCode.INTERNAL.value, f"{type(e).__name__}: {e}"[:500], seq)
+
+    @staticmethod
+    def _policy_failed(e: Exception, session: Session, msg: Observation) -> ProtocolError:
+        log.error("policy failed on observation %d of robot %r", msg.seq, session.robot_id, exc_info=e)
+        return ProtocolError(ErrorCode.POLICY_ERROR, f"{type(e).__name__}: {e}"[:500])
 
     def _send(self, envelope: list[bytes], msg: Message) -> None:
         try:
@@ -229,7 +376,8 @@ class PolicyServer:
         except zmq.ZMQError as e:
             log.debug("reply not sent: %s", e)
 
-    def _dispatch(self, identity: bytes, msg: Message, t_recv: float) -> Message | None:
+    def _dispatch(self, envelope: list[bytes], msg: Message, t_recv: float) -> Message | None:
+        identity = envelope[0]
         if isinstance(msg, Hello):
             return self._hello(identity, msg)
         if isinstance(msg, StatsRequest):
@@ -241,7 +389,7 @@ class PolicyServer:
             raise ProtocolError(ErrorCode.NO_SESSION, "no open session for this peer (new, timed out or server restarted): send hello")
         session.last_seen = time.perf_counter()
         if isinstance(msg, Observation):
-            return self._observe(session, msg, t_recv)
+            return self._observe(session, envelope, msg, t_recv)
         if isinstance(msg, Reset):
             try:
                 session.policy.reset(msg.seed)
@@ -280,7 +428,7 @@ class PolicyServer:
         log.info("session %s opened for robot %r", session.session_id[:8], msg.robot_id)
         return HelloAck(session.session_id, self.info)
 
-    def _observe(self, session: Session, msg: Observation, t_recv: float) -> Message | None:
+    def _observe(self, session: Session, envelope: list[bytes], msg: Observation, t_recv: float) -> Message | None:
         if msg.seq <= session.last_seq:
             raise ProtocolError(ErrorCode.OUT_OF_ORDER, f"observation seq {msg.seq} not after {session.last_seq}")
         check_arrays(msg.arrays, session.spec.observations)
@@ -294,10 +442,21 @@ class PolicyServer:
                     observe(obs)
                 self.metrics.n_history += 1
                 return None
-            result = session.policy.act(obs)
+            act_gen = getattr(session.policy, "act_gen", None) if self.config.scheduling == "batched" else None
+            if act_gen is None:
+                result = session.policy.act(obs)
+            else:  # computed over the next rounds, one denoiser evaluation each
+                work = _Work(session, envelope, msg, t_recv, t0, act_gen(obs))
+                done, result = self._advance(work, None)
+                if not done:
+                    self._work[session.identity] = work
+                    return None
         except Exception as e:
-            log.exception("policy failed on observation %d of robot %r", msg.seq, session.robot_id)
-            raise ProtocolError(ErrorCode.POLICY_ERROR, f"{type(e).__name__}: {e}"[:500]) from None
+            raise self._policy_failed(e, session, msg) from None
+        return self._chunk_reply(session, msg, result, t_recv, t0)
+
+    def _chunk_reply(self, session: Session, msg: Observation, result: Any, t_recv: float, t0: float) -> ActionReply:
+        """The reply for a computed chunk (checked), with its compute and queueing times counted."""
         t1 = time.perf_counter()
         actions = np.asarray(getattr(result, "actions", result), dtype=np.float32)
         if actions.ndim != 2 or actions.shape[0] == 0 or actions.shape[1:] != self.policy_spec.action.shape \
@@ -322,6 +481,7 @@ class PolicyServer:
 
     def _drop(self, session: Session, why: str) -> None:
         self.sessions.pop(session.identity, None)
+        self._work.pop(session.identity, None)
         self.metrics.sessions["closed_" + why.split()[0]] += 1
         log.info("session %s of robot %r closed: %s", session.session_id[:8], session.robot_id, why)
 

@@ -93,8 +93,8 @@ def test_rti_replans_every_step_and_shifts_by_the_steps_that_ran(pkg_dir):
     p = load_package(pkg_dir)
     runner = PolicyRunner(p, "rti")
     seen = []
-    step = runner.sampler.step
-    runner.sampler.step = lambda cond, elapsed=None: seen.append(elapsed) or step(cond, elapsed)
+    step_gen = runner.sampler.step_gen
+    runner.sampler.step_gen = lambda cond, elapsed=None: seen.append(elapsed) or step_gen(cond, elapsed)
     for i in range(3):
         runner.control_step(obs(i))  # one inference per control step, though each chunk has look-ahead
     chunk = runner.last_chunk

@@ -17,12 +17,16 @@ Summary = dict[str, float | None]  # "n" is an int
 def summarize_ms(values: Iterable[float], scale: float = 1.0) -> Summary:
     """n, mean, p50, p99 and max of `values` times `scale`, in milliseconds
     (`scale=1e3` for values in seconds)."""
+    return {k if k == "n" else f"{k}_ms": v for k, v in summarize(values, scale).items()}
+
+
+def summarize(values: Iterable[float], scale: float = 1.0) -> Summary:
+    """n, mean, p50, p99 and max of `values` times `scale` (counts, sizes: anything not a time)."""
     a = np.fromiter(values, dtype=np.float64) * scale
     if a.size == 0:
-        return {"n": 0, "mean_ms": None, "p50_ms": None, "p99_ms": None, "max_ms": None}
+        return {"n": 0, "mean": None, "p50": None, "p99": None, "max": None}
     p50, p99 = np.percentile(a, [50, 99])
-    return {"n": int(a.size), "mean_ms": float(a.mean()), "p50_ms": float(p50), "p99_ms": float(p99),
-            "max_ms": float(a.max())}
+    return {"n": int(a.size), "mean": float(a.mean()), "p50": float(p50), "p99": float(p99), "max": float(a.max())}
 
 
 def format_ms(value: float | None, spec: str = ".2f") -> str:
