@@ -442,7 +442,8 @@ class PolicyServer:
                     observe(obs)
                 self.metrics.n_history += 1
                 return None
-            act_gen = getattr(session.policy, "act_gen", None) if self.config.scheduling == "batched" else None
+            batched = self.config.scheduling == "batched" and getattr(session.policy, "denoise", None) is not None
+            act_gen = getattr(session.policy, "act_gen", None) if batched else None
             if act_gen is None:
                 result = session.policy.act(obs)
             else:  # computed over the next rounds, one denoiser evaluation each

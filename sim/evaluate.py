@@ -3,7 +3,8 @@
 For each sampler one `dpstack serve` subprocess serves the exported package on
 a free loopback port; the episodes are split into jobs, each run by one
 `dpstack sim` subprocess (a simulated arm speaking the runtime protocol), at
-most `workers` at a time. Every sampler sees the same episode seeds (a paired
+most `workers` at a time, one sampler's jobs together so that its server batches
+their denoiser calls (docs/runtime.md, Serving many robots). Every sampler sees the same episode seeds (a paired
 comparison), chosen from seeds the training data never used. The per-episode
 records are merged into DIR/results.json, DIR/results.md and a latency plot.
 """
@@ -118,12 +119,13 @@ class _Job:
 
 
 def split_jobs(samplers: Sequence[str], episodes: int, workers: int, video: int, raw_dir: Path) -> list[_Job]:
-    """Episodes of every sampler cut into about `workers` jobs each, interleaved so
-    all samplers progress together; the first job of a sampler records its videos."""
+    """Episodes of every sampler cut into about `workers` jobs each, one sampler's jobs
+    after another: the arms running at once share their sampler's server, which batches
+    them. The first job of a sampler records its videos."""
     per = max(1, -(-episodes // workers))
     jobs = []
-    for first in range(0, episodes, per):
-        for s in samplers:
+    for s in samplers:
+        for first in range(0, episodes, per):
             count = min(per, episodes - first)
             jobs.append(_Job(s, first, count, min(video, count) if first == 0 else 0,
                              raw_dir / _safe(s) / f"episodes_{first:04d}.json"))

@@ -85,6 +85,7 @@ def test_jobs_cover_every_episode_once_per_sampler(tmp_path: Path):
         assert sum(j.video for j in mine) == 2 and mine[0].first == 0 and mine[0].video == 2
     assert len({j.out for j in jobs}) == len(jobs)
     assert all("," not in j.out.parent.name for j in jobs)  # file names stay plain
+    assert {j.sampler for j in jobs[:3]} == {"ddpm"}  # the arms running at once share one (batched) server
 
 
 class _Outputs:
