@@ -3,6 +3,7 @@ robot, a start-up denoise interleaved with other robots' control steps."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import zmq
 
 from dpstack.core.schedule import NoiseSchedule
-from dpstack.runtime.package import DENOISER_FILE, batch_limit, load_package, make_session
+from dpstack.runtime.package import DENOISER_FILE, MANIFEST, batch_limit, load_package, make_session, sha256_file
 from dpstack.runtime.policy import PolicyRunner
 from dpstack.runtime.protocol import ActionReply, Hello, HelloAck, Observation, decode, encode
 from dpstack.runtime.samplers import SamplerConfig, TrainedRegimes, build_sampler, denoise_requests
@@ -92,14 +93,31 @@ def test_denoise_requests_respects_a_fixed_batch():
         np.testing.assert_array_equal(eps, nonlinear_denoiser(r.x, r.t, r.cond))
 
 
-def test_a_denoiser_exported_at_batch_one_is_called_one_row_at_a_time(tmp_path):
+def test_a_denoiser_exported_at_batch_one_is_served_one_row_at_a_time(tmp_path):
     pkg = write_tiny_package(tmp_path / "pkg")
     assert load_package(pkg).max_batch == 0   # dynamic batch axis
     model = onnx.load(pkg / DENOISER_FILE)
     for value in [*model.graph.input, *model.graph.output]:
         value.type.tensor_type.shape.dim[0].dim_value = 1
-    onnx.save(model, tmp_path / "fixed.onnx")
-    assert batch_limit(make_session(tmp_path / "fixed.onnx")) == 1
+    onnx.save(model, pkg / DENOISER_FILE)
+    manifest = json.loads((pkg / MANIFEST).read_text())
+    manifest["files"][DENOISER_FILE]["sha256"] = sha256_file(pkg / DENOISER_FILE)
+    (pkg / MANIFEST).write_text(json.dumps(manifest))
+    assert batch_limit(make_session(pkg / DENOISER_FILE)) == 1 and load_package(pkg).max_batch == 1
+
+    factory, spec, info = build_factory(str(pkg), "streaming", threads=1)
+    server = PolicyServer(factory, spec, info, ServerConfig(bind="tcp://127.0.0.1:*"))
+    try:
+        robots = [Robot(server.endpoint, f"r{i}", spec, seed=i) for i in range(2)]
+        for r in robots:
+            r.observe()
+        for r in robots:
+            reply, _ = until_reply(server, r)
+            assert isinstance(reply, ActionReply)
+        batch = server.stats()["batch"]
+        assert batch["max"] == 1 and batch["n"] >= 2 * 101   # both start-ups, one row per call
+    finally:
+        server.close()
 
 
 # -- the server, driven round by round -----------------------------------------------------
