@@ -45,8 +45,8 @@ ACTION_DEADLINE = 0.8     # a tick waits for a chunk until this fraction of its 
 START_TIMEOUT_S = 600.0   # server ready (package load + start-up measurement) and each robot's first chunk
 REPLY_TIMEOUT_S = 2.0     # a chunk unanswered this long: the robot's link reconnects (as PolicyClient's timeout)
 NOT_STARTED = "another robot failed to start"
-# The server's stats key for the batch sizes it ran: {size: number of batched calls}.
-BATCH_SIZES_KEY = "batch_sizes"
+# The server's stats key for the batch sizes it ran: a dpstack.core.stats summary over its denoiser calls.
+BATCH_KEY = "batch"
 
 
 class FleetError(RuntimeError):
@@ -74,7 +74,7 @@ class FleetRun:
     seconds: float
     serve_args: list[str]
     robot_results: list[RobotResult]
-    batch_sizes: dict[str, int] | None   # None: this server does not report them
+    batch: dict[str, Any] | None   # the server's batch-size summary; None: it does not report one
     server_restarts: int
     rss_mb: list[list[float | None]]     # [seconds since start, server VmRSS MB]
     intervals: list[dict[str, Any]] = field(default_factory=list)  # soak: one row per --sample-s
@@ -228,11 +228,9 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
-def batch_sizes(stats: dict[str, Any] | None) -> dict[str, int] | None:
-    sizes = (stats or {}).get(BATCH_SIZES_KEY)
-    if not isinstance(sizes, dict):
-        return None
-    return {str(k): int(v) for k, v in sorted(sizes.items(), key=lambda kv: int(kv[0]))}
+def batch_summary(stats: dict[str, Any] | None) -> dict[str, Any] | None:
+    batch = (stats or {}).get(BATCH_KEY)
+    return batch if isinstance(batch, dict) and batch.get("n") else None
 
 
 def run_fleet(package_dir: Path, model: str, sampler: str, robots: int, args: argparse.Namespace,
@@ -289,7 +287,7 @@ def run_fleet(package_dir: Path, model: str, sampler: str, robots: int, args: ar
         server.stop()
     stats = fleet[0].stats or {}
     run = FleetRun(model=model, sampler=sampler, scheduling=scheduling, robots=robots, hz=args.hz, seconds=args.seconds,
-                   serve_args=serve_args, robot_results=[r.result() for r in fleet], batch_sizes=batch_sizes(stats),
+                   serve_args=serve_args, robot_results=[r.result() for r in fleet], batch=batch_summary(stats),
                    server_restarts=restarts, rss_mb=rss, server_stats=stats)
     if args.soak:
         run.intervals = intervals(fleet, start, args.seconds, args.sample_s, rss)
@@ -313,20 +311,22 @@ def intervals(fleet: list[SimulatedRobot], start: float, seconds: float, every: 
 
 # -- reporting -----------------------------------------------------------------------------------------
 
-def format_batches(sizes: dict[str, int] | None) -> str:
-    return "-" if not sizes else " ".join(f"{k}:{v}" for k, v in sizes.items())
+def format_batches(batch: dict[str, Any] | None) -> str:
+    if not batch:
+        return "-"
+    return f"mean {batch['mean']:.2f}, p50 {batch['p50']:g}, max {batch['max']:g} ({batch['n']} calls)"
 
 
 def markdown_table(runs: list[FleetRun], context: str) -> str:
     lines = [f"# dpstack bench fleet\n\n{context}\n",
              "| model | sampler | robots | scheduling | held steps | ticks | worst chunk p99 ms | median chunk p50 ms | "
-             "server batch sizes (size:calls) | restarts |",
+             "server batch size | restarts |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         p50s = [x.chunk_latency["p50_ms"] for x in r.robot_results if x.chunk_latency["n"]]
         lines.append(f"| {r.model} | {r.sampler} | {r.robots} | {r.scheduling} | {r.held_steps} | "
                      f"{sum(x.ticks for x in r.robot_results)} | {format_ms(r.worst_p99_ms)} | "
-                     f"{format_ms(float(np.median(p50s)) if p50s else None)} | {format_batches(r.batch_sizes)} | "
+                     f"{format_ms(float(np.median(p50s)) if p50s else None)} | {format_batches(r.batch)} | "
                      f"{r.server_restarts} |")
     lines += ["", "| model | sampler | robots | scheduling | robot | ticks | held | chunks | p50 ms | p99 ms | reconnects |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -29,7 +29,7 @@ def test_two_robots_write_per_robot_figures_and_soak_intervals(tiny: Path, tmp_p
         assert 0 <= r["held_steps"] <= r["ticks"]
         assert r["chunks"] > 0 and r["chunk_latency"]["n"] == r["chunks"]
         assert r["chunk_latency"]["p50_ms"] <= r["chunk_latency"]["p99_ms"]
-    assert "batch_sizes" in run and run["server_restarts"] == 0
+    assert run["batch"]["n"] > 0 and run["batch"]["max"] <= 2 and run["server_restarts"] == 0
     assert run["rss_mb"] and all(mb > 10 for _, mb in run["rss_mb"])  # the server's memory, sampled
     assert [row["from_s"] for row in run["intervals"]] == [0, 1, 2]
     assert sum(row["held_steps"] for row in run["intervals"]) == sum(r["held_steps"] for r in run["robot_results"])
@@ -54,7 +54,9 @@ def test_serve_command_line_passes_scheduling_and_extra_options(tiny: Path) -> N
     assert "--scheduling" not in bench_fleet.serve_argv(tiny, "streaming", 2, "tcp://127.0.0.1:*", "default", [])
 
 
-def test_batch_sizes_read_from_the_server_stats() -> None:
-    assert bench_fleet.batch_sizes({"chunks": 3}) is None    # today's server: the table prints '-'
-    assert bench_fleet.batch_sizes({"batch_sizes": {4: 10, "1": 2}}) == {"1": 2, "4": 10}
+def test_batch_summary_read_from_the_server_stats() -> None:
+    assert bench_fleet.batch_summary({"chunks": 3}) is None    # a serial server: the table prints '-'
+    batch = {"n": 12, "mean": 3.5, "p50": 4.0, "p99": 4.0, "max": 4.0}
+    assert bench_fleet.batch_summary({"batch": batch}) == batch
+    assert bench_fleet.format_batches(batch) == "mean 3.50, p50 4, max 4 (12 calls)"
     assert bench_fleet.format_batches(None) == "-"
