@@ -59,7 +59,12 @@ class WandbTracker:
         self._run.log(_scalars(row), step=step)
 
     def close(self, failed: bool = False) -> None:
+        import wandb
+
         self._run.finish(exit_code=1 if failed else 0)
+        # W&B's service process otherwise outlives the run until this process exits, spinning
+        # a core: training is over, so nothing else here needs it.
+        wandb.teardown()
 
 
 class TensorBoardTracker:

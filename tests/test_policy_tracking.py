@@ -3,6 +3,7 @@ tracker's own files, and --resume continues the same run (its id lives in the ch
 W&B runs offline here; what it wrote is read back from its run directory. Both packages
 come with the dev extra, so `make test` runs these."""
 import glob
+import os
 import json
 import struct
 import sys
@@ -116,6 +117,23 @@ def test_wandb_offline_logs_the_metrics_and_resume_continues_the_same_run(toy, t
     ids, losses = _wandb_runs(out)
     assert ids == {run_id}
     assert losses == pytest.approx(_metrics(out)) and sorted(losses) == [2, 4]
+    assert not _wandb_services(), "W&B's service process outlived the training run"
+
+
+def _wandb_services() -> list[str]:
+    """wandb-core processes started for this process (they name its pid)."""
+    import time
+
+    time.sleep(0.5)  # teardown waits for the service; give the kernel a moment to reap it
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(c.endswith(b"wandb-core") for c in cmd) and str(os.getpid()).encode() in cmd:
+            found.append(proc.name)
+    return found
 
 
 def test_a_leg_without_tracking_keeps_the_saved_run_id(toy, tmp_path, wandb_offline):
