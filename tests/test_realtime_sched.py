@@ -97,6 +97,9 @@ def test_stall_probe_sees_the_loop_wait_behind_a_busy_process_on_its_core():
     got = _child(f"""
         import json, os, subprocess, sys, time
         from dpstack.runtime.realtime import RealtimeConfig, StallProbe, apply_realtime
+        # Ordinary time-sharing for this loop and its hog, whatever the parent runs at: a hog
+        # inheriting SCHED_FIFO would never let the loop run again on the shared core.
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
         apply_realtime(RealtimeConfig(cpus=({cpu},)))
         probe = StallProbe()
         def spin(s):
