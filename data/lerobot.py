@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -516,6 +517,21 @@ def _arrow_column(x: np.ndarray) -> Any:
     return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(x).reshape(-1)), x.shape[1])
 
 
+@contextmanager
+def _keep_scheduling() -> Iterator[None]:
+    """SVT-AV1 raises the calling thread to SCHED_FIFO wherever it may (as root), which every
+    thread and child started later would inherit; put the caller's policy back."""
+    if not hasattr(os, "sched_getscheduler"):
+        yield
+        return
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        yield
+    finally:
+        if os.sched_getscheduler(0) != policy:
+            os.sched_setscheduler(0, policy, param)
+
+
 class _VideoWriter:
     def __init__(self, path: Path, width: int, height: int, fps: float, codec: str, crf: int) -> None:
         import av
@@ -531,17 +547,19 @@ class _VideoWriter:
     def write(self, frames: np.ndarray) -> None:
         import av
 
-        for img in frames:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
-            frame.pts = self.frames
-            self.frames += 1
-            for packet in self._stream.encode(frame):
-                self._container.mux(packet)
+        with _keep_scheduling():
+            for img in frames:
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+                frame.pts = self.frames
+                self.frames += 1
+                for packet in self._stream.encode(frame):
+                    self._container.mux(packet)
 
     def close(self) -> None:
-        for packet in self._stream.encode():
-            self._container.mux(packet)
-        self._container.close()
+        with _keep_scheduling():
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+            self._container.close()
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dpstack.data.lerobot import _keep_scheduling  # the encoder raises the thread to SCHED_FIFO
+
 FPS = 10
 LENGTHS = (12, 7, 9)
 SIZE = 32
@@ -79,7 +81,7 @@ def _table(eps) -> pa.Table:
 def write_video(path: Path, frames: np.ndarray, codec: str) -> None:
     os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its config to stderr otherwise
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as c:
+    with _keep_scheduling(), av.open(str(path), "w") as c:
         s = c.add_stream(codec, rate=Fraction(FPS))
         s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         s.options = {"crf": "18", "g": "2"}

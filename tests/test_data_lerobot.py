@@ -1,5 +1,6 @@
 """LeRobotDataset import (v2.1, v3.0 written here to the published layout) and v3.0 export."""
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -136,7 +137,9 @@ def _dpstack_store(path, lengths=(9, 5, 11)):
 def test_round_trip_dpstack_lerobot_v3_dpstack(tmp_path, capsys):
     src = _dpstack_store(tmp_path / "src.zarr")
     out = tmp_path / "lift_lerobot"
+    policy = os.sched_getscheduler(0)
     assert main(["data", "export", str(tmp_path / "src.zarr"), "--format", "lerobot-v3", "--out", str(out)]) == 0
+    assert os.sched_getscheduler(0) == policy   # the AV1 encoder's SCHED_FIFO does not stay with us
     # the published v3.0 layout
     info = json.loads((out / "meta/info.json").read_text())
     assert info["codebase_version"] == "v3.0" and info["fps"] == 20.0 and info["total_frames"] == 25
