@@ -187,9 +187,10 @@ def test_a_start_up_denoise_does_not_hold_back_another_robots_control_step(tiny)
         calls.clear()
         reply, rounds = until_reply(server, a)
         assert isinstance(reply, ActionReply) and reply.nfe == 1
-        # a's evaluation rides in the same call as b's start-up step, in the round that first sees
-        # a's observation (a round may start before it crosses the loopback: then one more).
-        assert rounds <= 2 and calls[-1] == 2, (rounds, calls)
+        # a's evaluation rides in the same denoiser call as b's start-up step. (How many rounds
+        # that took is not asserted: a round can pass while the observation or the reply is
+        # still crossing the loopback.)
+        assert 2 in calls and max(calls) == 2, (rounds, calls)
         assert not [m for m in b.replies() if isinstance(m, ActionReply)]   # b is still starting up
         batch = server.stats()["batch"]
         assert batch["max"] == 2 and batch["n"] >= 102
