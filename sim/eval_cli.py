@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="onnxruntime threads per policy server, as `dpstack serve --threads` "
                              "(default: realtime, the cores the arms leave free; lockstep, 2)")
     parser.add_argument("--server-threads", dest="server_threads", type=int, help=argparse.SUPPRESS)  # the old spelling
+    parser.add_argument("--scheduling", choices=("batched", "serial"), default="batched",
+                        help="each server's `dpstack serve --scheduling`: batched runs the arms sharing a sampler "
+                             "in one denoiser call; serial one robot at a time (default %(default)s)")
     parser.add_argument("--no-pin", dest="pin", action="store_false",
                         help="realtime: do not give each arm a core of its own and the servers the rest "
                              "(pinning needs more cores than --workers)")
@@ -67,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = EvalConfig(policy_dir=args.policy_dir, out=args.out, task=args.task, episodes=args.episodes,
                          samplers=split_sampler_names(args.samplers), mode=args.mode, hz=args.hz, workers=args.workers,
                          video=args.video, seed_base=seed, max_steps=args.max_steps, server_threads=args.server_threads,
-                         pin=args.pin, rt_priority=args.rt_priority,
-                         witness=args.witness)
+                         pin=args.pin, rt_priority=args.rt_priority, witness=args.witness,
+                         serve_args=("--scheduling", args.scheduling))
     except ValueError as e:
         print(f"dpstack eval: {e}", file=sys.stderr)
         return 2

@@ -167,7 +167,7 @@ def scheduling_summary(cfg: EvalConfig, cpus: Sequence[int]) -> dict:
     plan = plan_cpus(cfg, cpus)
     return {"arm_cpus": [format_cpus(a.cpus) or "any" for a in plan.arms],
             "server_cpus": format_cpus(plan.server.cpus) or "any", "server_threads": server_threads(cfg, cpus),
-            "rt_priority": plan.server.priority}
+            "rt_priority": plan.server.priority, "serve_args": list(cfg.serve_args)}
 
 
 def server_threads(cfg: EvalConfig, cpus: Sequence[int]) -> int:

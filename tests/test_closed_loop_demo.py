@@ -229,3 +229,20 @@ def test_realtime_eval_pins_arm_and_server_and_checks_misses_against_a_witness(d
     assert all(w["wakeups"] > 200 * w["seconds"] > 0 for w in results["witness"])
     r = results["results"][0]
     assert 0 <= r["stall_misses"] <= r["deadline_misses"]
+
+
+def test_lockstep_eval_gives_the_same_episodes_with_serial_and_batched_servers(demo, tmp_path):
+    out, _ = demo
+    episodes = {}
+    for scheduling in ("serial", "batched"):
+        result = dpstack("eval", str(out / "policy"), "--task", "lift", "--episodes", "2", "--samplers", "ddim",
+                         "--workers", "2", "--max-steps", "12", "--scheduling", scheduling,
+                         "--out", str(tmp_path / scheduling), timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        results = json.loads((tmp_path / scheduling / "results.json").read_text())
+        assert results["scheduling"]["serve_args"] == ["--scheduling", scheduling]
+        raw = sorted((tmp_path / scheduling / "raw").rglob("episodes_*.json"))
+        episodes[scheduling] = [(e["seed"], e["success"], e["steps"], e["evaluations"])
+                                for path in raw for e in json.loads(path.read_text())["episodes"]]
+    assert len(episodes["serial"]) == 2
+    assert episodes["serial"] == episodes["batched"]
