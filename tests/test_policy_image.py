@@ -17,7 +17,7 @@ from dpstack.policy.nets.encoders import CropRandomizer
 from dpstack.policy.torch_callables import torch_callables
 from dpstack.runtime.package import MANIFEST, PackageError, SessionOptions, load_package, sha256_file
 from dpstack.runtime.policy import PolicyRunner
-from dpstack.runtime.verify import camera_frames
+from dpstack.runtime.verify import camera_frames, verify_onnx_only
 
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 HW = 64
@@ -96,6 +96,7 @@ def test_exported_encoder_takes_uint8_hwc_frames_at_the_cameras_size(package_dir
     assert inputs["obs_wrist_image"] == (onnx.TensorProto.UINT8, [HW, 72, 3])
     assert inputs["obs_eef_pos"] == (onnx.TensorProto.FLOAT, [3])
     assert manifest["export"]["parity_max_abs_error"]["encoder"] < 1e-4
+    assert max(verify_onnx_only(out)["self_consistency"].values()) < 1e-4  # `dpstack export --verify` without torch
 
 
 def test_package_encoder_matches_torch_on_camera_frames(package_dir):
