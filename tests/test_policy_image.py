@@ -177,3 +177,30 @@ def test_shipped_image_configs_build_the_cpu_encoder_with_dp_crop():
     resnet = make_model("resnet18").num_parameters()["encoder"]
     small = make_model("small").num_parameters()["encoder"]
     assert small < resnet
+
+
+def test_train_export_and_run_an_image_policy_end_to_end(tmp_path):
+    """The trainer with the crop in train mode, the checkpoint (new config fields), the export
+    of that checkpoint, and the runner fed uint8 frames as a robot sends them."""
+    from _policy_data import bimodal_dataset
+    from dpstack.policy.checkpoint import load_checkpoint
+    from dpstack.policy.export import export_checkpoint
+    from dpstack.policy.train import train
+    from dpstack.policy.train_outputs import CHECKPOINT_FILE
+
+    data = bimodal_dataset(tmp_path / "img.zarr", n_episodes=4, length=12, with_image=True)
+    cfg = load_config("lift_image_small", ["policy.obs_keys=[cam_image, pos]", "policy.image_keys=[cam_image]",
+                                           "policy.preset=test", "policy.image_width=8", "train.steps=2",
+                                           "train.batch_size=4", "train.warmup_steps=1", "train.log_every=1",
+                                           "train.eval_every=0"])
+    train(cfg, data, tmp_path / "run", progress=False)
+    model, _ = load_checkpoint(tmp_path / "run" / CHECKPOINT_FILE)
+    assert (model.config.image_encoder, model.config.image_crop) == ("small", 0.905)
+    pkg = load_package(export_checkpoint(tmp_path / "run" / CHECKPOINT_FILE, tmp_path / "pkg"))
+    runner = PolicyRunner(pkg, "streaming-1")
+    runner.reset(0)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        action = runner.control_step({"pos": rng.uniform(0, 0.3, 2).astype(np.float32),
+                                      "cam_image": camera_frames((64, 64, 3), (), rng)})
+        assert action.shape == (3,) and np.all(np.abs(action) <= 1)
