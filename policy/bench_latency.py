@@ -7,6 +7,11 @@ model/backend as the reference for the ratio targets. Models are built with rand
 weights from the policy code and exported to a temporary directory (or pass
 --package DIR to time an existing package with onnxruntime only, no torch).
 
+Image models (`*-image`: two 84x84 cameras + proprioception) are timed with the runner's
+feature cache on (a step encodes only the newest frame per camera) and off (the whole
+To-step window every inference); their reference is one encoder forward (one frame per
+camera) plus one denoiser forward, both timed after every control step.
+
 It lives in policy/ because it builds and drives torch models; the runtime
 itself never imports torch.
 """
@@ -32,6 +37,13 @@ MODELS = {"test": ("unet", "test"), "small": ("unet", "small"), "dp": ("unet", "
           "transformer": ("transformer", "dp"), "transformer-small": ("transformer", "small")}
 INT8 = "-int8"  # a model name with this suffix: the same model exported with int8 MatMul weights (policy/quantize.py)
 MODELS.update({name + INT8: MODELS[name] for name in ("dp", "transformer")})
+# image model name -> (model, preset, image fields of PolicyConfig)
+IMAGE_MODELS = {
+    "small-image": ("unet", "small", {"image_encoder": "small", "image_width": 32}),
+    "resnet-image": ("unet", "small", {"image_encoder": "resnet18", "image_width": 64}),
+    "test-image": ("unet", "test", {"image_encoder": "small", "image_width": 8, "image_keypoints": 4, "image_feature_dim": 8}),
+}
+MODELS.update({name: (kind, preset) for name, (kind, preset, _) in IMAGE_MODELS.items()})
 # backend name -> the onnxruntime execution provider it times
 GPU_BACKENDS = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 # Targets from the issue, checked on the ratios measured within one run.
@@ -96,6 +108,26 @@ def forward_timer(denoise: Callable, horizon: int, action_dim: int, cond_dim: in
     return once
 
 
+class ImageForward:
+    """Times one encoder forward on one observation (one frame per camera) and then one denoiser
+    forward; calling it returns their sum (ms) and keeps each part."""
+
+    def __init__(self, package, denoise_once: Callable[[], float], rng: np.random.Generator) -> None:
+        obs = observation_pool(package.spec, package.normalizer, package.obs_keys, rng, n=1)[0]
+        self.step = {k: (v if package.spec.obs(k).is_image else package.normalizer.normalize(k, v))[None]
+                     for k, v in obs.items()}
+        self.encode_step, self.denoise_once = package.encode_step, denoise_once
+        self.encoder_ms: list[float] = []
+        self.denoiser_ms: list[float] = []
+
+    def __call__(self) -> float:
+        s = time.perf_counter()
+        self.encode_step(self.step)
+        self.encoder_ms.append((time.perf_counter() - s) * 1e3)
+        self.denoiser_ms.append(self.denoise_once())
+        return self.encoder_ms[-1] + self.denoiser_ms[-1]
+
+
 def observation_pool(spec, normalizer, obs_keys, rng: np.random.Generator, n: int = 16) -> list[dict[str, np.ndarray]]:
     """`n` plausible observations in robot units, to cycle through: states uniform inside the
     normaliser's range, images random uint8."""
@@ -122,12 +154,13 @@ def gpu_backend_missing(backend: str) -> str | None:
     return missing_providers([GPU_BACKENDS[backend]], ort.get_available_providers())
 
 
-def time_sampler(package, sampler: str, steps: int, max_seconds: float, seed: int, forward: Callable[[], float]) -> dict[str, Any]:
+def time_sampler(package, sampler: str, steps: int, max_seconds: float, seed: int, forward: Callable[[], float],
+                 feature_cache: bool = True) -> dict[str, Any]:
     """Time `steps` control steps; after each, one bare denoiser forward, so the reference
     forward is measured in the same time window as the steps (fair ratios on a busy machine)."""
     from dpstack.runtime.policy import PolicyRunner
 
-    runner = PolicyRunner(package, sampler)
+    runner = PolicyRunner(package, sampler, feature_cache=feature_cache)
     runner.reset(seed)
     pool = observation_pool(package.spec, package.normalizer, package.obs_keys, np.random.default_rng(seed))
     s = time.perf_counter()
@@ -168,6 +201,16 @@ def bench_spec():
                      ActionSpec(shape=(7,), gripper_dims=(6,), low=(-1,) * 7, high=(1,) * 7))
 
 
+def bench_image_spec():
+    """Lift from two 84x84 cameras + robosuite Panda proprioception (the lift_image_small keys)."""
+    from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
+
+    return RobotSpec("lift", "Panda", 20.0,
+                     (ArraySpec("agentview_image", (84, 84, 3), "uint8"), ArraySpec("robot0_eye_in_hand_image", (84, 84, 3), "uint8"),
+                      ArraySpec("robot0_eef_pos", (3,)), ArraySpec("robot0_eef_quat", (4,)), ArraySpec("robot0_gripper_qpos", (2,))),
+                     ActionSpec(shape=(7,), gripper_dims=(6,), low=(-1,) * 7, high=(1,) * 7))
+
+
 def build_and_export(name: str, out: Path, seed: int):
     """A model with random weights, exported to `out`; returns the torch model (None for an
     int8 export, which has no torch twin to compare with)."""
@@ -180,12 +223,15 @@ def build_and_export(name: str, out: Path, seed: int):
 
     kind, preset = MODELS[name]
     torch.manual_seed(seed)
-    spec = bench_spec()
+    spec = bench_image_spec() if name in IMAGE_MODELS else bench_spec()
+    cameras = tuple(o.key for o in spec.observations if o.is_image)
     rng = np.random.default_rng(seed)
-    data = {o.key: rng.uniform(-1, 1, (256, *o.shape)) for o in spec.observations}
+    data = {o.key: rng.uniform(-1, 1, (256, *o.shape)) for o in spec.observations if not o.is_image}
+    data.update({k: np.zeros((1, 1, 1, 3), np.uint8) for k in cameras})
     data["action"] = np.concatenate([rng.uniform(-1, 1, (256, 6)), rng.choice([-1.0, 1.0], (256, 1))], axis=1)
-    config = PolicyConfig(model=kind, preset=preset)  # DP's horizons: Tp 16, To 2, Ta 8
-    model = DiffusionPolicyModel(config, spec, Normalizer.fit(data)).eval()
+    images = dict(obs_keys=spec.obs_keys, image_keys=cameras, image_crop=0.905, **IMAGE_MODELS[name][2]) if cameras else {}
+    config = PolicyConfig(model=kind, preset=preset, **images)  # DP's horizons: Tp 16, To 2, Ta 8
+    model = DiffusionPolicyModel(config, spec, Normalizer.fit(data, image_keys=cameras)).eval()
     weights = "int8" if name.endswith(INT8) else "fp32"
     export_model(model, out, {"dataset": {"fingerprint": "random-weights"}}, force=True, weights=weights)
     return model if weights == "fp32" else None
@@ -193,13 +239,24 @@ def build_and_export(name: str, out: Path, seed: int):
 
 def markdown_table(records: list[Record], targets: list[dict[str, Any]], context: str) -> str:
     lines = [f"# dpstack bench latency\n\n{context}\n",
-             "| model | sampler | backend | nfe/step | p50 ms | p99 ms | max ms | fwd p50 ms | fwd p99 ms | p99 / fwd p99 | steps |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | sampler | backend | nfe/step | p50 ms | p99 ms | max ms | fwd p50 ms | fwd p99 ms | p99 / fwd p99 | steps "
+             "| feature cache |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         steps = f"{r.step['n']}{' (capped)' if r.truncated else ''}"
+        cache = {True: "on", False: "off"}.get(r.extra.get("feature_cache"), "")
         lines.append(f"| {r.model} | {r.sampler} | {r.backend} | {r.nfe_per_step:.2f} | {r.step['p50_ms']:.2f} | "
                      f"{r.step['p99_ms']:.2f} | {r.step['max_ms']:.2f} | {r.forward['p50_ms']:.2f} | {r.forward['p99_ms']:.2f} | "
-                     f"{r.ratio_p99_to_forward_p99:.2f} | {steps} |")
+                     f"{r.ratio_p99_to_forward_p99:.2f} | {steps} | {cache} |")
+    image = [r for r in records if "encoder_forward" in r.extra]
+    if image:
+        lines += ["", "Image models: fwd = one encoder forward (one frame per camera) + one denoiser forward.", "",
+                  "| model | sampler | backend | feature cache | encoder fwd p50 / p99 ms | denoiser fwd p50 / p99 ms |",
+                  "|---|---|---|---|---|---|"]
+        for r in image:
+            e, d = r.extra["encoder_forward"], r.extra["denoiser_forward"]
+            lines.append(f"| {r.model} | {r.sampler} | {r.backend} | {'on' if r.extra['feature_cache'] else 'off'} | "
+                         f"{e['p50_ms']:.2f} / {e['p99_ms']:.2f} | {d['p50_ms']:.2f} / {d['p99_ms']:.2f} |")
     if targets:
         lines += ["", "| target | model | measured | limit | met |", "|---|---|---|---|---|"]
         for t in targets:
@@ -214,7 +271,7 @@ def check_targets(records: list[Record]) -> list[dict[str, Any]]:
     out = []
     by = {(r.model, r.sampler, r.backend): r for r in records}
     for r in records:
-        if r.backend != "onnx":
+        if r.backend != "onnx" or r.extra.get("feature_cache") is False:  # uncached: the comparison, not the product
             continue
         if r.sampler.startswith("streaming") and r.nfe_per_step == 1:
             out.append({"target": "streaming 1 nfe/step: step p99 / forward p99", "model": r.model,
@@ -275,6 +332,7 @@ def run_latency(args: argparse.Namespace) -> int:
             jobs.append((m, Path(tmp) / m, model))
         jobs += [(Path(p).name, Path(p), None) for p in args.package]
         total = sum(len(samplers) * len([b for b in backends if b != "torch" or model is not None]) for _, _, model in jobs)
+        total += sum(len(samplers) * len(backends) for m in models if m in IMAGE_MODELS)  # timed without the cache too
         bar = tqdm(total=total, desc="bench latency", unit="record")
         for name, pdir, model in jobs:
             package = load_package(pdir, options=options)
@@ -289,7 +347,8 @@ def run_latency(args: argparse.Namespace) -> int:
 
                     torch.set_num_threads(args.threads)
                     ref = torch_callables(model)
-                    pkg = package.with_backend(ref.encode, ref.denoise)
+                    pkg = package.with_backend(ref.encode, ref.denoise,
+                                               encode_step=ref.encode_step if package.encode_step else None)
                 elif backend in GPU_BACKENDS:
                     gpu = SessionOptions(intra_op_threads=args.threads, providers=(GPU_BACKENDS[backend],),
                                          spin=not args.no_spin)
@@ -302,12 +361,21 @@ def run_latency(args: argparse.Namespace) -> int:
                 else:
                     pkg = package
                 rng = np.random.default_rng(args.seed)
-                forward = forward_timer(pkg.denoise, pkg.horizon, pkg.action_dim, cond_dim, rng)
+                denoise_once = forward_timer(pkg.denoise, pkg.horizon, pkg.action_dim, cond_dim, rng)
+                images = pkg.encode_step is not None
+                forward = ImageForward(pkg, denoise_once, rng) if images else denoise_once
                 for _ in range(args.forward_reps):  # warm-up (allocations, thread pools)
                     forward()
-                for sampler in samplers:
-                    res = time_sampler(pkg, sampler, args.steps, args.max_seconds, args.seed, forward)
+                for sampler, cache in [(s, c) for s in samplers for c in ((True, False) if images else (None,))]:
+                    if images:
+                        forward.encoder_ms.clear()
+                        forward.denoiser_ms.clear()
+                    res = time_sampler(pkg, sampler, args.steps, args.max_seconds, args.seed, forward, cache is not False)
                     step, fwd = summarize_ms(res["ms"]), summarize_ms(res["fwd"])
+                    parts = {"feature_cache": cache}
+                    if images:
+                        parts.update(encoder_forward=summarize_ms(forward.encoder_ms),
+                                     denoiser_forward=summarize_ms(forward.denoiser_ms))
                     note = ""
                     if res["truncated"]:
                         note = f"records marked (capped) stopped at --max-seconds {args.max_seconds:g} before {args.steps} steps"
@@ -320,7 +388,7 @@ def run_latency(args: argparse.Namespace) -> int:
                         ratio_p50_to_forward_p50=step["p50_ms"] / fwd["p50_ms"], threads=args.threads,
                         truncated=res["truncated"], note=note,
                         extra={"episode_start_nfe": res["first_nfe"], "actions_per_call": res["actions_per_call"],
-                               "cond_dim": cond_dim, "horizon": pkg.horizon}))
+                               "cond_dim": cond_dim, "horizon": pkg.horizon, **parts}))
                     bar.update(1)
                     # keep what is measured so far if the run is interrupted
                     partial = {"context": "partial run", "records": [asdict(r) for r in records]}

@@ -17,6 +17,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 Model = Literal["unet", "transformer"]
 Device = Literal["auto", "cpu", "cuda"]
 Track = Literal["none", "wandb", "tensorboard"]
+ImageBackbone = Literal["resnet18", "small"]
 
 
 @dataclass
@@ -30,10 +31,17 @@ class PolicyConfig:
     n_action_steps: int = 8     # Ta
     model: Model = "unet"
     preset: str = "small"       # unet: test | small | dp; transformer: test | small | dp
-    # Encoder for images: base width of the ResNet-18-style CNN (64 = ResNet-18) and keypoints.
+    # Camera encoder (one per camera): resnet18 (ResNet-18 layout, GroupNorm) or small (four
+    # convolutions, for CPU training); base width (64 = ResNet-18; small: 32) and keypoints.
+    image_encoder: ImageBackbone = "resnet18"
     image_width: int = 64
     image_keypoints: int = 32
     image_feature_dim: int = 64
+    # Diffusion Policy's augmentation: a random crop of this fraction of each side in training
+    # (84 -> 76 at 0.905), the centre crop at inference; 1 = off (what older checkpoints had).
+    image_crop: float = 1.0
+    # Colour jitter strength in training (brightness, contrast, saturation in [1 - s, 1 + s]); 0 = off.
+    image_color_jitter: float = 0.0
     transformer_dropout: float = 0.0
     # Training regimes, mixed within each batch by these weights (need not sum to 1).
     regime_plain: float = 1.0   # DP: one uniform level for every position
@@ -64,6 +72,10 @@ class PolicyConfig:
             raise ConfigError("policy.prefix_prob > 0 needs policy.prefix_max >= 1")
         if self.gripper_scale <= 0:
             raise ConfigError(f"policy.gripper_scale must be > 0, got {self.gripper_scale}")
+        if self.image_encoder not in get_args(ImageBackbone):
+            raise ConfigError(f"policy.image_encoder must be one of {list(get_args(ImageBackbone))}, got {self.image_encoder!r}")
+        if not 0 < self.image_crop <= 1 or not 0 <= self.image_color_jitter < 1:
+            raise ConfigError("policy.image_crop must be in (0, 1] and policy.image_color_jitter in [0, 1)")
         if not set(self.image_keys) <= set(self.obs_keys):
             raise ConfigError(f"policy.image_keys {self.image_keys} must be among policy.obs_keys {self.obs_keys}")
 

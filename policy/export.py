@@ -1,12 +1,15 @@
 """Export a trained DiffusionPolicyModel to a policy package the torch-free runtime loads.
 
-    POLICY_DIR/encoder.onnx    normalised observation window, one input per key (B, To, *shape) -> cond (B, C)
+    POLICY_DIR/encoder.onnx    state policy: normalised observation window, one input per key (B, To, *shape) -> cond (B, C);
+                               image policy: one step, one input per key (B, *shape) -> features (B, step_dim), camera
+                               frames uint8 HWC at the camera's size (scaling to [-1, 1], centre crop and HWC -> CHW
+                               inside the graph), low-dim keys normalised (runtime/package.py, "encoder_form")
     POLICY_DIR/denoiser.onnx   (x (B, Tp, A), t (B, Tp) int64, cond (B, C)) -> eps (B, Tp, A); dynamic batch
     POLICY_DIR/manifest.json   spec, normaliser, schedule, horizons, training regimes, provenance, sha256s
 
 The package is built in a temporary directory next to the target and renamed into
-place only after onnxruntime reproduces torch on random inputs (max abs error
-below `tolerance`); a failing export leaves nothing behind.
+place only after onnxruntime reproduces torch on random inputs, and camera-like uint8
+frames for the cameras (max abs error below `tolerance`); a failing export leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -24,8 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from dpstack.runtime.package import (DENOISER_FILE, DENOISER_INPUTS, ENCODER_FILE, FORMAT, FORMAT_VERSION, MANIFEST, PackageError, PolicyPackage,
-                             SessionOptions, load_package, read_manifest, sha256_file, verify_files)
+from dpstack.runtime.package import (DENOISER_FILE, DENOISER_INPUTS, ENCODER_FILE, FORMAT, FORMAT_VERSION, MANIFEST, STEP_FORM,
+                                     WINDOW_FORM, PackageError, PolicyPackage, SessionOptions, load_package, read_manifest,
+                                     sha256_file, verify_files)
 
 from dpstack.runtime.verify import VerifyError, random_denoiser_inputs, random_observations, verify_onnx_only
 
@@ -54,6 +58,34 @@ class _EncoderGraph(nn.Module):
         return self.encoder(dict(zip(self.keys, obs)))
 
 
+class _StepEncoderGraph(nn.Module):
+    """One observation step per row, camera frames as the robot sends them: uint8 (B, H, W, C)
+    scaled to [-1, 1] here (the normaliser's image statistics, as constants in the graph);
+    the encoder in eval mode centre-crops and goes to CHW itself."""
+
+    def __init__(self, model: DiffusionPolicyModel, keys: tuple[str, ...]) -> None:
+        super().__init__()
+        self.encoder = model.encoder
+        self.keys = keys
+        self.images = {k: (float(model.normalizer[k].scale.reshape(-1)[0]), float(model.normalizer[k].offset.reshape(-1)[0]))
+                       for k in keys if model.spec.obs(k).is_image}
+
+    def forward(self, *obs: torch.Tensor) -> torch.Tensor:
+        steps = {}
+        for k, x in zip(self.keys, obs):
+            if k in self.images:
+                scale, offset = self.images[k]
+                x = x.to(torch.float32) * scale + offset
+            steps[k] = x
+        return self.encoder.step_features(steps)
+
+
+def encoder_form_of(model: DiffusionPolicyModel) -> str:
+    """Image policies export a step encoder (uint8 frames in, a runner caches earlier steps);
+    state policies the window encoder they always had."""
+    return STEP_FORM if any(model.spec.obs(k).is_image for k in model.spec.obs_keys) else WINDOW_FORM
+
+
 class _DenoiserGraph(nn.Module):
     def __init__(self, denoiser: nn.Module) -> None:
         super().__init__()
@@ -76,7 +108,12 @@ def export_graphs(model: DiffusionPolicyModel, out_dir: Path, opset: int | None 
     batch = torch.export.Dim("batch", min=1, max=4096)
     rng = np.random.default_rng(0)
     obs = random_observations(model, 2, rng)  # batch 2: a batch of 1 would be specialised away
-    enc_args = tuple(torch.from_numpy(obs[k]) for k in keys)
+    if encoder_form_of(model) == STEP_FORM:
+        encoder_graph: nn.Module = _StepEncoderGraph(model, keys)
+        enc_args = tuple(torch.from_numpy(np.ascontiguousarray(obs[k][:, -1])) for k in keys)
+    else:
+        encoder_graph = _EncoderGraph(model.encoder, keys)
+        enc_args = tuple(torch.from_numpy(obs[k]) for k in keys)
     enc_names = [onnx_input_name(k) for k in keys]
     kwargs: dict[str, Any] = {"dynamo": True, "external_data": False, "verbose": False}
     if opset is not None:
@@ -85,8 +122,8 @@ def export_graphs(model: DiffusionPolicyModel, out_dir: Path, opset: int | None 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")  # dynamic-axis renaming notes
         warnings.filterwarnings("ignore", category=FutureWarning)  # torch-internal pytree deprecations
-        torch.onnx.export(_EncoderGraph(model.encoder, keys).eval(), enc_args, str(out_dir / ENCODER_FILE),
-                          input_names=enc_names, output_names=["cond"],
+        torch.onnx.export(encoder_graph.eval(), enc_args, str(out_dir / ENCODER_FILE),
+                          input_names=enc_names, output_names=["features" if encoder_form_of(model) == STEP_FORM else "cond"],
                           dynamic_shapes=(tuple({0: batch} for _ in keys),), **kwargs)
         x, t, cond = random_denoiser_inputs(model.horizon, model.action_dim, model.cond_dim,
                                             model.schedule.num_train_steps, 2, rng)
@@ -113,10 +150,13 @@ def build_manifest(model: DiffusionPolicyModel, info: Mapping[str, Any], out_dir
         "spec": spec.to_dict(),
         "obs_keys": list(spec.obs_keys),
         "encoder_inputs": encoder_inputs,
+        "encoder_form": encoder_form_of(model),
+        **({"step_dim": int(model.encoder.step_dim)} if encoder_form_of(model) == STEP_FORM else {}),
         "cond_dim": int(model.cond_dim),
         "normalizer": model.normalizer.to_dict(),
-        "normalization": "per-key min/max to [-1, 1] (images uint8 -> [-1, 1]) in numpy by runtime/normalizer.py "
-                         "before the encoder; actions unnormalised with the 'action' statistics",
+        "normalization": "low-dimensional keys: per-key min/max to [-1, 1] in numpy (dpstack.core.normalizer) before "
+                         "the encoder; camera frames: uint8 into the encoder, which scales them to [-1, 1] itself; "
+                         "actions unnormalised with the 'action' statistics",
         "schedule": model.schedule.to_dict(),
         "horizon": model.horizon, "n_obs_steps": model.n_obs_steps, "n_action_steps": model.n_action_steps,
         "action_dim": model.action_dim,
@@ -152,7 +192,8 @@ class Parity:
 
 
 def check_parity(model: DiffusionPolicyModel, package: PolicyPackage, seed: int = 0, batches: tuple[int, ...] = (1, 5)) -> Parity:
-    """Max abs difference between torch eager and the package's networks on random inputs."""
+    """Max abs difference between torch eager and the package's networks on random inputs
+    (camera-like uint8 frames for the cameras, runtime.verify.camera_frames)."""
     ref = torch_callables(model.eval().cpu())
     rng = np.random.default_rng(seed)
     enc_err = den_err = 0.0

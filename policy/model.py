@@ -6,6 +6,8 @@ Public interface (the ONNX export and torch_callables build on it):
     model.normalizer  Normalizer (gripper scale already folded into the action stats)
     model.schedule    NoiseSchedule         model.horizon / n_obs_steps / n_action_steps / action_dim
     model.encoder(obs {key: (B, To, *shape)} NORMALISED float) -> cond (B, model.cond_dim)
+    model.encoder.step_features(obs {key: (N, *shape)}) -> (N, model.encoder.step_dim): one step;
+        cond is the time-major concatenation of To of these
     model.denoiser(x (B, Tp, A), t (B, Tp) int64 | (B,) | (), cond (B, C)) -> eps (B, Tp, A)
     model.compute_loss(obs, action, t, noise, loss_mask) -> scalar (forward() is the same,
         so DDP can wrap the model)
@@ -21,7 +23,7 @@ from dpstack.core.schedule import NoiseSchedule
 from dpstack.core.spec import RobotSpec
 
 from .config import ConfigError, PolicyConfig
-from .nets.encoders import ImageEncoder, StateEncoder
+from .nets.encoders import ImageEncoder, StateEncoder, crop_size
 from .nets.transformer import TRANSFORMER_PRESETS, TransformerDenoiser
 from .nets.unet import UNET_PRESETS, ConditionalUnet1D
 
@@ -40,12 +42,16 @@ def build_encoder(config: PolicyConfig, spec: RobotSpec) -> nn.Module:
         if min(spec.obs(k).shape[:2]) < 64:
             # The ResNet downsamples 32x; below 64 px the keypoint map is 1x1 and carries no position.
             raise ConfigError(f"image {k!r} is {spec.obs(k).shape[:2]}: the image encoder needs at least 64x64 pixels")
+        if min(crop_size(spec.obs(k).shape[:2], config.image_crop)) < 56:
+            raise ConfigError(f"policy.image_crop {config.image_crop} leaves less than 56 px of image {k!r} "
+                              f"{spec.obs(k).shape[:2]}; use a larger fraction")
     if not images:
         if not low:
             raise ConfigError("the policy has no observation keys")
         return StateEncoder(low, dims, config.n_obs_steps)
-    return ImageEncoder(images, {k: spec.obs(k).shape[-1] for k in images}, low, dims, config.n_obs_steps,
-                        config.image_width, config.image_keypoints, config.image_feature_dim)
+    return ImageEncoder(images, {k: spec.obs(k).shape for k in images}, low, dims, config.n_obs_steps,
+                        config.image_width, config.image_keypoints, config.image_feature_dim,
+                        config.image_encoder, config.image_crop, config.image_color_jitter)
 
 
 def build_denoiser(config: PolicyConfig, action_dim: int, cond_dim: int) -> nn.Module:

@@ -1,5 +1,14 @@
 """Exported policy packages: a directory with manifest.json, encoder.onnx and denoiser.onnx.
 
+The encoder comes in one of two forms (manifest "encoder_form"):
+- "window" (state policies, and every package from before the field existed): the
+  normalised observation window {key: (B, To, *shape)} -> cond (B, C).
+- "step" (image policies): one step {key: (B, *shape)} -> features (B, step_dim), camera
+  frames as the robot sends them (uint8 HWC at the camera's size; scaling, crop and layout
+  happen inside the graph), low-dimensional keys normalised. cond is the time-major
+  concatenation of To steps' features, so a runner keeps the features of earlier steps
+  (`PolicyPackage.encode_step`) and encodes only the newest frame.
+
 The manifest carries everything the runtime needs besides the two networks:
 the RobotSpec, normaliser statistics, noise schedule, horizons, the regimes the
 model was trained with, and the sha256 of each ONNX file. Loading refuses a
@@ -28,6 +37,7 @@ SUPPORTED_VERSIONS = (1,)
 MANIFEST = "manifest.json"
 ENCODER_FILE = "encoder.onnx"
 DENOISER_FILE = "denoiser.onnx"
+WINDOW_FORM, STEP_FORM = "window", "step"  # manifest "encoder_form"
 DENOISER_INPUTS = ("x", "t", "cond")  # (B, Tp, A), (B, Tp) int64, (B, C): the names the export gives them
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -40,6 +50,8 @@ RUN_DIR = "run"
 log = logging.getLogger(__name__)
 
 Encode = Callable[[Mapping[str, np.ndarray]], np.ndarray]
+# One step per row: {key: (N, *shape)} (images uint8, the rest normalised) -> (N, step_dim).
+EncodeStep = Callable[[Mapping[str, np.ndarray]], np.ndarray]
 
 
 class PackageError(ValueError):
@@ -201,12 +213,24 @@ def provider_problem(options: SessionOptions, session_providers: Sequence[str]) 
 
 
 def onnx_encoder(session, obs_keys: Sequence[str], input_names: Sequence[str]) -> Encode:
-    """Numpy callable: normalised {key: (B, To, *shape)} -> cond (B, C)."""
+    """Numpy callable: {key: (B, To, *shape)} (or (N, *shape) for a step encoder) -> its output.
+    Each input goes in at the dtype the graph declares (uint8 camera frames, float32 otherwise)."""
     names = dict(zip(obs_keys, input_names))
+    dtypes = {i.name: np.uint8 if i.type == "tensor(uint8)" else np.float32 for i in session.get_inputs()}
     out = session.get_outputs()[0].name
 
     def encode(obs: Mapping[str, np.ndarray]) -> np.ndarray:
-        return session.run([out], {names[k]: np.ascontiguousarray(obs[k], dtype=np.float32) for k in obs_keys})[0]
+        return session.run([out], {names[k]: np.ascontiguousarray(obs[k], dtype=dtypes[names[k]]) for k in obs_keys})[0]
+    return encode
+
+
+def window_from_steps(encode_step: EncodeStep, obs_keys: Sequence[str]) -> Encode:
+    """The window encoder of a step encoder: every step of {key: (B, To, *shape)} in one call,
+    concatenated time-major -> (B, To * step_dim)."""
+    def encode(obs: Mapping[str, np.ndarray]) -> np.ndarray:
+        B, To = np.shape(obs[obs_keys[0]])[:2]
+        flat = {k: np.reshape(obs[k], (B * To, *np.shape(obs[k])[2:])) for k in obs_keys}
+        return np.asarray(encode_step(flat)).reshape(B, -1)
     return encode
 
 
@@ -233,7 +257,8 @@ class PolicyPackage:
     """A loaded policy: its description plus numpy callables for the two networks.
 
     `with_backend(encode, denoise)` swaps the networks (e.g. the torch model, for
-    comparisons) while keeping everything else.
+    comparisons) while keeping everything else. `encode` takes the window {key: (B, To,
+    *shape)}: camera frames uint8 as the robot sends them, the other keys normalised.
     """
 
     manifest: Mapping[str, Any]
@@ -247,6 +272,7 @@ class PolicyPackage:
     path: Path | None = None
     providers: tuple[str, ...] = field(default_factory=tuple)
     max_batch: int = 0   # rows one denoiser call takes: 0 = any (dynamic batch), 1 = a package exported at batch 1
+    encode_step: EncodeStep | None = None  # a step-form encoder: one step's features, for a runner's feature cache
 
     @property
     def horizon(self) -> int:
@@ -264,8 +290,9 @@ class PolicyPackage:
     def action_dim(self) -> int:
         return self.spec.action.dim
 
-    def with_backend(self, encode: Encode, denoise: Denoise, providers: tuple[str, ...] = ()) -> "PolicyPackage":
-        return replace(self, encode=encode, denoise=denoise, providers=providers)
+    def with_backend(self, encode: Encode, denoise: Denoise, providers: tuple[str, ...] = (),
+                     encode_step: EncodeStep | None = None) -> "PolicyPackage":
+        return replace(self, encode=encode, denoise=denoise, providers=providers, encode_step=encode_step)
 
 
 def describe(manifest: Mapping[str, Any], serves: RobotSpec | None = None) -> tuple[RobotSpec, Normalizer, NoiseSchedule, TrainedRegimes]:
@@ -294,8 +321,10 @@ def load_package(policy_dir: str | Path, serves: RobotSpec | None = None,
     verify_files(policy_dir, manifest)
     spec, normalizer, schedule, trained = describe(manifest, serves)
     obs_keys = tuple(manifest["obs_keys"])
+    form = encoder_form(policy_dir, manifest, spec)
     names = manifest.get("encoder_inputs")
-    enc_shapes = dict(zip(names, ((trained.n_obs_steps, *spec.obs(k).shape) for k in obs_keys))) if names else None
+    window = (trained.n_obs_steps,) if form == WINDOW_FORM else ()
+    enc_shapes = dict(zip(names, ((*window, *spec.obs(k).shape) for k in obs_keys))) if names else None
     enc = make_session(policy_dir / ENCODER_FILE, options, enc_shapes)
     den_shapes = None
     if "cond_dim" in manifest:
@@ -308,6 +337,20 @@ def load_package(policy_dir: str | Path, serves: RobotSpec | None = None,
         log.warning("%s: %s", policy_dir, problem)
     if len(input_names) != len(obs_keys):
         raise PackageError(f"{policy_dir}: encoder has inputs {input_names} for observation keys {list(obs_keys)}")
+    encode = onnx_encoder(enc, obs_keys, input_names)
+    step = encode if form == STEP_FORM else None
     return PolicyPackage(manifest=manifest, spec=spec, normalizer=normalizer, schedule=schedule, obs_keys=obs_keys,
-                         trained=trained, encode=onnx_encoder(enc, obs_keys, input_names), denoise=onnx_denoiser(den),
-                         path=policy_dir, providers=tuple(den.get_providers()), max_batch=batch_limit(den))
+                         trained=trained, encode=window_from_steps(step, obs_keys) if step else encode,
+                         denoise=onnx_denoiser(den), path=policy_dir, providers=tuple(den.get_providers()),
+                         max_batch=batch_limit(den), encode_step=step)
+
+
+def encoder_form(policy_dir: Path, manifest: Mapping[str, Any], spec: RobotSpec) -> str:
+    """The package's encoder form; an image policy from before step encoders is refused."""
+    form = manifest.get("encoder_form", WINDOW_FORM)
+    if form not in (WINDOW_FORM, STEP_FORM):
+        raise PackageError(f"{policy_dir}: encoder_form {form!r} is unknown; this runtime reads {WINDOW_FORM!r} and {STEP_FORM!r}")
+    if form == WINDOW_FORM and any(spec.obs(k).is_image for k in manifest["obs_keys"]):
+        raise PackageError(f"{policy_dir}: this image policy was exported before encoders took uint8 camera frames; "
+                           "re-export it from its checkpoint with `dpstack export`")
+    return form

@@ -1,8 +1,12 @@
 """PolicyRunner: observations in robot units -> action chunks in robot units, torch-free.
 
 It keeps the last To observations (the first one repeated at episode start, as
-Diffusion Policy's padding), normalises in numpy, runs the encoder for the
-condition vector, asks the sampler for actions and unnormalises them.
+Diffusion Policy's padding), normalises the low-dimensional keys in numpy (camera
+frames go to the encoder as uint8; the exported graph scales and crops them), runs
+the encoder for the condition vector, asks the sampler for actions and unnormalises
+them. With a step encoder (image packages) the features of each observation are kept
+with it, so an inference encodes only the observations not yet encoded: the newest
+frame per camera when it infers every control step.
 
 Two ways to drive it:
 - act(obs) -> ActionChunk: infer now; the caller executes the chunk's actions
@@ -28,6 +32,16 @@ from dpstack.runtime.package import PolicyPackage
 from dpstack.runtime.samplers import DenoiseSteps, Sampler, SamplerConfig, build_sampler, drive
 
 
+class _Step:
+    """One control step's observation (low-dim normalised, frames raw) and, once encoded, its features."""
+
+    __slots__ = ("obs", "features")
+
+    def __init__(self, obs: dict[str, np.ndarray]) -> None:
+        self.obs = obs
+        self.features: np.ndarray | None = None
+
+
 @dataclass
 class ActionChunk:
     actions: np.ndarray      # (n, A) in robot units, to execute in order
@@ -46,13 +60,17 @@ class ActionChunk:
 
 
 class PolicyRunner:
-    def __init__(self, package: PolicyPackage, sampler: SamplerConfig | str = "ddim-10") -> None:
+    def __init__(self, package: PolicyPackage, sampler: SamplerConfig | str = "ddim-10",
+                 feature_cache: bool = True) -> None:
+        """`feature_cache=False` encodes the whole window at every inference (for comparisons)."""
         self.package = package
+        self.feature_cache = feature_cache and package.encode_step is not None
         self.config = SamplerConfig.parse(sampler) if isinstance(sampler, str) else sampler
         self.sampler: Sampler = build_sampler(self.config, package.denoise, package.schedule, package.action_dim, package.trained)
         self.denoise = package.denoise     # what answers act_gen's requests; shared by every runner of the package
         self.max_batch = package.max_batch
-        self.history: deque[dict[str, np.ndarray]] = deque(maxlen=package.n_obs_steps)
+        self.history: deque[_Step] = deque(maxlen=package.n_obs_steps)
+        self._images = frozenset(k for k in package.obs_keys if package.spec.obs(k).is_image)
         self.t = 0                       # control steps seen this episode
         self._t_inferred: int | None = None  # self.t at the last inference
         self.pending: deque[np.ndarray] = deque()
@@ -85,13 +103,14 @@ class PolicyRunner:
             spec.check(value)  # shape, NaN/Inf
 
     def observe(self, obs: Mapping[str, np.ndarray]) -> None:
-        """Add one control step's observation to the history (checked, normalised)."""
+        """Add one control step's observation to the history (checked, low-dim keys normalised)."""
         self.check_observation(obs)
-        norm = {k: self.package.normalizer.normalize(k, np.asarray(obs[k])) for k in self.package.obs_keys}
+        step = _Step({k: np.array(obs[k]) if k in self._images else self.package.normalizer.normalize(k, np.asarray(obs[k]))
+                      for k in self.package.obs_keys})
         if not self.history:
             for _ in range(self.package.n_obs_steps - 1):
-                self.history.append(norm)  # episode start: repeat the first observation
-        self.history.append(norm)
+                self.history.append(step)  # episode start: repeat the first observation (and share its features)
+        self.history.append(step)
         self.t += 1
 
     # -- inference ---------------------------------------------------------------------
@@ -103,8 +122,7 @@ class PolicyRunner:
         if not self.history:
             raise RuntimeError("no observation yet: call act(obs) or observe(obs) first")
         start = time.perf_counter()
-        window = {k: np.stack([h[k] for h in self.history])[None] for k in self.package.obs_keys}
-        cond = np.asarray(self.package.encode(window), dtype=np.float32)
+        cond = self.condition()
         # A robot that was late to ask has executed more than one action since: RTI shifts by that.
         elapsed = None if self._t_inferred is None else self.t - self._t_inferred
         self._t_inferred = self.t
@@ -117,6 +135,20 @@ class PolicyRunner:
                             replan_after=out.replan_after)
         self.last_chunk = chunk
         return chunk
+
+    def condition(self) -> np.ndarray:
+        """cond (1, C) of the current history. With the feature cache, only steps not yet
+        encoded go through the encoder (one call), and cond is their time-major concatenation."""
+        keys = self.package.obs_keys
+        if not self.feature_cache:
+            window = {k: np.stack([h.obs[k] for h in self.history])[None] for k in keys}
+            return np.asarray(self.package.encode(window), dtype=np.float32)
+        new = list({id(h): h for h in self.history if h.features is None}.values())  # padding repeats one step
+        if new:
+            feats = np.asarray(self.package.encode_step({k: np.stack([h.obs[k] for h in new]) for k in keys}), np.float32)
+            for h, f in zip(new, feats):
+                h.features = f
+        return np.concatenate([h.features for h in self.history])[None]
 
     def act(self, obs: Mapping[str, np.ndarray]) -> ActionChunk:
         self.observe(obs)

@@ -18,11 +18,35 @@ class VerifyError(RuntimeError):
 
 
 def random_observations(model_like: Any, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Normalised observation windows in [-1, 1] (what the encoder sees), for a package or a model
+    """Observation windows (B, To, *shape) as a package's encoder takes them: low-dimensional keys
+    normalised, uniform in [-1, 1]; cameras camera-like uint8 frames. For a package or a model
     (anything with .spec, .n_obs_steps and optionally .obs_keys)."""
     spec, to = model_like.spec, model_like.n_obs_steps
     keys = getattr(model_like, "obs_keys", None) or spec.obs_keys
-    return {k: rng.uniform(-1, 1, (batch, to, *spec.obs(k).shape)).astype(np.float32) for k in keys}
+    return {k: camera_frames(spec.obs(k).shape, (batch, to), rng) if spec.obs(k).is_image
+            else rng.uniform(-1, 1, (batch, to, *spec.obs(k).shape)).astype(np.float32) for k in keys}
+
+
+def camera_frames(shape: tuple[int, ...], lead: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """uint8 frames (*lead, H, W, C) with what camera frames have and noise lacks: a smooth lit
+    background, a few solid objects with hard edges, sensor noise, and clipped highlights."""
+    H, W, C = shape
+    n = int(np.prod(lead, dtype=np.int64))
+    ys, xs = np.mgrid[0:H, 0:W].astype(np.float32)
+    out = np.empty((n, H, W, C), np.uint8)
+    for i in range(n):
+        corners = rng.uniform(0, 255, (4, C)).astype(np.float32)
+        u, v = (xs / max(W - 1, 1))[..., None], (ys / max(H - 1, 1))[..., None]
+        img = (corners[0] * (1 - u) * (1 - v) + corners[1] * u * (1 - v) + corners[2] * (1 - u) * v + corners[3] * u * v)
+        for _ in range(int(rng.integers(1, 5))):
+            cy, cx = rng.uniform(0, H), rng.uniform(0, W)
+            ry, rx = rng.uniform(3, H / 3), rng.uniform(3, W / 3)
+            mask = ((ys - cy) / ry) ** 2 + ((xs - cx) / rx) ** 2 <= 1 if rng.random() < 0.5 else \
+                (np.abs(ys - cy) <= ry) & (np.abs(xs - cx) <= rx)
+            img[mask] = rng.uniform(0, 300, C)  # above 255: a saturated highlight
+        img += rng.normal(0, 4, img.shape)
+        out[i] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return out.reshape(*lead, H, W, C)
 
 
 def random_denoiser_inputs(horizon: int, action_dim: int, cond_dim: int, num_levels: int, batch: int,
