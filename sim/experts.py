@@ -54,9 +54,21 @@ def body_yaw(env: SimEnv, body_id: int) -> float:
     return float(np.arctan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z)))
 
 
+def tool_yaw(rot: np.ndarray) -> float:
+    """Yaw of a downward-pointing gripper: the angle `rot_z(angle) @ _DOWN` would have."""
+    return float(np.arctan2(rot[1, 0], rot[0, 0]))
+
+
 def wrap_to(angle: float, period: float) -> float:
     """Equivalent angle within (-period/2, period/2] for a shape symmetric every `period`."""
     return float((angle + period / 2) % period - period / 2)
+
+
+# NutAssembly geometry (robosuite's pegs_arena.xml and square-nut.xml).
+_PEG_HALF_HEIGHT = 0.1
+_NUT_HALF_THICKNESS = 0.01
+# Gripper yaws (rad) the Panda's wrist reaches pointing down; joint 7 stops near -2.0 and +3.8.
+_WRIST_YAW = (-1.7, 3.2)
 
 
 # ---- phases ----------------------------------------------------------------
@@ -69,6 +81,7 @@ class Phase:
     min_steps: int = 0  # ... and after at least this many steps
     max_steps: int = 60  # give up waiting and move on
     fast: bool = False  # a transit through free space: allow the higher speed
+    yaw: Callable[[], float] | None = None  # gripper yaw to hold; None: the expert's `yaw`
 
 
 class WaypointExpert:
@@ -136,13 +149,13 @@ class WaypointExpert:
         vmax = self.vmax_fast if phase.fast else self.vmax
         move = np.clip(self.gain * (phase.target() - pos), -vmax, vmax)
         action[:3] = move + self.rng.normal(0.0, self.noise, 3)
-        goal = rot_z(self.yaw) @ _DOWN
+        goal = rot_z(phase.yaw() if phase.yaw else self.yaw) @ _DOWN
         action[3:6] = np.clip(self.rot_gain * rotation_vector(goal @ rot.T), -1.0, 1.0)
         action[6] = phase.gripper
         return np.clip(action, -1.0, 1.0).astype(np.float32)
 
     # Shared building block: go above, descend, close, lift.
-    def pick(self, grasp_point: Callable[[], np.ndarray], lift_to: float) -> list[Phase]:
+    def pick(self, grasp_point: Callable[[], np.ndarray], lift_to: float, descend_tol: float = 0.01) -> list[Phase]:
         above = lambda: grasp_point() + np.array([0.0, 0.0, self.approach_height])
         hold: dict[str, np.ndarray] = {}
 
@@ -152,7 +165,7 @@ class WaypointExpert:
 
         return [
             Phase("approach", above, OPEN, tol=0.02, max_steps=80, fast=True),
-            Phase("descend", grasp_point, OPEN, tol=0.01, max_steps=40),
+            Phase("descend", grasp_point, OPEN, tol=descend_tol, max_steps=40),
             Phase("grasp", grasp_target, CLOSE, tol=1.0, min_steps=self.grasp_steps),
             Phase("lift", lambda: hold["p"] * np.array([1, 1, 0]) + np.array([0, 0, lift_to]), CLOSE, tol=0.02, max_steps=60, fast=True),
         ]
@@ -209,6 +222,72 @@ class StackExpert(WaypointExpert):
         drop = self.rng.uniform(0.05, 0.06)
         goal = lambda: env.sim.data.body_xpos[b] + np.array([0.0, 0.0, drop])
         return self.pick(grasp, lift_to) + self.place(goal, over=0.05, retreat=0.08)
+
+
+class SquareExpert(WaypointExpert):
+    """Nut on peg: grasp the nut by its handle, carry it with its square hole
+    turned to the peg's faces, hold it over the peg, lower it onto the peg and
+    let go. From the grasp on, the targets steer the nut's centre (read every
+    step), not the gripper, so the nut's offset in the hand does not matter."""
+
+    def plan(self) -> list[Phase]:
+        env = self.env.raw
+        nut = env.obj_body_id["SquareNut"]
+        handle = env.object_site_ids[env.nut_to_id["square"]]
+        peg = env.sim.data.body_xpos[env.peg1_body_id].copy()
+        peg_top = peg[2] + _PEG_HALF_HEIGHT
+        # The fingers close across the handle: gripper yaw = nut yaw (either way round).
+        self.yaw = wrap_to(body_yaw(self.env, nut), np.pi)
+        # Grasp the handle's outer half: nearer the ring a finger lands on the ring's wall.
+        along, across = self.rng.uniform(0.0, 0.008), self.rng.uniform(-0.002, 0.002)
+        # The finger pads reach 4.5 mm below the grip point: this puts them over the
+        # handle's whole 2 cm height, clear of the table.
+        grasp_dz = self.rng.uniform(-0.005, -0.001)
+
+        def grasp() -> np.ndarray:
+            c, s = np.cos(body_yaw(self.env, nut)), np.sin(body_yaw(self.env, nut))
+            return env.sim.data.site_xpos[handle] + np.array([along * c - across * s, along * s + across * c, grasp_dz])
+
+        lift_to = peg_top + self.rng.uniform(0.06, 0.09)
+        hover = peg_top + _NUT_HALF_THICKNESS + self.rng.uniform(0.02, 0.04)  # nut centre height over the peg
+        let_go = env.table_offset[2] + self.rng.uniform(0.055, 0.07)  # nut centre height at release
+        turn: dict[str, float] = {}
+
+        def carry_yaw() -> float:
+            # Frozen once the nut is in the hand: the gripper yaw that squares the hole
+            # to the peg with the least turn, among those that keep the handle off the
+            # peg's far side (out of reach) and the wrist inside its joint range.
+            if "yaw" not in turn:
+                nut_yaw, grip = body_yaw(self.env, nut), tool_yaw(self._eef()[1])
+                square = grip + wrap_to(-nut_yaw, np.pi / 2)
+                turns = [square + k * np.pi / 2 - grip for k in range(-4, 5)]
+                ok = [t for t in turns if np.cos(nut_yaw + t) < 0.5 and _WRIST_YAW[0] <= grip + t <= _WRIST_YAW[1]]
+                turn["yaw"] = grip + min(ok, key=abs)
+            return turn["yaw"]
+
+        def nut_to(goal: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
+            """The gripper target that brings the nut's centre to `goal`."""
+            return lambda: goal() + self._eef()[0] - env.sim.data.body_xpos[nut]
+
+        over_peg = lambda: np.array([peg[0], peg[1], hover])
+        on_peg = lambda: np.array([peg[0], peg[1], let_go])
+        hold: dict[str, np.ndarray] = {}
+
+        def stay() -> np.ndarray:
+            hold.setdefault("p", self._eef()[0])
+            return hold["p"]
+
+        return self.pick(grasp, lift_to, descend_tol=0.004) + [
+            Phase("move", nut_to(over_peg), CLOSE, tol=0.02, max_steps=100, fast=True, yaw=carry_yaw),
+            Phase("align", nut_to(over_peg), CLOSE, tol=0.004, min_steps=self.settle_steps, max_steps=40, yaw=carry_yaw),
+            Phase("insert", nut_to(on_peg), CLOSE, tol=0.008, max_steps=40, yaw=carry_yaw),
+            Phase("release", stay, OPEN, tol=1.0, min_steps=self.release_steps, yaw=carry_yaw),
+            Phase("retreat", lambda: stay() + np.array([0.0, 0.0, 0.1]), OPEN, tol=0.02, max_steps=40, yaw=carry_yaw),
+        ]
+
+    def _draw_style(self) -> None:
+        super()._draw_style()
+        self.settle_steps = int(self.rng.integers(3, 8))
 
 
 def make_expert(env: SimEnv, seed: int) -> WaypointExpert:

@@ -70,8 +70,7 @@ TASKS: dict[str, TaskDef] = {
     "lift": TaskDef(name="lift", env_name="Lift", robot=PANDA, expert="LiftExpert", max_steps=200),
     "can": TaskDef(name="can", env_name="PickPlaceCan", robot=PANDA, expert="CanExpert", max_steps=400),
     "stack": TaskDef(name="stack", env_name="Stack", robot=PANDA, expert="StackExpert", max_steps=400),
-    # Environment and spec only: the nut-on-peg expert is not written yet.
-    "square": TaskDef(name="square", env_name="NutAssemblySquare", robot=PANDA, expert=None, max_steps=400),
+    "square": TaskDef(name="square", env_name="NutAssemblySquare", robot=PANDA, expert="SquareExpert", max_steps=400),
 }
 
 DEFAULT_CAMERAS: tuple[str, ...] = ("agentview", "robot0_eye_in_hand")
