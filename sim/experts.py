@@ -224,6 +224,17 @@ class StackExpert(WaypointExpert):
         return self.pick(grasp, lift_to) + self.place(goal, over=0.05, retreat=0.08)
 
 
+def square_nut_carry_yaw(nut_yaw: float, gripper_yaw: float) -> float:
+    """The gripper yaw that turns a held square nut (world yaw `nut_yaw`, in a gripper
+    at `gripper_yaw`) square to the peg's faces with the least turn, among the yaws
+    that keep the handle off the peg's far side (out of the arm's reach there) and the
+    wrist inside its joint range."""
+    squared = gripper_yaw + wrap_to(-nut_yaw, np.pi / 2)
+    turns = [squared + k * np.pi / 2 - gripper_yaw for k in range(-4, 5)]
+    ok = [t for t in turns if np.cos(nut_yaw + t) < 0.5 and _WRIST_YAW[0] <= gripper_yaw + t <= _WRIST_YAW[1]]
+    return gripper_yaw + min(ok, key=abs)
+
+
 class SquareExpert(WaypointExpert):
     """Nut on peg: grasp the nut by its handle, carry it with its square hole
     turned to the peg's faces, hold it over the peg, lower it onto the peg and
@@ -254,15 +265,9 @@ class SquareExpert(WaypointExpert):
         turn: dict[str, float] = {}
 
         def carry_yaw() -> float:
-            # Frozen once the nut is in the hand: the gripper yaw that squares the hole
-            # to the peg with the least turn, among those that keep the handle off the
-            # peg's far side (out of reach) and the wrist inside its joint range.
+            # Frozen once the nut is in the hand, where it sits as the gripper grasped it.
             if "yaw" not in turn:
-                nut_yaw, grip = body_yaw(self.env, nut), tool_yaw(self._eef()[1])
-                square = grip + wrap_to(-nut_yaw, np.pi / 2)
-                turns = [square + k * np.pi / 2 - grip for k in range(-4, 5)]
-                ok = [t for t in turns if np.cos(nut_yaw + t) < 0.5 and _WRIST_YAW[0] <= grip + t <= _WRIST_YAW[1]]
-                turn["yaw"] = grip + min(ok, key=abs)
+                turn["yaw"] = square_nut_carry_yaw(body_yaw(self.env, nut), tool_yaw(self._eef()[1]))
             return turn["yaw"]
 
         def nut_to(goal: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:

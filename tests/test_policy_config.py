@@ -10,16 +10,17 @@ from dpstack.policy.config import CONFIG_DIR, ConfigError, load_config
 def test_every_shipped_config_loads_and_validates():
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
     assert {"lift_state_small", "lift_state_dp", "lift_state_transformer", "can_state_small", "stack_state_small",
-            "lift_image_small"} <= set(names)
+            "square_state_small", "lift_image_small"} <= set(names)
     for name in names:
         cfg = load_config(name)
         assert cfg.policy.horizon == 16 and 1e-5 <= cfg.train.lr <= 1e-3
-    # The state configs the closed-loop results were measured with (docs/evaluation.md).
-    for name in ("lift_state_small", "can_state_small", "stack_state_small"):
+    # The state configs share one recipe (the closed-loop results in docs/evaluation.md used it).
+    for name in ("lift_state_small", "can_state_small", "stack_state_small", "square_state_small"):
         cfg = load_config(name)
         assert (cfg.policy.preset, cfg.train.lr, cfg.policy.regime_plain, cfg.policy.regime_ladder) == ("small", 5e-4, 0.5, 0.5)
     # Multi-phase tasks train with RTI-DP's scaled gripper, so an RTI warm start can open and close it.
-    assert load_config("can_state_small").policy.gripper_scale == load_config("stack_state_small").policy.gripper_scale == 10.0
+    for name in ("can_state_small", "stack_state_small", "square_state_small"):
+        assert load_config(name).policy.gripper_scale == 10.0, name
     assert load_config("lift_state_small").policy.gripper_scale == 1.0
 
 

@@ -78,6 +78,21 @@ def test_spec_matches_what_the_env_returns(task):
         env.close()
 
 
+def test_square_publishes_the_nut_pose_and_has_an_expert():
+    env = SimEnv("square", seed=3)
+    try:
+        (state,) = [s for s in env.spec.observations if s.key == "object-state"]
+        obs = env.reset()
+        nut = env.raw.sim.data.body_xpos[env.raw.obj_body_id["SquareNut"]]
+    finally:
+        env.close()
+    assert state.shape == (14,)
+    at = {name: i for i, name in enumerate(state.names)}
+    assert {f"SquareNut_pos[{i}]" for i in range(3)} | {f"SquareNut_quat[{i}]" for i in range(4)} <= set(at)
+    np.testing.assert_allclose(obs["object-state"][[at[f"SquareNut_pos[{i}]"] for i in range(3)]], nut, atol=1e-5)
+    assert TASKS["square"].expert_class().__name__ == "SquareExpert"
+
+
 def test_bad_actions_are_refused_with_a_clear_message(lift):
     lift.reset(seed=0)
     with pytest.raises(ValueError, match="shape"):

@@ -5,10 +5,11 @@ import pytest
 pytest.importorskip("robosuite")
 
 from dpstack.sim.env import SimEnv  # noqa: E402
-from dpstack.sim.experts import run_expert_episode  # noqa: E402
+from dpstack.sim.experts import run_expert_episode, square_nut_carry_yaw  # noqa: E402
 
 # (task, seeds, longest acceptable episode): a handful of seeds keeps this quick.
-CASES = [("lift", (100, 101, 102, 103), 100), ("can", (100, 101, 102), 250), ("stack", (100, 101, 102), 200)]
+CASES = [("lift", (100, 101, 102, 103), 100), ("can", (100, 101, 102), 250), ("stack", (100, 101, 102), 200),
+         ("square", (100, 101, 102), 250)]
 
 
 @pytest.mark.slow
@@ -42,3 +43,17 @@ def test_expert_is_reproducible_from_its_seed():
     assert first.success == second.success
     for k in first.steps:
         np.testing.assert_array_equal(first.steps[k], second.steps[k], err_msg=k)
+
+
+def test_square_nut_is_carried_square_to_the_peg_with_its_handle_in_reach():
+    for nut_yaw in np.linspace(-np.pi, np.pi, 73):  # robosuite places the nut at any yaw
+        # The expert grasps the handle with the gripper yawed like the nut, the way
+        # round nearest straight ahead.
+        grip = (nut_yaw + np.pi / 2) % np.pi - np.pi / 2
+        carry = square_nut_carry_yaw(nut_yaw, grip)
+        final = nut_yaw + carry - grip  # the nut turns with the gripper
+        quarter_turns = final / (np.pi / 2)
+        assert abs(quarter_turns - round(quarter_turns)) < 1e-9, nut_yaw  # hole square to the peg
+        assert round(quarter_turns) % 4 != 0, nut_yaw  # handle not on the peg's far side (+x): out of reach
+        assert -1.7 <= carry <= 3.2, nut_yaw  # the wrist's range, pointing down
+        assert abs(carry - grip) <= 3 * np.pi / 4 + 1e-9, nut_yaw  # never the long way round
