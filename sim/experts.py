@@ -257,7 +257,7 @@ class SquareExpert(WaypointExpert):
         # The fingers close across the handle: gripper yaw = nut yaw (either way round).
         self.yaw = wrap_to(body_yaw(self.env, nut), np.pi)
         # Grasp the handle's outer half: nearer the ring a finger lands on the ring's wall.
-        along, across = self.rng.uniform(0.0, 0.008), self.rng.uniform(-0.002, 0.002)
+        along, across = self.rng.uniform(0.004, 0.010), self.rng.uniform(-0.002, 0.002)
         # The finger pads reach 4.5 mm below the grip point: this puts them over the
         # handle's whole 2 cm height, clear of the table.
         grasp_dz = self.rng.uniform(-0.005, -0.001)
