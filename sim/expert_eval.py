@@ -1,7 +1,7 @@
 """Measure the scripted experts: success over N seeds per task and collection
 throughput (env steps per second, state only, one process), written as JSON.
 
-    python -m dpstack.sim.expert_eval --tasks lift,can,stack --seeds 100 --out out/expert_eval.json
+    python -m dpstack.sim.expert_eval --tasks lift,can,stack,square --seeds 100 --out out/expert_eval.json
 
 Tasks run one after another (the machine is small). Episode lengths are
 reported too, since users train on these demonstrations.
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from dpstack.sim.tasks import TASKS
 
     p = argparse.ArgumentParser(prog="python -m dpstack.sim.expert_eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", default="lift,can,stack", help=f"comma-separated, from {', '.join(TASKS)}")
+    p.add_argument("--tasks", default="lift,can,stack,square", help=f"comma-separated, from {', '.join(TASKS)}")
     p.add_argument("--seeds", type=int, default=100, help="episodes (seeds 0..N-1) per task")
     p.add_argument("--first-seed", type=int, default=0, help="seed of the first episode (default 0)")
     p.add_argument("--out", type=Path, default=Path("out/expert_eval.json"),
