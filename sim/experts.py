@@ -256,7 +256,7 @@ class SquareExpert(WaypointExpert):
         peg_top = peg[2] + _PEG_HALF_HEIGHT
         # The fingers close across the handle: gripper yaw = nut yaw (either way round).
         self.yaw = wrap_to(body_yaw(self.env, nut), np.pi)
-        # Grasp the handle's outer half: nearer the ring a finger lands on the ring's wall.
+        # Grasp the handle 4-10 mm past its middle: nearer the ring a finger can land on the ring's wall.
         along, across = self.rng.uniform(0.004, 0.010), self.rng.uniform(-0.002, 0.002)
         # The finger pads reach 4.5 mm below the grip point: this puts them over the
         # handle's whole 2 cm height, clear of the table.
