@@ -38,9 +38,9 @@ def bare_loop(hz: float, seconds: float) -> Summary:
 
 
 def _config(hz: float):
-    from dpstack.deploy.config import load_config
+    from dpstack.deploy.config import load_config, without_cameras
 
-    cfg = load_config("sim")
+    cfg = without_cameras(load_config("sim"))   # the arm's loop alone: no rendering in it
     cfg.driver.servo_hz = hz
     cfg.safety.estop_endpoint = ""
     return cfg

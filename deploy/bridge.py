@@ -5,8 +5,10 @@ One loop at the servo rate (the driver's):
   source (deploy/sources.py: a policy server's chunks, or a teleop device; fresh
   input feeds the safety watchdog), sample the interpolated trajectory, pass it
   through the safety layer, send the result to the driver (or log it in dry-run mode);
-- every control period (the policy's rate): build an observation aligned to one
-  timestamp (last state/frame sample at or before it), hand it to the source and
+- every control period (the policy's rate): build an observation from the newest
+  frame of every camera (each checked: not older than its max_age_s, its counter
+  advancing; otherwise the arm holds and the log names the camera) and the arm state
+  nearest the frames' capture time (the skew is reported), hand it to the source and
   take its action for now (a policy: the next scheduled one, stale ones dropped),
   convert it to a Cartesian target as the YAML says, and plan a linear/slerp
   segment from the last command to that target over one control period.
@@ -24,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 from dpstack.deploy import rotations
-from dpstack.deploy.cameras import TimedBuffer
+from dpstack.deploy.cameras import FrameCheck, TimedBuffer
 from dpstack.deploy.config import ActionConfig, BridgeConfig
 from dpstack.deploy.drivers.base import ArmDriver, ArmState, DriverInfo, Pose
 from dpstack.deploy.estop import EStop, EStopServer, KeyWatcher, install_signal
@@ -95,7 +97,9 @@ def action_to_target(action: np.ndarray, cfg: ActionConfig, reference: Pose) -> 
 # ---------------------------------------------------------------- the bridge
 @dataclass
 class Aligned:
-    """One control step's observation: every key's last sample at or before `t`, and its time."""
+    """One control step's observation, as of time `t`: the newest frame of every camera
+    (`t` is the oldest of their capture times) and the arm state nearest `t`; without
+    cameras, the last state at or before the control step. `times`: each key's sample time."""
 
     t: float
     arrays: dict[str, np.ndarray]
@@ -123,6 +127,9 @@ class BridgeStats:
     period_error_s: deque = field(default_factory=lambda: deque(maxlen=200_000))
     obs_to_command_s: deque = field(default_factory=lambda: deque(maxlen=100_000))
     loop_work_s: deque = field(default_factory=lambda: deque(maxlen=200_000))
+    frame_state_skew_s: deque = field(default_factory=lambda: deque(maxlen=100_000))  # |frame - state| time
+    frame_age_s: deque = field(default_factory=lambda: deque(maxlen=100_000))   # control step - capture
+    camera_holds: int = 0   # control steps held because a camera's frame was unfit
 
 
 class Bridge:
@@ -131,12 +138,16 @@ class Bridge:
                  clock: Callable[[], float] = time.monotonic, install_handlers: bool = True):
         """Actions come from `source`, or from a policy server through `client` (a
         runtime.client.PolicyClient); neither: the arm holds.
-        `cameras` maps camera name -> object with `.frames` (a TimedBuffer), e.g. OpenCVCamera."""
+        `cameras` maps camera name -> a deploy.cameras.Camera (started: start_cameras)."""
         self.cfg = cfg
         self.driver = driver
         self.dry_run = cfg.dry_run if dry_run is None else dry_run
         self.estop = estop or EStop()
         self.cameras = cameras or {}
+        self.frame_checks = {c.name: FrameCheck(c) for c in cfg.cameras}
+        self.camera_failure: str | None = None   # why the bridge holds for a camera now, or None
+        self._failing_camera: str | None = None
+        self.camera_failures: Counter[str] = Counter()   # failures (not steps) per camera
         self.clock = clock
         self.install_handlers = install_handlers
         self.servo_dt = 1.0 / cfg.driver.servo_hz
@@ -256,7 +267,9 @@ class Bridge:
             self.stats.control_ticks += 1
             aligned = self.aligned(now)
             action = None
-            if self.source is not None:
+            if self.camera_failure is not None:
+                self.stats.camera_holds += 1   # no observation, and no action from an older one: hold
+            elif self.source is not None:
                 action = self.source.act(now, None if aligned is None else aligned.arrays,
                                          None if aligned is None else aligned.state)
             self._plan(now, action)
@@ -270,23 +283,49 @@ class Bridge:
         return done
 
     # ---------------------------------------------------------------- pieces
-    def aligned(self, t: float) -> Aligned | None:
-        """Observation aligned to time t: the last sample at or before t of every source."""
-        st = self.states.at(t)
+    def aligned(self, now: float) -> Aligned | None:
+        """This control step's observation (see Aligned), or None: no state yet, or a camera
+        whose frame may not feed the policy (then `camera_failure` says which and why)."""
+        frames = {}
+        for name, check in self.frame_checks.items():
+            cam = self.cameras.get(name)
+            frame = cam.latest() if cam is not None else None
+            problem = check.problem(frame, now)
+            if problem is not None:
+                self._camera_failed(name, problem)
+                return None
+            frames[name] = frame
+        self._cameras_ok()
+        t = min(f.t for f in frames.values()) if frames else now
+        st = self.states.nearest(t) if frames else self.states.at(t)
         if st is None:
             return None
         obs, times = {}, {}
         for o in self.cfg.spec.observations:
             if o.source == "camera":
-                cam = self.cameras.get(o.camera)
-                frame = cam.frames.at(t) if cam is not None else None
-                if frame is None:
-                    self.counts["missing_frame"] += 1
-                    return None
-                times[o.key], obs[o.key] = frame
+                f = frames[o.camera]
+                times[o.key], obs[o.key] = f.t, f.image
             else:
                 times[o.key], obs[o.key] = st[0], state_observation(o.source, st[1])
+        for f in frames.values():
+            self.stats.frame_state_skew_s.append(abs(f.t - st[0]))
+            self.stats.frame_age_s.append(now - f.t)
         return Aligned(t, obs, times, st[1])
+
+    def _camera_failed(self, name: str, problem: str) -> None:
+        if self._failing_camera != name:   # one message per failure, not one per step
+            if self.frame_checks[name].delivered:
+                log.error("%s: holding the arm until it delivers fresh frames", problem)
+                self.camera_failures[name] += 1
+            else:
+                log.warning("%s yet: holding the arm until it does", problem)
+            self._failing_camera = name
+        self.camera_failure = problem
+
+    def _cameras_ok(self) -> None:
+        if self.camera_failure is not None:
+            log.warning("cameras deliver fresh frames again: control resumes (was: %s)", self.camera_failure)
+            self.camera_failure = self._failing_camera = None
 
     def _plan(self, now: float, action: SourceAction | None) -> None:
         if action is None:
@@ -351,6 +390,11 @@ class Bridge:
             "loop_work": summarize_ms(s.loop_work_s, scale=1e3),
             "obs_to_command": summarize_ms(s.obs_to_command_s, scale=1e3),
         }
+        if self.frame_checks:
+            out["cameras"] = {"frame_state_skew": summarize_ms(s.frame_state_skew_s, scale=1e3),
+                              "frame_age": summarize_ms(s.frame_age_s, scale=1e3),
+                              "held_steps": s.camera_holds, "failures": dict(self.camera_failures),
+                              "failing": self.camera_failure}
         if self.source is not None:
             out.update(self.source.summary())
         return out

@@ -75,9 +75,12 @@ def run(args: argparse.Namespace) -> int:
                                                 "and policy.client_secret_key (dpstack keys generate)", endpoint)
 
     from dpstack.deploy.cameras import start_cameras
-    cameras = start_cameras(cfg.cameras)
-
-    driver = make_driver(cfg.driver)
+    driver = make_driver(cfg.driver, cfg.cameras)
+    try:
+        cameras = start_cameras(cfg.cameras, driver)
+    except (RuntimeError, ImportError) as e:   # a camera that cannot open: nothing has moved yet
+        print(f"dpstack bridge: {e}", file=sys.stderr)
+        return 2
     from dpstack.deploy.bridge import robot_spec
     client = PolicyClient(endpoint, robot_spec(cfg), args.robot_id or cfg.name, timeout_s=link.timeout_s,
                           security=security)

@@ -178,12 +178,33 @@ class ActionConfig:
 
 @dataclass
 class CameraConfig:
+    """One camera of the bridge (deploy/cameras.py). Every frame carries its capture time
+    on this computer's monotonic clock; the bridge holds the arm when a frame is older
+    than `max_age_s` or the camera's frame counter stops advancing for that long."""
+
     name: str
-    device: str = "0"         # OpenCV index ("0") or a path/URL
+    kind: Literal["opencv", "realsense", "mujoco"] = "opencv"
+    # opencv: index ("0") or a path/URL; realsense: serial number ("" = the only one);
+    # mujoco: a camera of the simulated arm's model (sim/arm_process.py: agentview, eye_in_hand)
+    device: str = "0"
     width: int = 84
     height: int = 84
     fps: float = 30.0
-    latency_s: float = 0.0    # capture latency: frames are stamped this much before they arrive
+    # opencv: frames are stamped this much before they arrive (measure it: docs/deploy.md);
+    # realsense and mujoco stamp frames with the device's own capture time instead.
+    latency_s: float = 0.0
+    max_age_s: float = 0.25   # an older newest frame (or a frozen counter) holds the arm
+
+    def __post_init__(self) -> None:
+        _positive(f"camera {self.name!r}", width=self.width, height=self.height, fps=self.fps,
+                  max_age_s=self.max_age_s)
+        if self.latency_s < 0:
+            raise ValueError(f"camera {self.name!r}: latency_s must be >= 0, got {self.latency_s}")
+        # A healthy camera's newest frame is up to latency + one frame period old.
+        fresh = self.latency_s + 1.0 / self.fps
+        if self.max_age_s <= fresh:
+            raise ValueError(f"camera {self.name!r}: max_age_s {self.max_age_s} must exceed latency_s + 1/fps "
+                             f"({fresh:.3f} s), or every frame counts as stale; raise max_age_s")
 
 
 @dataclass
@@ -209,6 +230,12 @@ class BridgeConfig:
 
     def __post_init__(self) -> None:
         names = {c.name for c in self.cameras}
+        if len(names) != len(self.cameras):
+            raise ValueError("cameras: two cameras share a name")
+        for c in self.cameras:
+            if c.kind == "mujoco" and self.driver.kind != "mujoco":
+                raise ValueError(f"camera {c.name!r} is rendered by the simulated arm (kind: mujoco), "
+                                 f"which needs driver.kind: mujoco, not {self.driver.kind!r}")
         for o in self.spec.observations:
             if o.source == "camera" and o.camera not in names:
                 raise ValueError(f"observation {o.key!r} uses camera {o.camera!r} not listed in cameras {sorted(names)}")
@@ -217,6 +244,16 @@ class BridgeConfig:
         if not self.action.gripper_closed_width <= self.safety.gripper_max_width or \
                 not self.action.gripper_open_width <= self.safety.gripper_max_width:
             raise ValueError("action gripper widths exceed safety.gripper_max_width")
+
+
+def without_cameras(cfg: BridgeConfig) -> BridgeConfig:
+    """A copy of `cfg` that publishes the arm's state only (no camera observations or cameras)."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out.spec.observations = [o for o in out.spec.observations if o.source != "camera"]
+    out.cameras = []
+    return out
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> BridgeConfig:

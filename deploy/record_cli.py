@@ -92,9 +92,10 @@ def run(args: argparse.Namespace) -> int:
     status, summary, cameras, session = 0, None, {}, None
     bridge = None
     try:
-        cameras = start_cameras(cfg.cameras)
+        driver = make_driver(cfg.driver, cfg.cameras)
+        cameras = start_cameras(cfg.cameras, driver)
         source = TeleopSource(device, cfg.action)
-        bridge = Bridge(cfg, make_driver(cfg.driver), source=source, dry_run=False, estop=estop, cameras=cameras)
+        bridge = Bridge(cfg, driver, source=source, dry_run=False, estop=estop, cameras=cameras)
         bridge.start()
         source.home_pose = bridge.safety.commanded   # where it started, inside the workspace box
         spec = bridge.spec

@@ -27,6 +27,7 @@ GRIPPER = "gripper"  # width: float, metres
 STOP = "stop"        # decelerate and hold where the arm is; servo commands resume motion
 QUIT = "quit"        # end the controller process
 STATE = "state"      # controller -> driver
+FRAME = "frame"      # controller -> driver, one per camera socket: name, t, seq, image (H, W, 3) uint8
 
 
 class LinkError(ValueError):

@@ -24,6 +24,8 @@ import os
 import sys
 import time
 
+os.environ.setdefault("MUJOCO_GL", "egl")   # before mujoco: headless rendering for --camera
+
 import mujoco
 import numpy as np
 import zmq
@@ -46,6 +48,30 @@ def panda_model_path() -> str:
     return os.path.join(spec.submodule_search_locations[0], "models", "assets", "robots", "panda", "robot.xml")
 
 
+def panda_scene(cameras: bool) -> mujoco.MjModel:
+    """The arm's model; with cameras, also a light, a floor and an `agentview` camera
+    facing the arm (visual only: the physics is the same model's)."""
+    if not cameras:
+        return mujoco.MjModel.from_xml_path(panda_model_path())
+    spec = mujoco.MjSpec.from_file(panda_model_path())
+    world = spec.worldbody
+    world.add_light(pos=[0.8, 0.0, 1.6], dir=[-0.3, 0.0, -1.0], diffuse=[0.8, 0.8, 0.8], castshadow=False)
+    world.add_light(pos=[-0.5, 0.8, 1.2], dir=[0.5, -0.6, -1.0], diffuse=[0.3, 0.3, 0.3], castshadow=False)
+    world.add_geom(type=mujoco.mjtGeom.mjGEOM_PLANE, size=[1.5, 1.5, 0.01], rgba=[0.45, 0.4, 0.35, 1.0],
+                   contype=0, conaffinity=0)
+    world.add_geom(type=mujoco.mjtGeom.mjGEOM_BOX, pos=[0.5, 0.0, 0.005], size=[0.2, 0.3, 0.005],
+                   rgba=[0.2, 0.3, 0.6, 1.0], contype=0, conaffinity=0)   # a mat: something fixed to see
+    eye, target = np.array([1.5, 0.0, 0.9]), np.array([0.45, 0.0, 0.2])
+    back = (eye - target) / np.linalg.norm(eye - target)       # a camera looks along its -z
+    right = np.cross([0.0, 0.0, 1.0], back)
+    right /= np.linalg.norm(right)
+    up = np.cross(back, right)
+    quat = np.zeros(4)
+    mujoco.mju_mat2Quat(quat, np.column_stack([right, up, back]).ravel())
+    world.add_camera(name="agentview", pos=eye, quat=quat, fovy=45.0)
+    return spec.compile()
+
+
 def _wxyz_to_xyzw(q: np.ndarray) -> np.ndarray:
     return np.array([q[1], q[2], q[3], q[0]])
 
@@ -58,8 +84,8 @@ class PandaOSC:
     """Physics plus an operational-space controller on the tool point."""
 
     def __init__(self, initial_joints=HOME_JOINTS, kp: float = 400.0, kp_rot: float = 300.0,
-                 kp_null: float = 10.0):
-        self.model = mujoco.MjModel.from_xml_path(panda_model_path())
+                 kp_null: float = 10.0, cameras: bool = False):
+        self.model = panda_scene(cameras)
         self.data = mujoco.MjData(self.model)
         self.nv = self.model.nv
         self.hand = self.model.body("right_hand").id
@@ -111,10 +137,59 @@ class PandaOSC:
         mujoco.mj_step(m, d)
 
 
+class CameraRenderer:
+    """One camera rendered from the simulation at its size and rate, published on its own
+    socket: each frame carries the monotonic time of the simulated instant it shows."""
+
+    def __init__(self, sim: PandaOSC, ctx: zmq.Context, spec: str):
+        try:
+            name, self.camera, width, height, fps = spec.split(":")
+            self.width, self.height, self.fps = int(width), int(height), float(fps)
+        except ValueError:
+            raise SystemExit(f"arm_process: --camera {spec!r} is not NAME:MODEL_CAMERA:WIDTH:HEIGHT:FPS") from None
+        if mujoco.mj_name2id(sim.model, mujoco.mjtObj.mjOBJ_CAMERA, self.camera) < 0:
+            names = [sim.model.camera(i).name for i in range(sim.model.ncam)]
+            raise SystemExit(f"arm_process: camera {self.camera!r} is not in the arm's model (it has {names})")
+        if self.width * self.height * 3 > arm_link.MAX_MESSAGE_BYTES - 4096:
+            raise SystemExit(f"arm_process: camera {name!r} frames of {self.width}x{self.height} exceed the link's "
+                             f"{arm_link.MAX_MESSAGE_BYTES} bytes")
+        self.name = name
+        self.sim = sim
+        self.renderer = mujoco.Renderer(sim.model, self.height, self.width)
+        # Geom group 0 only (the arm's collision meshes and the scene): the visual meshes are
+        # 140k faces, 4x the render time in software GL for no difference at 84x84.
+        self.options = mujoco.MjvOption()
+        self.options.geomgroup[:] = [1, 0, 0, 0, 0, 0]
+        self.pub = ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.SNDHWM, 2)
+        self.pub.bind("tcp://127.0.0.1:*")
+        self.endpoint = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.next_due = -math.inf
+        self.seq = 0
+
+    def due(self, now: float) -> bool:
+        return now >= self.next_due
+
+    def render(self, t: float) -> None:
+        """Render the simulation as it is at `t` (its last published state) and send it."""
+        self.renderer.update_scene(self.sim.data, camera=self.camera, scene_option=self.options)
+        image = self.renderer.render()
+        self.seq += 1
+        self.pub.send(arm_link.encode(arm_link.FRAME, name=self.name, t=t, seq=self.seq, image=image))
+        period = 1.0 / self.fps
+        # On schedule: the next slot; fell a whole period behind (or the first frame): from now.
+        self.next_due = t + period if t - self.next_due > period else self.next_due + period
+
+    def close(self) -> None:
+        self.renderer.close()
+        self.pub.close(0)
+
+
 class ArmController:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.sim = PandaOSC(args.initial_joints or HOME_JOINTS)
+        self.sim = PandaOSC(args.initial_joints or HOME_JOINTS, cameras=bool(args.camera))
         self.period = 1.0 / args.servo_hz
         self.substeps = max(1, round(self.period / self.sim.model.opt.timestep))
         self.rng = np.random.default_rng(args.seed)
@@ -137,6 +212,7 @@ class ArmController:
         self.pub.setsockopt(zmq.SNDHWM, 4)
         self.cmd_endpoint = self._bind(self.cmd, args.command)
         self.state_endpoint = self._bind(self.pub, args.state)
+        self.cameras = [CameraRenderer(self.sim, self.ctx, spec) for spec in args.camera]
 
     @staticmethod
     def _bind(sock: zmq.Socket, endpoint: str) -> str:
@@ -206,7 +282,9 @@ class ArmController:
         step = GRIPPER_SPEED * self.period
         self.gripper_width += float(np.clip(self.gripper_target - self.gripper_width, -step, step))
 
-    def _publish(self, tick: int) -> None:
+    def _publish(self, tick: int) -> float:
+        """Send this tick's state; returns its timestamp."""
+        t = time.monotonic()
         pos, quat = self.sim.tool_pose()
         noisy_pos = pos + self.rng.normal(0.0, self.args.position_noise, 3)
         rot_noise = self.rng.normal(0.0, self.args.rotation_noise, 3)
@@ -214,18 +292,26 @@ class ArmController:
         mujoco.mju_copy4(noisy, quat)
         mujoco.mju_quatIntegrate(noisy, rot_noise, 1.0)
         self.pub.send(arm_link.encode(
-            arm_link.STATE, t=time.monotonic(), tick=tick, mode=self.mode,
+            arm_link.STATE, t=t, tick=tick, mode=self.mode,
             q=self.sim.data.qpos.copy(), dq=self.sim.data.qvel.copy(),
             pos=noisy_pos, quat=_wxyz_to_xyzw(noisy),
             gripper=float(self.gripper_width), gripper_moving=abs(self.gripper_target - self.gripper_width) > 1e-4,
             overruns=self.counts["overruns"], servo_count=self.counts["servo"], watchdog_stops=self.counts["watchdog_stops"]))
+        return t
+
+    def _pause(self, seconds: float) -> float:
+        """Stop the controller's clock for `seconds` (its watchdog, command latency); returns it."""
+        self.last_servo += seconds
+        self.pending = collections.deque((due + seconds, msg) for due, msg in self.pending)
+        return seconds
 
     def run(self) -> int:
         rng = self.sim.joint_range
         pos, quat = self.sim.tool_pose()
         announce_ready(command=self.cmd_endpoint, state=self.state_endpoint, servo_hz=self.args.servo_hz,
                        pid=os.getpid(), joint_lower=rng[:, 0].tolist(), joint_upper=rng[:, 1].tolist(),
-                       gripper_max_width=GRIPPER_MAX_WIDTH, pos=pos.tolist(), quat=_wxyz_to_xyzw(quat).tolist())
+                       gripper_max_width=GRIPPER_MAX_WIDTH, pos=pos.tolist(), quat=_wxyz_to_xyzw(quat).tolist(),
+                       cameras={c.name: c.endpoint for c in self.cameras})
         next_t = time.monotonic()
         tick = 0
         while True:
@@ -238,8 +324,14 @@ class ArmController:
                 self._hold_here()
                 self.counts["watchdog_stops"] += 1
             self._track()
-            self._publish(tick)
+            t = self._publish(tick)
             tick += 1
+            for camera in self.cameras:
+                if camera.due(t):
+                    # The world does not advance while it is rendered: the frame shows the state
+                    # just published, and the controller's clock stops for the render's duration.
+                    camera.render(t)
+                    next_t += self._pause(time.monotonic() - t)
             next_t += self.period
             delay = next_t - time.monotonic()
             if delay > 0:
@@ -262,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--initial-joints", type=float, nargs=7, default=None, metavar="RAD",
                    help="seven joint angles to start from (default: the robot's home pose)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sensor noise (default 0)")
+    p.add_argument("--camera", action="append", default=[], metavar="NAME:MODEL_CAMERA:WIDTH:HEIGHT:FPS",
+                   help="render a camera of the model (agentview, eye_in_hand, robotview) and publish its frames")
     args = p.parse_args(argv)
     if args.servo_hz <= 0 or args.bandwidth_hz <= 0:
         p.error("--servo-hz and --bandwidth-hz must be positive")
@@ -271,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        for camera in controller.cameras:
+            camera.close()
         controller.cmd.close(0)
         controller.pub.close(0)
         controller.ctx.term()

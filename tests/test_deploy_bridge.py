@@ -18,7 +18,7 @@ import yaml
 from dpstack.deploy import rotations as R
 from dpstack.deploy.bridge import Bridge, action_to_target, robot_spec
 from dpstack.deploy.cameras import TimedBuffer
-from dpstack.deploy.config import CONFIG_DIR, load_config
+from dpstack.deploy.config import CONFIG_DIR, load_config, without_cameras
 from dpstack.deploy.drivers.base import Pose
 from dpstack.deploy.drivers.mujoco_arm import MujocoArm
 from dpstack.deploy.estop import send
@@ -29,7 +29,8 @@ GOAL = np.array([0.62, 0.08, 0.15])
 
 
 def sim_config(**safety):
-    cfg = load_config("sim")
+    """sim.yaml publishing the arm's state only (the goal policy reads no camera)."""
+    cfg = without_cameras(load_config("sim"))
     cfg.driver.servo_hz = 125
     cfg.safety.estop_endpoint = ""
     for k, v in safety.items():
@@ -243,7 +244,7 @@ def test_bridge_cli_stops_with_a_sentence_when_the_policy_reads_an_observation_t
     assert done.returncode == 1, done.stdout + done.stderr
     message = done.stderr.strip().splitlines()[-1]
     assert message.startswith("dpstack bridge:") and "object-state" in message, done.stderr
-    published = "['robot0_eef_pos', 'robot0_eef_quat', 'robot0_gripper_qpos']"
+    published = "['robot0_eef_pos', 'robot0_eef_quat', 'robot0_gripper_qpos', 'agentview_image']"
     assert f"the robot publishes {published}" in message and "the policy reads" in message, message
     assert "Traceback" not in done.stderr
     assert json.loads(done.stdout.split("summary ", 1)[1])["ticks"] < 125 * 5   # stopped at once, not after the run

@@ -24,8 +24,8 @@ import yaml
 from dpstack import cli
 from dpstack.data.replay_buffer import DatasetAttrs, ReplayBuffer
 from dpstack.deploy.bridge import Aligned, Bridge, ControlStep, robot_spec
-from dpstack.deploy.cameras import TimedBuffer
-from dpstack.deploy.config import CONFIG_DIR, CameraConfig, ObservationSource, load_config
+from dpstack.deploy.cameras import CameraThread, Frame
+from dpstack.deploy.config import CONFIG_DIR, CameraConfig, ObservationSource, load_config, without_cameras
 from dpstack.deploy.drivers.base import ArmState, Pose
 from dpstack.deploy.drivers.franky import FrankyDriver
 from dpstack.deploy.drivers.mujoco_arm import MujocoArm
@@ -39,6 +39,8 @@ STEPS = 40
 
 def sim_yaml(tmp_path) -> str:
     config = yaml.safe_load((CONFIG_DIR / "sim.yaml").read_text())
+    config["spec"]["observations"] = [o for o in config["spec"]["observations"] if o["source"] != "camera"]
+    config["cameras"] = []   # the arm's state only: these tests record no frames
     config["driver"]["servo_hz"] = 125
     config["spec"]["control_hz"] = 50   # short episodes in wall time; the loop is the same
     config["safety"].update(estop_endpoint="", estop_keys=False)
@@ -181,7 +183,7 @@ def test_replay_streams_load_from_stores_npy_and_json_and_refuse_the_wrong_width
         load_replay(tmp_path / "one.npy", action_dim=8)
     spec = robot_spec(load_config("sim"))
     rb = ReplayBuffer.create(tmp_path / "s.zarr", DatasetAttrs(spec.task, spec.control_hz, spec, "human"))
-    ep = {o.key: np.zeros((4,) + o.shape, np.float32) for o in spec.observations}
+    ep = {o.key: np.zeros((4,) + o.shape, o.dtype) for o in spec.observations}
     rb.add_episode({**ep, "action": np.full((4, 7), 0.5, np.float32)})
     got = load_replay(tmp_path / "s.zarr")
     assert len(got) == 1 and np.all(got[0].actions == 0.5)
@@ -219,25 +221,24 @@ def test_record_mistakes_get_one_sentence_and_status_2(tmp_path, argv, says):
     assert not (tmp_path / "d.zarr").exists()
 
 
-class SyntheticCamera(threading.Thread):
+class SyntheticCamera(CameraThread):
     """A stand-in for a camera we cannot have here: frames at `fps`, each filled with its own
     index, stamped `latency_s` before they arrive (as OpenCVCamera stamps them)."""
 
     def __init__(self, size: int = 8, fps: float = 30.0, latency_s: float = 0.02):
-        super().__init__(daemon=True)
-        self.frames = TimedBuffer(maxlen=64)
-        self.size, self.period, self.latency_s = size, 1.0 / fps, latency_s
-        self.halt = threading.Event()
+        super().__init__(CameraConfig("synthetic", width=size, height=size, fps=fps, latency_s=latency_s))
+        self.i = 0
 
-    def run(self) -> None:
-        i = 0
-        while not self.halt.wait(self.period):
-            self.frames.append(time.monotonic() - self.latency_s, np.full((self.size, self.size, 3), i % 256, np.uint8))
-            i += 1
+    def grab(self) -> Frame | None:
+        if self._halt.wait(1.0 / self.cfg.fps):
+            return None
+        self.i += 1
+        image = np.full((self.cfg.height, self.cfg.width, 3), self.i % 256, np.uint8)
+        return Frame(time.monotonic() - self.cfg.latency_s, image, self.i)
 
 
 def camera_config(size: int = 8):
-    cfg = load_config("sim")
+    cfg = without_cameras(load_config("sim"))
     cfg.driver.servo_hz = 125
     cfg.safety.estop_endpoint, cfg.safety.estop_keys = "", False
     cfg.cameras.append(CameraConfig("agentview", width=size, height=size, fps=30.0))
@@ -260,7 +261,7 @@ def test_camera_frames_are_recorded_aligned_to_the_control_ticks_with_their_skew
         figures = session.run()
     finally:
         bridge.close()
-        camera.halt.set()
+        camera.stop()
     rb = ReplayBuffer.open(tmp_path / "cam.zarr")
     assert rb.attrs.spec.observations[-1].shape == (8, 8, 3) and rb.n_episodes == 1
     ep = rb.get_episode(0)
@@ -321,7 +322,7 @@ def test_recording_drives_the_vendor_drivers_through_the_same_interface(tmp_path
     finally:
         bridge.close()
         for cam in cameras.values():
-            cam.halt.set()
+            cam.stop()
     rb = ReplayBuffer.open(tmp_path / f"{robot}.zarr")
     assert rb.n_episodes == 1 and rb.attrs.spec == bridge.spec
     np.testing.assert_array_equal(rb.get_episode(0)["action"], actions)

@@ -1,11 +1,14 @@
 """Arm drivers. `make_driver` picks one from the config; vendor SDKs load lazily."""
 from __future__ import annotations
 
-from dpstack.deploy.config import DriverConfig
+from typing import Iterable
+
+from dpstack.deploy.config import CameraConfig, DriverConfig
 from dpstack.deploy.drivers.base import ArmDriver, ArmState, DriverInfo, Pose
 
 
-def make_driver(cfg: DriverConfig) -> ArmDriver:
+def make_driver(cfg: DriverConfig, cameras: Iterable[CameraConfig] = ()) -> ArmDriver:
+    """The driver for `cfg`; the simulated arm also renders the `cameras` of kind mujoco."""
     if cfg.kind == "ur_rtde":
         from dpstack.deploy.drivers.ur_rtde import URRtdeDriver
         return URRtdeDriver(cfg)
@@ -14,7 +17,7 @@ def make_driver(cfg: DriverConfig) -> ArmDriver:
         return FrankyDriver(cfg)
     if cfg.kind == "mujoco":
         from dpstack.deploy.drivers.mujoco_arm import MujocoArm
-        return MujocoArm(cfg)
+        return MujocoArm(cfg, cameras)
     raise ValueError(f"unknown driver kind {cfg.kind!r}")
 
 

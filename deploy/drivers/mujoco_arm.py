@@ -11,20 +11,59 @@ mujoco: the process is started as `python -m dpstack.sim.arm_process`.
 from __future__ import annotations
 
 import subprocess
+from typing import Iterable
 
 import numpy as np
 import zmq
 
 from dpstack.core.process import ChildFailed, ChildProcess
-from dpstack.deploy.config import DriverConfig
+from dpstack.deploy.cameras import CameraThread, Frame
+from dpstack.deploy.config import CameraConfig, DriverConfig
 from dpstack.deploy.drivers.base import ArmState, DriverInfo, Pose
 from dpstack.runtime import arm_link
 
 
+class MujocoCamera(CameraThread):
+    """A camera rendered by the simulated arm's process (its `kind: mujoco` cameras): frames
+    arrive on the camera's own socket, stamped with the simulated instant they show.
+    It delivers once its MujocoArm has connected."""
+
+    def __init__(self, cfg: CameraConfig, buffer_s: float = 2.0):
+        super().__init__(cfg, buffer_s)
+        self.endpoint: str | None = None   # set by MujocoArm.connect
+        self._sub: zmq.Socket | None = None
+
+    def grab(self) -> Frame | None:
+        if self._sub is None:
+            if self.endpoint is None:
+                self._halt.wait(0.01)
+                return None
+            self._sub = zmq.Context.instance().socket(zmq.SUB)   # made and used in this thread only
+            self._sub.setsockopt(zmq.LINGER, 0)
+            self._sub.setsockopt(zmq.RCVHWM, 2)
+            self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+            self._sub.connect(self.endpoint)
+        if not self._sub.poll(100):
+            return None
+        msg = arm_link.decode(self._sub.recv())
+        image = msg["image"]
+        if image.dtype != np.uint8 or image.shape != (self.cfg.height, self.cfg.width, 3):
+            raise arm_link.LinkError(f"frame {image.dtype} {image.shape}, configured {self.cfg.height}x{self.cfg.width}")
+        return Frame(float(msg["t"]), image, int(msg["seq"]))
+
+    def release(self) -> None:
+        if self._sub is not None:
+            self._sub.close(0)
+            self._sub = None
+
+
 class MujocoArm:
-    def __init__(self, cfg: DriverConfig, start_timeout_s: float = 30.0):
+    def __init__(self, cfg: DriverConfig, cameras: Iterable[CameraConfig] = (), start_timeout_s: float = 30.0):
+        """`cameras`: the robot YAML's cameras; those of kind mujoco are rendered by the
+        arm's process and delivered by `self.cameras[name]` (start them: deploy/cameras.py)."""
         self.cfg = cfg
         self.opts = cfg.mujoco
+        self.cameras = {c.name: MujocoCamera(c) for c in cameras if c.kind == "mujoco"}
         self.start_timeout_s = start_timeout_s
         self.process: ChildProcess | None = None
         self._ctx = zmq.Context.instance()
@@ -41,6 +80,9 @@ class MujocoArm:
                 "--bandwidth-hz", str(o.bandwidth_hz), "--seed", str(o.seed)]
         if o.initial_joints:
             args += ["--initial-joints", *map(str, o.initial_joints)]
+        for cam in self.cameras.values():
+            c = cam.cfg
+            args += ["--camera", f"{c.name}:{c.device}:{c.width}:{c.height}:{c.fps}"]
         self.process = ChildProcess.python("dpstack.sim.arm_process", *args, name="simulated arm process")
         try:
             return self.process.wait_ready(self.start_timeout_s)
@@ -61,6 +103,8 @@ class MujocoArm:
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         self._sub.connect(info["state"])
         self._wait_state(5.0)
+        for name, endpoint in info.get("cameras", {}).items():
+            self.cameras[name].endpoint = endpoint
         return DriverInfo(name="mujoco_panda", servo_hz=self.cfg.servo_hz, n_joints=len(info["joint_lower"]),
                           joint_lower=np.array(info["joint_lower"]), joint_upper=np.array(info["joint_upper"]),
                           gripper_max_width=info["gripper_max_width"], extra={"pid": info["pid"]})
