@@ -246,22 +246,22 @@ class RealSenseCamera(CameraThread):
                 sensor.set_option(rs.option.global_time_enabled, 1)
         self._offsets: collections.deque[float] = collections.deque(maxlen=300)
 
-    def capture_time(self, device_ms: float, domain: Any, arrived: float) -> float:
-        """A frame's device timestamp (ms) in `domain`, on the monotonic clock."""
-        rs = self.rs
-        if domain == rs.timestamp_domain.hardware_clock:
+    def capture_time(self, device_ms: float, domain: Any, arrived: float, wall: float) -> float:
+        """A frame's device timestamp (ms) in `domain`, on the monotonic clock; `arrived` and
+        `wall` are time.monotonic() and time.time() read together when it arrived."""
+        if domain == self.rs.timestamp_domain.hardware_clock:
             self._offsets.append(arrived - device_ms / 1e3)
             return device_ms / 1e3 + min(self._offsets)
         # global_time and system_time: the host's wall clock (ms since the epoch)
-        return device_ms / 1e3 - (time.time() - time.monotonic())
+        return device_ms / 1e3 - (wall - arrived)
 
     def grab(self) -> Frame | None:
         frames = self.pipeline.wait_for_frames(int(max(1.0, 2.0 / self.cfg.fps) * 1000))
-        arrived = time.monotonic()
+        arrived, wall = time.monotonic(), time.time()
         color = frames.get_color_frame()
         if not color:
             return None
-        t = self.capture_time(color.get_timestamp(), color.get_frame_timestamp_domain(), arrived)
+        t = self.capture_time(color.get_timestamp(), color.get_frame_timestamp_domain(), arrived, wall)
         image = fit(np.asanyarray(color.get_data()), self.cfg)
         return Frame(t, image, int(color.get_frame_number()))
 
