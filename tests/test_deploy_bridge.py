@@ -68,6 +68,45 @@ def run_then_close(bridge, client, servers: list, **run) -> dict:
             server.kill()
 
 
+def record_sent(arm) -> dict:
+    """Every pose and gripper width that actually reaches `arm` from now on."""
+    sent = {"pos": [], "quat": [], "gripper": []}
+    servo, gripper = arm.servo, arm.gripper
+    arm.servo = lambda p: (sent["pos"].append(p.position.copy()), sent["quat"].append(p.quat.copy()), servo(p))[-1]
+    arm.gripper = lambda w: (sent["gripper"].append(float(w)), gripper(w))[-1]
+    return sent
+
+
+def assert_within_limits(sent: dict, cfg) -> None:
+    """Every command in `sent` (record_sent) stayed inside the robot YAML's safety limits."""
+    s = cfg.safety
+    dt = 1.0 / cfg.driver.servo_hz
+    pos, quat, widths = np.array(sent["pos"]), np.array(sent["quat"]), np.array(sent["gripper"])
+    assert np.isfinite(pos).all() and np.isfinite(quat).all() and np.isfinite(widths).all()
+    eps = 1e-9
+    assert np.all(pos >= np.array(s.workspace_low) - eps) and np.all(pos <= np.array(s.workspace_high) + eps)
+    step = np.linalg.norm(np.diff(pos, axis=0), axis=1)
+    assert step.max() <= min(s.max_linear_speed * dt, s.max_step_position) + eps, step.max()
+    turn = np.array([R.angle_between(a, b) for a, b in zip(quat[:-1], quat[1:])])
+    assert turn.max() <= min(s.max_angular_speed * dt, s.max_step_rotation) + 1e-6, turn.max()
+    assert np.all(widths >= s.gripper_min_width - eps) and np.all(widths <= s.gripper_max_width + eps)
+
+
+def assert_held_by_the_watchdog_deadline(trace: "Trace", killed: float, cfg) -> None:
+    """After the policy server died at `killed`: at rest within watchdog_s + one servo period
+    of the last chunk, and still there."""
+    t, speed, cpos, chunks = np.array(trace.t), np.array(trace.speed), np.array(trace.pos), np.array(trace.chunks)
+    before_kill = t < killed
+    last_chunk_time = t[np.flatnonzero(before_kill & (chunks == chunks[before_kill].max()))[0]]
+    window = t > last_chunk_time + cfg.safety.watchdog_s + 1.0 / cfg.driver.servo_hz
+    assert window.sum() > 20
+    moving = t[window][speed[window] > 0]
+    assert moving.size == 0, ("the commanded motion must be stopped by the watchdog deadline: still moving "
+                              f"{moving[-1] - last_chunk_time:.3f} s after the last chunk; servo cycles after it "
+                              f"came up to {np.diff(t[t >= last_chunk_time]).max() * 1e3:.0f} ms apart")
+    assert np.all(cpos[window] == cpos[window][0])
+
+
 class Trace:
     """Every command the bridge produced, with its time."""
 
