@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpstack.deploy.bridge import robot_spec  # noqa: E402
 from dpstack.core.spec import ArraySpec  # noqa: E402
-from dpstack.deploy.config import load_config  # noqa: E402
+from dpstack.deploy.config import load_config, without_cameras  # noqa: E402
 from dpstack.runtime.protocol import PolicyInfo  # noqa: E402
 from dpstack.runtime.server import PlainChunk, PolicyServer, ServerConfig, run_until_signalled  # noqa: E402
 
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--needs", default=None, metavar="KEY",
                    help="the policy also reads this (10,) observation, which the robot config may not publish")
     args = p.parse_args(argv)
-    cfg = load_config(args.config)
+    cfg = without_cameras(load_config(args.config))   # the goal policy reads the arm's position only
     spec = robot_spec(cfg)
     if args.needs:
         spec = dataclasses.replace(spec, observations=(*spec.observations, ArraySpec(args.needs, (10,))))
