@@ -29,6 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", dest="summary", default=None, metavar="FILE", help="also write the run summary as JSON here")
     p.add_argument("--summary", dest="summary", help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level, not only warnings and errors")
+    p.add_argument("--check-cameras", type=float, default=None, metavar="SECONDS",
+                   help="only watch the YAML's cameras for SECONDS and report each one's frame rate, frame age "
+                        "and health (no policy link; the arm is started only for cameras it renders)")
+    p.add_argument("--save-frames", default=None, metavar="DIR",
+                   help="with --check-cameras: write every new frame to DIR, named by arrival and capture time (ms)")
     realtime.add_arguments(p)
 
 
@@ -51,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"dpstack bridge: {e}", file=sys.stderr)
         return 2
+    if args.check_cameras is not None:
+        return check_cameras(cfg, args.check_cameras, args.save_frames)
     endpoint = args.endpoint or cfg.policy.endpoint
     try:
         check_endpoint(endpoint)
@@ -123,3 +130,39 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return status
+
+
+def check_cameras(cfg, seconds: float, save_dir: str | None) -> int:
+    """`--check-cameras`: report the configured cameras; status 1 when one is unfit to feed a policy."""
+    import os
+
+    from dpstack.deploy import cameras as cams
+    from dpstack.deploy.drivers import make_driver
+
+    if not cfg.cameras:
+        print(f"dpstack bridge: {cfg.name} lists no cameras", file=sys.stderr)
+        return 2
+    if save_dir is not None:
+        os.makedirs(save_dir, exist_ok=True)
+    rendered = any(c.kind == "mujoco" for c in cfg.cameras)
+    driver = make_driver(cfg.driver, cfg.cameras) if rendered else None
+    running = {}
+    try:
+        running = cams.start_cameras(cfg.cameras, driver)
+        if driver is not None:
+            driver.connect()   # the simulated arm renders its cameras
+        report = cams.check_cameras(running, seconds, save_dir)
+    except (RuntimeError, ImportError) as e:
+        print(f"dpstack bridge: {e}", file=sys.stderr)
+        return 2
+    finally:
+        for cam in running.values():
+            cam.stop()
+        if driver is not None:
+            driver.close()
+    print(json.dumps(report, indent=2, sort_keys=True), flush=True)
+    bad = [f"{name}: {r['verdict']}" for name, r in report.items() if r["verdict"] != "ok"]
+    if bad:
+        print("dpstack bridge: " + "; ".join(bad), file=sys.stderr)
+        return 1
+    return 0

@@ -298,3 +298,45 @@ def start_cameras(configs: Iterable[CameraConfig], driver: Any = None) -> dict[s
             cam.stop()
         raise
     return cameras
+
+
+def check_cameras(cameras: dict[str, Camera], seconds: float, save_dir: str | None = None,
+                  clock=time.monotonic) -> dict[str, dict]:
+    """Watch running cameras for `seconds`: per camera, new frames and their rate, the age of
+    each new frame when first seen (now - capture time: what the bridge will see), and the
+    verdict of the bridge's FrameCheck at the end ("ok", or why the bridge would hold).
+    With `save_dir`, every new frame is written there as NAME_<arrival ms>_<capture ms>.png
+    (the latency procedure in docs/deploy.md reads a clock shown in them)."""
+    from dpstack.core.stats import summarize_ms
+
+    seen: dict[str, list[Frame]] = {name: [] for name in cameras}
+    ages: dict[str, list[float]] = {name: [] for name in cameras}
+    checks = {name: FrameCheck(cam.cfg) for name, cam in cameras.items()}   # as the bridge checks them
+    verdicts: dict[str, str | None] = {}
+    end = clock() + seconds
+    while clock() < end:
+        for name, cam in cameras.items():
+            f = cam.latest()
+            now = clock()
+            verdicts[name] = checks[name].problem(f, now)
+            if f is not None and (not seen[name] or f.seq != seen[name][-1].seq):
+                seen[name].append(f)
+                ages[name].append(now - f.t)
+                if save_dir is not None:
+                    _save_png(f"{save_dir}/{name}_{now * 1e3:.0f}_{f.t * 1e3:.0f}.png", f.image)
+        time.sleep(0.002)
+    out = {}
+    for name, cam in cameras.items():
+        frames = seen[name]
+        span = frames[-1].t - frames[0].t if len(frames) > 1 else 0.0
+        out[name] = {"kind": cam.cfg.kind, "frames": len(frames),
+                     "fps": (len(frames) - 1) / span if span > 0 else 0.0, "configured_fps": cam.cfg.fps,
+                     "size": None if not frames else list(frames[-1].image.shape),
+                     "age_when_seen": summarize_ms(ages[name], scale=1e3),
+                     "verdict": verdicts.get(name) or "ok"}
+    return out
+
+
+def _save_png(path: str, image: np.ndarray) -> None:
+    import cv2
+    cv2.imwrite(path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))

@@ -361,3 +361,32 @@ def test_opencv_camera_counts_only_new_images_so_a_stuck_device_reads_as_frozen(
     assert [f.seq for f in frames] == [1, 2, 2, 2, 3]
     assert all(f.image.shape == (12, 16, 3) and f.image.dtype == np.uint8 for f in frames)
     assert np.all(np.diff([f.t for f in frames]) >= 0)
+
+
+# ---------------------------------------------------------------- `dpstack bridge --check-cameras`
+def test_check_cameras_reports_rate_age_and_a_frozen_camera(tmp_path):
+    clock = Clock()
+
+    class Scripted(FakeCamera):
+        """Frames at 25 Hz captured 30 ms before the probe sees them; frozen: one counter."""
+
+        def __init__(self, name, frozen):
+            super().__init__()
+            self.cfg = CameraConfig(name, fps=25.0, max_age_s=0.2)
+            self.frozen = frozen
+
+        def latest(self):
+            clock.t += 0.001   # every look takes 1 ms of the fake clock
+            n = int((clock.t - 100.0) / 0.04)
+            return Frame(n * 0.04 + 100.0 - 0.03, image(n % 256), 1 if self.frozen else n)
+
+    from dpstack.deploy.cameras import check_cameras
+
+    cams = {"good": Scripted("good", False), "stuck": Scripted("stuck", True)}
+    report = check_cameras(cams, 1.0, str(tmp_path), clock=clock)
+    good, stuck = report["good"], report["stuck"]
+    assert 20 <= good["frames"] <= 26 and good["fps"] == pytest.approx(25.0, rel=0.05)
+    assert good["size"] == [84, 84, 3] and good["verdict"] == "ok"
+    assert 30.0 <= good["age_when_seen"]["p50_ms"] <= 33.0
+    assert stuck["frames"] == 1 and "frozen: frame #1" in stuck["verdict"]
+    assert len(list(tmp_path.glob("good_*.png"))) == good["frames"]
