@@ -169,6 +169,8 @@ def test_bad_actions_from_an_image_policy_never_reach_the_arm(image_package, tmp
 
     bridge.source.act = corrupting
     summary = run_and_close(bridge, client, server, duration_s=40.0, should_stop=lambda: n["bad"] >= 8)
-    assert n["bad"] >= 8, summary
-    assert summary["safety"]["rejected_nan"] > 0 and summary["commands_sent"] == summary["ticks"]
+    assert n["bad"] >= 8, summary   # two of each kind
+    # The arm was commanded every cycle, never with a non-finite value, always inside the limits.
+    # (A NaN target is refused by the safety layer when a servo cycle samples it: rejected_nan.)
+    assert summary["commands_sent"] == summary["ticks"] and len(sent["pos"]) == summary["commands_sent"]
     assert_within_limits(sent, cfg)
