@@ -350,7 +350,11 @@ def test_the_keyboard_device_records_from_a_real_terminal_and_restores_it(tmp_pa
         raise AssertionError(f"no {text!r} in {''.join(lines)}")
 
     try:
-        time.sleep(0.5)
+        # Type only once the recorder has the terminal in cbreak mode: entering it flushes
+        # what was typed before (a loaded machine starts the recorder in seconds, not 0.5 s).
+        deadline = time.monotonic() + 60.0
+        while termios.tcgetattr(slave)[3] & termios.ICANON and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         os.write(master, b"n")
         wait_for("episode 1: recording")
         for _ in range(25):
