@@ -2,6 +2,8 @@
 
 Observations are float32 state vectors (and uint8 HWC images, upright, when
 cameras are requested); actions are the task robot's 7-D delta pose + gripper.
+Quaternions in them (found by robosuite's observable names) are sign-continuous
+within an episode: see dpstack.core.quaternion.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dpstack.core.quaternion import QuaternionContinuity, quaternion_layout
 from dpstack.core.spec import ArraySpec, RobotSpec
 from dpstack.sim.tasks import DEFAULT_IMAGE_SIZE, TaskDef, get_task
 
@@ -81,6 +84,7 @@ class SimEnv:
         self._steps = 0
         self._last_raw: dict[str, Any] = {}
         self.spec = self._build_spec(self.raw.reset())
+        self._quaternions = QuaternionContinuity(quaternion_layout(self.spec.observations))
         # The first reset() starts from `seed` (None: unseeded, different every time).
         self._pending_seed = seed
         if seed is None:
@@ -117,11 +121,11 @@ class SimEnv:
     # ---- stepping -------------------------------------------------------
     def _convert(self, raw_obs: dict[str, Any]) -> dict[str, np.ndarray]:
         self._last_raw = raw_obs
-        out = {key: np.asarray(raw_obs[key], dtype=np.float32).reshape(-1) for key in self.task.obs_keys}
+        out = {key: np.array(raw_obs[key], dtype=np.float32).reshape(-1) for key in self.task.obs_keys}  # own copies: continued in place
         for cam in self.cameras:
             # robosuite renders in OpenGL convention (bottom row first); store upright.
             out[image_key(cam)] = np.ascontiguousarray(np.asarray(raw_obs[image_key(cam)], dtype=np.uint8)[::-1])
-        return out
+        return self._quaternions(out)
 
     def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
         if seed is None:
@@ -132,6 +136,7 @@ class SimEnv:
             # Reseed in place: robosuite's placement samplers and robot init hold this generator.
             self.raw.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
         self._steps = 0
+        self._quaternions.reset()
         return self._convert(self.raw.reset())
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, dict[str, Any]]:
