@@ -17,6 +17,7 @@ EPILOG = """examples:
   dpstack data video out/lift.zarr --episode 3 --out ep3.mp4
   dpstack data describe pusht_cchi_v7_replay.zarr --obs state,img --action action --hz 10
   dpstack data edit a.zarr b.zarr --out ab.zarr --delete 3,7:9 --val-out val.zarr --val-fraction 0.1
+  dpstack data edit square.zarr --in-place --continuous-quaternions
 """
 
 DESCRIBE_HELP = ("Name the observation keys, the action key and the control rate of a store without dpstack attrs "
@@ -108,6 +109,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     val.add_argument("--val-fraction", type=float, help="fraction of the chosen episodes to move into --val-out")
     val.add_argument("--val-count", type=int, help="number of the chosen episodes to move into --val-out")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation draw (default: 0)")
+    p.add_argument("--continuous-quaternions", action="store_true",
+                   help="negate quaternion observations where they flip sign between steps (q and -q are one "
+                        "rotation), as the simulator now records them; prints the flips before and after")
 
     p = sub.add_parser("video", help="write an episode's camera images to an MP4",
                        description="Render one episode's image keys (uint8 H x W x C per step) to an MP4. "
@@ -208,9 +212,13 @@ def _edit(args: argparse.Namespace) -> int:
     result = edit(args.inputs, args.out, in_place=args.in_place,
                   delete=parse_episodes(args.delete) if args.delete else (),
                   keep=parse_range(args.keep) if args.keep else None, val_out=args.val_out,
-                  val_fraction=args.val_fraction, val_count=args.val_count, seed=args.seed)
+                  val_fraction=args.val_fraction, val_count=args.val_count, seed=args.seed,
+                  continuous_quaternions=args.continuous_quaternions)
     print(f"wrote {result.n_episodes} episodes ({result.n_steps} steps) to {result.out}"
           + (f", {result.val_episodes} to {result.val_out}" if result.val_out else ""))
+    if result.quaternion_flips is not None:
+        before, after = result.quaternion_flips
+        print(f"quaternion sign flips: {before} before, {after} after")
     return 0
 
 

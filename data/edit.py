@@ -1,4 +1,5 @@
-"""`dpstack data edit`: delete episodes, keep a range, merge stores, split off a validation set.
+"""`dpstack data edit`: delete episodes, keep a range, merge stores, split off a validation set,
+make quaternion observations sign-continuous (the rule of dpstack.core.quaternion).
 
 An edit never writes into its input. Each output is built in a temporary store beside
 its destination and renamed into place when complete, so an interrupted edit leaves no
@@ -12,11 +13,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from dpstack.core.files import staged_dir
+from dpstack.core.quaternion import continue_episode, count_sign_flips, quaternion_layout
 from dpstack.data.replay_buffer import DatasetAttrs, DatasetError, ReplayBuffer
 
 
@@ -27,6 +29,36 @@ class EditResult:
     n_steps: int
     val_out: Path | None = None
     val_episodes: int = 0
+    # (before, after) quaternion sign flips over the written episodes, with continuous_quaternions.
+    quaternion_flips: tuple[int, int] | None = None
+
+Transform = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+class FlipCounter:
+    """Continues an episode's quaternions and counts the sign flips it removed."""
+
+    def __init__(self, layout: Mapping[str, Sequence[slice]]) -> None:
+        self.layout = layout
+        self.before = self.after = 0
+
+    def _flips(self, episode: Mapping[str, np.ndarray]) -> int:
+        return sum(count_sign_flips(episode[k][:, sl]) for k, sls in self.layout.items() for sl in sls)
+
+    def __call__(self, episode: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.before += self._flips(episode)
+        out = continue_episode(episode, self.layout)
+        self.after += self._flips(out)
+        return out
+
+
+def quaternion_fixer(attrs: DatasetAttrs | None, path: Path) -> FlipCounter:
+    """The continuity transform for a store whose spec names its quaternions."""
+    layout = quaternion_layout(attrs.spec.observations) if attrs is not None else {}
+    if not layout:
+        raise DatasetError(f"{path}: its spec names no quaternion observations (*_quat keys or NAME_quat[i] dims); "
+                           f"there is nothing to make continuous")
+    return FlipCounter(layout)
 
 
 def parse_episodes(text: str) -> list[int]:
@@ -111,8 +143,9 @@ def split_validation(episodes: Sequence[int], fraction: float | None, count: int
 def edit(inputs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, *, in_place: bool = False,
          delete: Sequence[int] = (), keep: tuple[int, int | None] | None = None,
          val_out: str | os.PathLike | None = None, val_fraction: float | None = None, val_count: int | None = None,
-         seed: int = 0) -> EditResult:
-    """Merge `inputs` (episodes numbered across them in order), select, optionally split, and write."""
+         seed: int = 0, continuous_quaternions: bool = False) -> EditResult:
+    """Merge `inputs` (episodes numbered across them in order), select, optionally split, and write;
+    with `continuous_quaternions` every quaternion observation is made sign-continuous per episode."""
     paths = [Path(p) for p in inputs]
     if not paths:
         raise DatasetError("name at least one input store")
@@ -144,18 +177,23 @@ def edit(inputs: Sequence[str | os.PathLike], out: str | os.PathLike | None = No
         if val_out is not None:
             chosen, val = split_validation(chosen, val_fraction, val_count, seed)
         attrs = sources[0].attrs
+        fix = quaternion_fixer(attrs, paths[0]) if continuous_quaternions else None
+        if fix is not None:
+            attrs = DatasetAttrs(attrs.task, attrs.control_hz, attrs.spec, attrs.source,
+                                 {**attrs.extra, "quaternions": "sign-continuous"})
         if val:
-            _write_new(Path(val_out), [episodes[i] for i in val], _edited(attrs, paths, "validation", seed))
+            _write_new(Path(val_out), [episodes[i] for i in val], _edited(attrs, paths, "validation", seed), fix)
         note = "train" if val else "edit"
         if in_place:
-            _replace(dst, [episodes[i] for i in chosen], _edited(attrs, paths, note, seed))
+            _replace(dst, [episodes[i] for i in chosen], _edited(attrs, paths, note, seed), fix)
         else:
-            _write_new(dst, [episodes[i] for i in chosen], _edited(attrs, paths, note, seed))
+            _write_new(dst, [episodes[i] for i in chosen], _edited(attrs, paths, note, seed), fix)
         steps = int(np.concatenate([rb.episode_lengths() for rb in sources])[chosen].sum())
     finally:
         for rb in sources:
             rb.close()
-    return EditResult(dst, len(chosen), steps, Path(val_out) if val else None, len(val))
+    return EditResult(dst, len(chosen), steps, Path(val_out) if val else None, len(val),
+                      (fix.before, fix.after) if fix is not None else None)
 
 
 def _edited(attrs: DatasetAttrs | None, paths: Sequence[Path], part: str, seed: int) -> DatasetAttrs | None:
@@ -165,21 +203,25 @@ def _edited(attrs: DatasetAttrs | None, paths: Sequence[Path], part: str, seed: 
     return DatasetAttrs(attrs.task, attrs.control_hz, attrs.spec, attrs.source, extra)
 
 
-def _build(path: Path, episodes: Sequence[tuple[ReplayBuffer, int]], attrs: DatasetAttrs | None) -> None:
+def _build(path: Path, episodes: Sequence[tuple[ReplayBuffer, int]], attrs: DatasetAttrs | None,
+           transform: Transform | None = None) -> None:
     # attrs go on last, so arrays keep the source's dtypes (an attrs spec would cast them).
     rb = ReplayBuffer.create(path, None)
     for src, i in episodes:
-        rb.add_episode(src.get_episode(i))
+        episode = src.get_episode(i)
+        rb.add_episode(transform(episode) if transform is not None else episode)
     if attrs is not None:
         rb.set_attrs(attrs)
     rb.close()
 
 
-def _write_new(path: Path, episodes: Sequence[tuple[ReplayBuffer, int]], attrs: DatasetAttrs | None) -> None:
+def _write_new(path: Path, episodes: Sequence[tuple[ReplayBuffer, int]], attrs: DatasetAttrs | None,
+               transform: Transform | None = None) -> None:
     with staged_dir(path, tag="edit") as tmp:
-        _build(tmp, episodes, attrs)
+        _build(tmp, episodes, attrs, transform)
 
 
-def _replace(path: Path, episodes: Sequence[tuple[ReplayBuffer, int]], attrs: DatasetAttrs | None) -> None:
+def _replace(path: Path, episodes: Sequence[tuple[ReplayBuffer, int]], attrs: DatasetAttrs | None,
+             transform: Transform | None = None) -> None:
     with staged_dir(path, overwrite=True, tag="edit") as tmp:
-        _build(tmp, episodes, attrs)
+        _build(tmp, episodes, attrs, transform)

@@ -67,3 +67,57 @@ def test_sim_env_observations_have_no_quaternion_sign_flips():
         env.close()
     flips = {(k, sl.start): count_sign_flips(ep.steps[k][:, sl]) for k, sls in layout.items() for sl in sls}
     assert flips == {k: 0 for k in flips}, flips
+
+
+def _store_with_flips(path, n=3, T=30):
+    from dpstack.core.spec import ActionSpec, RobotSpec
+    from dpstack.data.replay_buffer import DatasetAttrs, ReplayBuffer
+
+    spec = RobotSpec("square", "Panda", 20.0, (OBJECT,), ActionSpec(shape=(2,)))
+    rb = ReplayBuffer.create(path, DatasetAttrs("square", 20.0, spec, "scripted_expert"))
+    rng = np.random.default_rng(1)
+    for e in range(n):
+        obj = rng.normal(size=(T, 10)).astype(np.float32)
+        obj[:, 3:7] = _yaw_quats(np.linspace(0, 2, T)) * np.where(np.arange(T) % (3 + e) == 1, -1.0, 1.0)[:, None]
+        rb.add_episode({"object-state": obj, "action": np.full((T, 2), e, np.float32)})
+    rb.close()
+    return path
+
+
+def test_data_edit_makes_a_stored_dataset_continuous_in_place(tmp_path, capsys):
+    from dpstack.cli import main
+    from dpstack.data.replay_buffer import ReplayBuffer
+
+    src = _store_with_flips(tmp_path / "sq.zarr")
+    with ReplayBuffer.open(src) as rb:
+        old = [rb.get_episode(i) for i in range(rb.n_episodes)]
+    assert sum(count_sign_flips(ep["object-state"][:, 3:7]) for ep in old) > 0
+    assert main(["data", "edit", str(src), "--in-place", "--continuous-quaternions"]) == 0
+    out = capsys.readouterr().out
+    assert "quaternion sign flips:" in out and "after" in out and ", 0 after" in out
+    with ReplayBuffer.open(src) as rb:
+        new = [rb.get_episode(i) for i in range(rb.n_episodes)]
+        assert rb.attrs.extra["quaternions"] == "sign-continuous"
+    assert len(new) == len(old)
+    for a, b in zip(old, new):
+        assert count_sign_flips(b["object-state"][:, 3:7]) == 0
+        assert np.allclose(np.abs((a["object-state"][:, 3:7] * b["object-state"][:, 3:7]).sum(1)), 1.0, atol=1e-5)
+        assert np.array_equal(a["object-state"][:, [0, 1, 2, 7, 8, 9]], b["object-state"][:, [0, 1, 2, 7, 8, 9]])
+        assert np.array_equal(a["action"], b["action"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sq.zarr"]  # no staging left behind
+
+
+def test_data_edit_refuses_a_store_that_names_no_quaternions(tmp_path, capsys):
+    from dpstack.cli import main
+    from dpstack.core.spec import ActionSpec, RobotSpec
+    from dpstack.data.replay_buffer import DatasetAttrs, ReplayBuffer
+
+    spec = RobotSpec("lift", "Panda", 20.0, (ArraySpec("pos", (3,)),), ActionSpec(shape=(2,)))
+    rb = ReplayBuffer.create(tmp_path / "a.zarr", DatasetAttrs("lift", 20.0, spec, "scripted_expert"))
+    rb.add_episode({"pos": np.zeros((4, 3), np.float32), "action": np.zeros((4, 2), np.float32)})
+    rb.close()
+    assert main(["data", "edit", str(tmp_path / "a.zarr"), "--out", str(tmp_path / "b.zarr"),
+                 "--continuous-quaternions"]) == 2
+    err = capsys.readouterr().err
+    assert "names no quaternion observations" in err and "Traceback" not in err
+    assert not (tmp_path / "b.zarr").exists()
