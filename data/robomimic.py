@@ -6,7 +6,9 @@ Episodes are imported in numeric demo order (demo_2 before demo_10), the action
 key becomes "action", rewards/dones become "reward"/"done". Observation keys keep
 their names except "object", which robomimic renamed from robosuite's "object-state"
 and which goes back to that name (the one our tasks and shipped configs use); `rename`
-changes or undoes that. Each demo is committed as it is written, so an interrupted
+changes or undoes that. For the robomimic tasks whose "object" layout is known
+(ROBOMIMIC_OBJECT) the stored spec names its dimensions, and its quaternions are made
+sign-continuous per demo (dpstack.core.quaternion), as the simulator records them. Each demo is committed as it is written, so an interrupted
 import leaves a valid dataset of the demos done so far.
 
 Actions come in two variants. Delta actions (robomimic's default, OSC_POSE with
@@ -29,6 +31,7 @@ import numpy as np
 
 from dpstack.data.describe import infer_gripper_dims
 from dpstack.data.replay_buffer import DatasetAttrs, DatasetError, ReplayBuffer
+from dpstack.core.quaternion import continue_episode, quaternion_layout, quaternion_slices
 from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
 
 _DEMO = re.compile(r"^demo_(\d+)$")
@@ -38,6 +41,28 @@ ARM_IN, ARM_OUT = 7, 10  # per arm: pos + axis-angle + gripper in, pos + rotatio
 _RESERVED = ("action", "reward", "done")
 # robomimic stores robosuite's "object-state" as "object"; dpstack's tasks publish "object-state".
 DEFAULT_RENAME = {"object": "object-state"}
+# robomimic's "object" vector: robosuite's object observables (name, size) in the order the
+# robosuite that recorded robomimic's datasets concatenated them (pos, quat, then relative to the eef).
+ROBOMIMIC_OBJECT: dict[str, tuple[tuple[str, int], ...]] = {
+    "Lift": (("cube_pos", 3), ("cube_quat", 4), ("gripper_to_cube_pos", 3)),
+    "PickPlaceCan": (("Can_pos", 3), ("Can_quat", 4), ("Can_to_robot0_eef_pos", 3), ("Can_to_robot0_eef_quat", 4)),
+    "NutAssemblySquare": (("SquareNut_pos", 3), ("SquareNut_quat", 4), ("SquareNut_to_robot0_eef_pos", 3),
+                          ("SquareNut_to_robot0_eef_quat", 4)),
+}
+
+
+def object_names(env_name: str, values: np.ndarray) -> tuple[str, ...]:
+    """Per-dimension names of robomimic's "object" for `env_name`, () when unknown or when `values`
+    (one demo's (T, D) object vector) do not fit them: wrong size, or a "quaternion" not of unit norm."""
+    parts = ROBOMIMIC_OBJECT.get(env_name, ())
+    names = tuple(n if size == 1 else f"{n}[{i}]" for n, size in parts for i in range(size))
+    if len(names) != values.shape[-1]:
+        return ()
+    for sl in quaternion_slices(ArraySpec("object", (len(names),), names=names)):
+        norms = np.linalg.norm(values[:, sl], axis=1)
+        if not np.all((np.abs(norms - 1) < 1e-3) | (norms < 1e-6)):  # robosuite reports zeros before a pose exists
+            return ()
+    return names
 
 
 def demo_names(data_group: Any) -> list[str]:
@@ -113,7 +138,7 @@ def _robot_name(env_kwargs: dict[str, Any]) -> str:
     return str(robots)
 
 
-def _obs_spec(key: str, ds: Any) -> ArraySpec:
+def _obs_spec(key: str, ds: Any, names: tuple[str, ...] = ()) -> ArraySpec:
     """The spec of observation `key`, stored from h5py dataset `ds` (named in errors)."""
     step = tuple(ds.shape[1:])
     if ds.dtype == np.uint8:
@@ -122,7 +147,7 @@ def _obs_spec(key: str, ds: Any) -> ArraySpec:
         raise DatasetError(f"{ds.name}: image-shaped {step} but dtype {ds.dtype}, expected uint8")
     if np.dtype(ds.dtype).kind not in "fiub":
         raise DatasetError(f"{ds.name}: unsupported dtype {ds.dtype}")
-    return ArraySpec(key, step, "float32")
+    return ArraySpec(key, step, "float32", names=names if len(step) == 1 else ())
 
 
 def stored_names(available: Sequence[str], rename: Mapping[str, str] | None) -> dict[str, str]:
@@ -212,12 +237,17 @@ def convert_robomimic(src: str | os.PathLike, dst: str | os.PathLike, obs_keys: 
         action_info = {"space": space, "from": f"{action_key} ({why})"}
         if space == "absolute":
             action_info.update(rotation="rotation_6d", source_rotation="axis_angle")
+        dim_names = {"object": object_names(str(env_args.get("env_name", "")), first["obs"]["object"][:])
+                     if "object" in keys else ()}
         spec = RobotSpec(task=task, robot=robot or _robot_name(env_kwargs), control_hz=float(hz),
-                         observations=tuple(_obs_spec(stored[k], first["obs"][k]) for k in keys), action=action)
+                         observations=tuple(_obs_spec(stored[k], first["obs"][k], dim_names.get(k, ())) for k in keys),
+                         action=action)
+        quaternions = quaternion_layout(spec.observations)
         attrs = DatasetAttrs(task=task, control_hz=float(hz), spec=spec, source="import",
                              extra={"imported_from": src.name, "format": "robomimic", "demos": names,
                                     "renamed": {k: v for k, v in stored.items() if k != v}, "actions": action_info,
-                                    "env_args": env_args})
+                                    "env_args": env_args,
+                                    **({"quaternions": "sign-continuous"} if quaternions else {})})
         rb = ReplayBuffer.create(dst, attrs, overwrite=overwrite)
         for name in tqdm(names, desc=f"import {src.name}", unit="demo", disable=not progress):
             demo = data[name]
@@ -230,7 +260,7 @@ def convert_robomimic(src: str | os.PathLike, dst: str | os.PathLike, obs_keys: 
             if "dones" in demo:
                 episode["done"] = np.asarray(demo["dones"][:]).astype(np.uint8)
             try:
-                rb.add_episode(episode)
+                rb.add_episode(continue_episode(episode, quaternions))
             except DatasetError as e:
                 raise DatasetError(f"data/{name}: {e}") from None
     return rb

@@ -121,3 +121,57 @@ def test_data_edit_refuses_a_store_that_names_no_quaternions(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "names no quaternion observations" in err and "Traceback" not in err
     assert not (tmp_path / "b.zarr").exists()
+
+
+def _write_can_file(path, T=25):
+    import h5py, json
+    rng = np.random.default_rng(3)
+    env_args = {"env_name": "PickPlaceCan", "type": 1, "env_kwargs": {"robots": ["Panda"], "control_freq": 20}}
+    demos = {}
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        data.attrs["env_args"] = json.dumps(env_args)
+        for d in range(2):
+            sign = np.where(np.arange(T) % (4 + d) == 2, -1.0, 1.0)[:, None]
+            obj = rng.normal(size=(T, 14))
+            obj[:, 3:7] = _yaw_quats(np.linspace(0, 1, T)) * sign
+            obj[:, 10:14] = _yaw_quats(np.linspace(1, 3, T)) * sign
+            obj[0, 10:14] = 0  # robosuite reports the relative pose as zeros on the first step
+            g = data.create_group(f"demo_{d}")
+            g.create_dataset("obs/object", data=obj)
+            g.create_dataset("obs/robot0_eef_pos", data=rng.normal(size=(T, 3)))
+            g.create_dataset("actions", data=rng.uniform(-1, 1, size=(T, 7)))
+            demos[d] = obj
+    return demos
+
+
+def test_robomimic_import_names_the_object_dims_and_continues_its_quaternions(tmp_path):
+    from dpstack.data.robomimic import convert_robomimic
+
+    demos = _write_can_file(tmp_path / "can.hdf5")
+    rb = convert_robomimic(tmp_path / "can.hdf5", tmp_path / "can.zarr", progress=False)
+    try:
+        spec = rb.attrs.spec.obs("object-state")
+        assert spec.names[3:7] == tuple(f"Can_quat[{i}]" for i in range(4))
+        assert quaternion_slices(spec) == (slice(3, 7), slice(10, 14))
+        for d, raw in demos.items():
+            got = rb.get_episode(d)["object-state"]
+            assert count_sign_flips(raw[:, 3:7]) > 0 and count_sign_flips(raw[:, 10:14]) > 0
+            assert count_sign_flips(got[:, 3:7]) == 0 and count_sign_flips(got[:, 10:14]) == 0
+            assert np.allclose(got[:, [0, 1, 2, 7, 8, 9]], raw[:, [0, 1, 2, 7, 8, 9]])
+            assert np.allclose(np.abs((got[:, 3:7] * raw[:, 3:7]).sum(1)), 1.0, atol=1e-5)
+    finally:
+        rb.close()
+
+
+def test_robomimic_import_leaves_an_object_vector_that_does_not_fit_the_known_layout(tmp_path):
+    from _data_helpers import write_robomimic
+    from dpstack.data.robomimic import convert_robomimic
+
+    demos = write_robomimic(tmp_path / "lift.hdf5")  # Lift's 10 dims, but random values: no unit quaternion
+    rb = convert_robomimic(tmp_path / "lift.hdf5", tmp_path / "lift.zarr", progress=False)
+    try:
+        assert rb.attrs.spec.obs("object-state").names == ()
+        assert np.allclose(rb.get_episode(0)["object-state"], demos["demo_0"]["object"])
+    finally:
+        rb.close()
