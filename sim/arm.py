@@ -21,8 +21,14 @@ Two ways to run the clock:
   period is an overrun: the world (the simulator) stands still for the excess,
   as it does while a video frame renders, and the schedule resumes from there.
   Overruns are counted, and reported, but they are the simulator's, not
-  lateness of the policy or the link. `RobotClock` keeps the robot time
-  (scaled, paused) and `TickLedger` books what each tick did.
+  lateness of the policy or the link. Rendering the policy's cameras is a
+  pause too: a real camera captures beside the robot, not inside its control
+  period. `RobotClock` keeps the robot time (scaled, paused) and `TickLedger`
+  books what each tick did. `extra_latency_s` holds every answer back that
+  long on the robot clock (`DelayLine`), to measure success against delay.
+
+The cameras an image policy observes, and their size, come from its package's
+spec (`package_cameras`); nobody types them twice.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ import numpy as np
 
 from dpstack.runtime.endpoint import check_endpoint
 from dpstack.runtime.realtime import StallProbe
+from dpstack.sim.delay_line import DelayLine
 from dpstack.sim.eval_report import EpisodeRecord
 from dpstack.sim.robot_clock import RobotClock
 from dpstack.sim.tasks import get_task
@@ -62,6 +69,8 @@ class ArmConfig:
     max_steps: int | None = None         # None: the task's episode length
     robot_id: str = "sim-arm"
     cameras: tuple[str, ...] = ()        # cameras the policy observes
+    image_size: tuple[int, int] | None = None  # their (height, width); None: the task's default
+    extra_latency_s: float = 0.0         # realtime: robot seconds added to every answer's arrival
     reply_timeout_s: float = 30.0        # lockstep: a reply slower than this fails the run
     action_deadline: float = 0.8         # realtime: wait for a chunk until this fraction of the period
     # realtime: when the current chunk still has a (look-ahead) action for this tick, wait
@@ -86,6 +95,20 @@ class ArmConfig:
                 raise ValueError(f"{name} is a fraction of the period in (0, 1], got {getattr(self, name)}")
         if self.video_episodes and self.video_dir is None:
             raise ValueError("video_episodes needs a video_dir")
+        if self.extra_latency_s < 0:
+            raise ValueError(f"extra latency must be >= 0, got {self.extra_latency_s * 1e3:g} ms")
+        if self.extra_latency_s and self.mode != "realtime":
+            raise ValueError("an extra latency needs realtime mode: lockstep waits for every answer, so a delay "
+                             "would change nothing")
+
+
+def package_cameras(policy_dir: Path) -> tuple[tuple[str, ...], tuple[int, int] | None]:
+    """The cameras (and their height, width) a policy package observes, from its spec."""
+    from dpstack.runtime.package import describe, read_manifest
+    from dpstack.sim.env import spec_cameras
+
+    spec, *_ = describe(read_manifest(policy_dir))
+    return spec_cameras(spec)
 
 
 class FrameRecorder:
@@ -119,9 +142,11 @@ class SimArm:
         from dpstack.runtime.action_schedule import ActionSchedule
         from dpstack.runtime.client import PolicyClient
         from dpstack.sim.env import SimEnv
+        from dpstack.sim.tasks import DEFAULT_IMAGE_SIZE
 
         self.config = config
-        self.env = SimEnv(config.task, seed=config.seed, cameras=config.cameras, max_steps=config.max_steps)
+        self.env = SimEnv(config.task, seed=config.seed, cameras=config.cameras, max_steps=config.max_steps,
+                          image_size=config.image_size or DEFAULT_IMAGE_SIZE)
         self.spec = self.env.spec
         self.hz = float(config.hz or self.spec.control_hz)
         if self.hz <= 0:
@@ -133,6 +158,8 @@ class SimArm:
         self.client = PolicyClient(config.connect, self.spec, config.robot_id, seed=config.seed,
                                    timeout_s=max(config.reply_timeout_s, 1.0))
         self.schedule = ActionSchedule(self.spec.action)
+        self.delayed: DelayLine = DelayLine(config.extra_latency_s)  # answers on their way to the arm
+        self.render_s = 0.0  # wall seconds the last step spent rendering cameras
         self.progress = progress
         self.probe = StallProbe()  # this (the loop's) thread's scheduling, for realtime records
 
@@ -149,7 +176,9 @@ class SimArm:
 
     def _reset(self, seed: int) -> dict[str, np.ndarray]:
         obs = self.env.reset(seed=seed)
+        self.env.take_render_seconds()  # the reset's renders belong to no step
         self.schedule.reset()
+        self.delayed.clear()
         self.client.reset(seed)
         # Wait for the ResetAck so the server's history is empty before the first observation.
         before = self.client.episode
@@ -187,7 +216,8 @@ class SimArm:
             recorder = FrameRecorder(self.env, self.config.video_camera, self.config.video_size)
         obs = self._reset(seed)
         record = EpisodeRecord(episode=episode, seed=seed, success=False, steps=0, sampler=self.config.sampler_label,
-                               sampler_resolved=self.config.sampler_resolved, mode=self.config.mode, hz=self.hz)
+                               sampler_resolved=self.config.sampler_resolved, mode=self.config.mode, hz=self.hz,
+                               extra_latency_ms=self.config.extra_latency_s * 1e3)
         if recorder is not None:
             recorder.capture()
         if self.config.mode == "lockstep":
@@ -223,7 +253,9 @@ class SimArm:
     def _step_env(self, action: np.ndarray, record: EpisodeRecord) -> tuple[dict, bool]:
         start = time.perf_counter()
         obs, _, done, info = self.env.step(action)
-        record.physics_ms.append((time.perf_counter() - start) * 1e3)
+        self.render_s = self.env.take_render_seconds()
+        record.render_ms += self.render_s * 1e3
+        record.physics_ms.append((time.perf_counter() - start - self.render_s) * 1e3)
         record.steps += 1
         if info["success"]:
             record.success = True
@@ -278,6 +310,7 @@ class SimArm:
             decision = self.schedule.next(tick)
             ledger.commanded(k, tick, deadline, decision.hold, lookahead)
             obs, done = self._step_env(decision.action, record)
+            clock.pause(self.render_s)  # the cameras rendered: the world stood still meanwhile
             if recorder is not None:
                 with clock.paused():  # rendering is for people, not part of the robot
                     recorder.capture()
@@ -301,9 +334,14 @@ class SimArm:
         self.schedule.offer(reply)
 
     def _receive(self, clock: RobotClock, ledger: TickLedger, until: float) -> None:
-        """Wait for a chunk until robot time `until` (one poll) and offer it to the schedule."""
-        reply = self.client.poll(max(0.0, clock.wall_s(until - clock.now())))
+        """Wait for a chunk until robot time `until` (one poll) and offer it to the schedule,
+        once the extra latency has passed (at once without one)."""
+        due = self.delayed.next_due()
+        wait = min(until, due) if due is not None else until
+        reply = self.client.poll(max(0.0, clock.wall_s(wait - clock.now())))
         if reply is not None:
+            self.delayed.push(reply, clock.now())
+        for reply in self.delayed.pop_due(clock.now()):
             ledger.answered(reply)
             self.schedule.offer(reply)
 
@@ -314,7 +352,7 @@ class SimArm:
         should come from (the current chunk is at its end or replan point), else None."""
         arrays = self._observation(obs)
         due = self.schedule.remaining(tick, before_replan=True)
-        if self.client.busy or due > ledger.lead(self.sim_dt):
+        if self.client.busy or self.delayed or due > ledger.lead(self.sim_dt):  # one answer on its way at a time
             self.client.send_history(arrays, tick)
             return None
         sent = clock.wall()  # before sending: the thread may lose its core right after

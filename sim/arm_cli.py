@@ -1,6 +1,7 @@
 """`dpstack sim`: run a simulated arm against a policy server.
 
     dpstack sim --task lift --connect tcp://127.0.0.1:5555 --mode lockstep --episodes 10 --seed 10000
+    dpstack sim --task lift --connect tcp://127.0.0.1:5555 --policy out/policy   # an image policy: its cameras
 
 The robosuite env is the robot: it opens a session with its RobotSpec, resets
 the server's policy at every episode and sends an observation every control
@@ -30,7 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=10_000, help="episode i uses seed + i")
     parser.add_argument("--max-steps", type=int, default=None, help="episode length limit (default: the task's)")
     parser.add_argument("--robot-id", default="sim-arm", help="name this arm gives the server (default: sim-arm)")
-    parser.add_argument("--cameras", default="", help="comma-separated cameras the policy observes (image policies)")
+    parser.add_argument("--policy", type=Path, default=None, metavar="DIR",
+                        help="the policy package the server serves: render the cameras its spec reads, at its image size")
+    parser.add_argument("--cameras", default="",
+                        help="comma-separated cameras to render at the task's image size, when there is no --policy")
+    parser.add_argument("--extra-latency-ms", type=float, default=0.0, metavar="MS",
+                        help="realtime: hold every answer back this long (robot time) before the arm gets it")
     parser.add_argument("--reply-timeout", type=float, default=30.0, help="seconds before a missing reply fails the run")
     parser.add_argument("--action-deadline", type=float, default=0.8,
                         help="realtime: fraction of the period to wait for a chunk before holding")
@@ -47,20 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not realtime.apply_from_args(args, "dpstack sim"):  # before any thread starts: threads inherit it
         return 2
-    from dpstack.sim.arm import ArmConfig, ArmError, SimArm
+    from dpstack.sim.arm import ArmConfig, ArmError, SimArm, package_cameras
     from dpstack.sim.eval_report import summarize, write_json_atomic
-
-    video_dir = args.video_dir or (args.out.parent / "videos" if args.out else Path("videos"))
-    try:
-        config = ArmConfig(task=args.task, connect=args.connect, mode=args.mode, hz=args.hz, episodes=args.episodes,
-                           seed=args.seed, max_steps=args.max_steps, robot_id=args.robot_id,
-                           cameras=tuple(c for c in args.cameras.split(",") if c),
-                           reply_timeout_s=args.reply_timeout, action_deadline=args.action_deadline,
-                           fresh_deadline=args.fresh_deadline,
-                           video_episodes=args.video, video_dir=video_dir if args.video else None)
-    except ValueError as e:
-        print(f"dpstack sim: {e}", file=sys.stderr)
-        return 2
 
     finished = []  # every episode that ran to its end, kept whatever stops the run
 
@@ -72,7 +66,24 @@ def run(args: argparse.Namespace) -> int:
                   f"{lat['n']} chunks, chunk latency p50 {format_ms(lat['p50_ms'], '.1f')} ms, "
                   f"deadline misses {r.deadline_misses}", flush=True)
 
-    arm = SimArm(config, progress=on_episode)
+    video_dir = args.video_dir or (args.out.parent / "videos" if args.out else Path("videos"))
+    try:
+        cameras, image_size = tuple(c for c in args.cameras.split(",") if c), None
+        if args.policy is not None:
+            if cameras:
+                raise ValueError("give --policy (its cameras are taken from its spec) or --cameras, not both")
+            cameras, image_size = package_cameras(args.policy)
+        config = ArmConfig(task=args.task, connect=args.connect, mode=args.mode, hz=args.hz, episodes=args.episodes,
+                           seed=args.seed, max_steps=args.max_steps, robot_id=args.robot_id,
+                           cameras=cameras, image_size=image_size, extra_latency_s=args.extra_latency_ms / 1e3,
+                           reply_timeout_s=args.reply_timeout, action_deadline=args.action_deadline,
+                           fresh_deadline=args.fresh_deadline,
+                           video_episodes=args.video, video_dir=video_dir if args.video else None)
+        arm = SimArm(config, progress=on_episode)  # refuses a camera the task cannot render
+    except (ValueError, KeyError) as e:
+        print(f"dpstack sim: {e}", file=sys.stderr)
+        return 2
+
     try:
         arm.run()
     except ArmError as e:
@@ -84,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         if args.out is not None and summary is not None:
             write_json_atomic(args.out, {"config": {"task": args.task, "connect": args.connect, "mode": args.mode,
                                                     "hz": arm.hz, "seed": args.seed, "episodes": args.episodes,
+                                                    "extra_latency_ms": args.extra_latency_ms,
                                                     "scheduling": realtime.current_scheduling()},
                                          "summary": summary.to_dict(),
                                          "episodes": [r.to_dict() for r in finished]})

@@ -7,8 +7,10 @@ within an episode: see dpstack.core.quaternion.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -42,8 +44,44 @@ def import_robosuite():
     return robosuite
 
 
+IMAGE_SUFFIX = "_image"
+
+
 def image_key(camera: str) -> str:
-    return f"{camera}_image"
+    return f"{camera}{IMAGE_SUFFIX}"
+
+
+def spec_cameras(spec: RobotSpec) -> tuple[tuple[str, ...], tuple[int, int] | None]:
+    """The cameras a spec's image observations come from, and their (height, width);
+    None when it has no images. ValueError when the sim cannot render them as asked."""
+    images = [o for o in spec.observations if o.is_image]
+    for o in images:
+        if not o.key.endswith(IMAGE_SUFFIX) or o.shape[2] != 3 or o.dtype != "uint8":
+            raise ValueError(f"observation {o.key!r} ({o.shape} {o.dtype}) is not a camera the simulator renders; "
+                             f"it renders <camera>{IMAGE_SUFFIX} as (height, width, 3) uint8")
+    sizes = {tuple(o.shape[:2]) for o in images}
+    if len(sizes) > 1:
+        raise ValueError(f"the policy's cameras have different sizes {sorted(sizes)}; the simulator renders one size")
+    return tuple(o.key[:-len(IMAGE_SUFFIX)] for o in images), (sizes.pop() if sizes else None)
+
+
+@functools.lru_cache(maxsize=None)
+def task_cameras(task: str) -> tuple[str, ...]:
+    """The cameras a task's scene has (builds its env once, without rendering)."""
+    env = SimEnv(task)
+    try:
+        return tuple(env.raw.sim.model.camera_names)
+    finally:
+        env.close()
+
+
+def check_cameras(task: str, cameras: Sequence[str]) -> None:
+    """ValueError naming the first camera the task's scene lacks."""
+    have = task_cameras(task)
+    for cam in cameras:
+        if cam not in have:
+            raise ValueError(f"the policy needs camera {cam!r}, which task {task!r} cannot render "
+                             f"(its cameras: {', '.join(have)})")
 
 
 class SimEnv:
@@ -60,6 +98,8 @@ class SimEnv:
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
         self.image_hw = (int(h), int(w))
         self.max_steps = int(max_steps or self.task.max_steps)
+        if self.cameras:
+            check_cameras(self.task.name, self.cameras)  # robosuite's own error names no camera
         robosuite = import_robosuite()
         robot = self.task.robot
         controller = robosuite.load_composite_controller_config(controller=robot.controller, robot=robot.name)
@@ -83,12 +123,35 @@ class SimEnv:
         )
         self._steps = 0
         self._last_raw: dict[str, Any] = {}
+        self._render_s = 0.0
+        for cam in self.cameras:
+            self._time_renders(image_key(cam))
         self.spec = self._build_spec(self.raw.reset())
         self._quaternions = QuaternionContinuity(quaternion_layout(self.spec.observations))
         # The first reset() starts from `seed` (None: unseeded, different every time).
         self._pending_seed = seed
         if seed is None:
             self.raw.rng.bit_generator.state = np.random.default_rng().bit_generator.state
+
+    def _time_renders(self, key: str) -> None:
+        """Add the time robosuite spends rendering observation `key` to `take_render_seconds`."""
+        observable = self.raw._observables[key]
+        render = observable._sensor
+
+        @functools.wraps(render)  # keeps robosuite's sensor marks (__modality__)
+        def timed(obs_cache):
+            start = time.perf_counter()
+            try:
+                return render(obs_cache)
+            finally:
+                self._render_s += time.perf_counter() - start
+
+        observable.set_sensor(timed)
+
+    def take_render_seconds(self) -> float:
+        """Wall seconds spent rendering camera observations since the last call."""
+        seconds, self._render_s = self._render_s, 0.0
+        return seconds
 
     # ---- spec -----------------------------------------------------------
     def _object_state_names(self) -> tuple[str, ...]:

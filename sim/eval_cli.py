@@ -1,13 +1,17 @@
 """`dpstack eval POLICY_DIR`: closed-loop evaluation of an exported policy package.
 
     dpstack eval out/policy --task lift --episodes 50 --samplers ddpm,ddim,rti,streaming --out out/eval
+    dpstack eval out/policy --task can --mode realtime --extra-latency-ms 0,50,100,200 --episodes 30 --out out/delay
 
 Starts one `dpstack serve` process per sampler and runs simulated arms
 (`dpstack sim` processes) against them, several in parallel, on episode seeds
 the training data never used. Writes OUT/results.json (one record per sampler:
 success rate with its 95% Wilson interval, mean episode length, per-step latency
 p50/p99, deadline misses), OUT/results.md, OUT/latency.png and, with --video N,
-MP4s of the first N episodes of every sampler under OUT/videos/.
+MP4s of the first N episodes of every sampler under OUT/videos/. The arms render the
+cameras an image package reads, at its size, from its spec. With
+--extra-latency-ms (realtime) every sampler runs at every delay and OUT/success_vs_delay.png
+plots success against delay.
 """
 from __future__ import annotations
 
@@ -31,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("lockstep", "realtime"), default="lockstep",
                         help="lockstep: the world waits for every reply (deterministic); realtime: a wall clock at --hz")
     parser.add_argument("--hz", type=float, default=None, help="realtime wall-clock rate (default: the task's)")
+    parser.add_argument("--extra-latency-ms", default="0", metavar="MS[,MS...]",
+                        help="realtime: delays added between observation capture and the answer's arrival (robot "
+                             "time); every sampler is evaluated at each, on the same seeds (default 0)")
     parser.add_argument("--workers", type=int, default=2, help="simulated arms running at once")
     parser.add_argument("--video", type=int, default=0, metavar="N", help="MP4s of the first N episodes per sampler")
     parser.add_argument("--seed", type=int, default=None,
@@ -57,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dpstack.runtime.package import MANIFEST
-    from dpstack.sim.evaluate import RESULTS_FILE, EvalConfig, EvalError, run_eval, training_dataset, unseen_seed_base
+    from dpstack.sim.evaluate import (RESULTS_FILE, EvalConfig, EvalError, parse_delays, run_eval, training_dataset,
+                                      unseen_seed_base)
     from dpstack.sim.eval_report import markdown_table
 
     if not (args.policy_dir / MANIFEST).is_file():
@@ -71,12 +79,15 @@ def run(args: argparse.Namespace) -> int:
                          samplers=split_sampler_names(args.samplers), mode=args.mode, hz=args.hz, workers=args.workers,
                          video=args.video, seed_base=seed, max_steps=args.max_steps, server_threads=args.server_threads,
                          pin=args.pin, rt_priority=args.rt_priority, witness=args.witness,
-                         serve_args=("--scheduling", args.scheduling))
+                         serve_args=("--scheduling", args.scheduling),
+                         extra_latency_ms=parse_delays(args.extra_latency_ms))
     except ValueError as e:
         print(f"dpstack eval: {e}", file=sys.stderr)
         return 2
     print(f"evaluating {args.policy_dir} on {args.task}: samplers {', '.join(cfg.samplers)}, {cfg.episodes} episodes "
-          f"each (seeds {seed}..{seed + cfg.episodes - 1}), {cfg.mode}, {cfg.workers} arms at once", flush=True)
+          f"each (seeds {seed}..{seed + cfg.episodes - 1}), {cfg.mode}, {cfg.workers} arms at once"
+          + (f", at extra latencies {', '.join(f'{d:g}' for d in cfg.extra_latency_ms)} ms"
+             if any(cfg.extra_latency_ms) else ""), flush=True)
     try:
         summaries = run_eval(cfg)
     except EvalError as e:

@@ -36,6 +36,9 @@ class EpisodeRecord:
     # Per control step: wall time of the simulated arm's own step (physics and
     # observation, ms); with step latency it accounts for a realtime overrun.
     physics_ms: list[float] = field(default_factory=list)
+    # Wall time spent rendering the policy's cameras over the episode (ms); not in
+    # physics_ms, and in realtime a pause of the world, as a real camera captures beside the loop.
+    render_ms: float = 0.0
     # realtime, per control step: time the hypervisor stole from the VM (10 ms clock
     # ticks) and time the arm's loop waited for a core, from the tick to the end of its
     # step (ms): a miss with either is the computer's, not the policy's.
@@ -64,6 +67,8 @@ class EpisodeRecord:
     sampler_resolved: str = ""   # what the server resolved it to (e.g. "rti-renoise-20,8,0")
     mode: str = "lockstep"
     hz: float = 20.0
+    # realtime: robot time added between each observation's capture and its answer's arrival (ms)
+    extra_latency_ms: float = 0.0
     video: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,6 +117,8 @@ class SamplerSummary:
     # witness saw (dpstack eval --witness)
     stalled_steps: int = 0
     stall_misses: int = 0
+    # realtime: the delay added to every answer's arrival (dpstack eval --extra-latency-ms)
+    extra_latency_ms: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -160,6 +167,9 @@ def summarize(sampler: str, records: Sequence[EpisodeRecord], mode: str, hz: flo
               witness_stalls: Sequence[tuple[float, float]] = ()) -> SamplerSummary:
     if not records:
         raise ValueError(f"sampler {sampler!r}: no episodes to summarise")
+    delays = {r.extra_latency_ms for r in records}
+    if len(delays) > 1:
+        raise ValueError(f"sampler {sampler!r}: episodes at different extra latencies {sorted(delays)} in one summary")
     successes = sum(bool(r.success) for r in records)
     steps = sum(r.steps for r in records)
     return SamplerSummary(
@@ -178,7 +188,7 @@ def summarize(sampler: str, records: Sequence[EpisodeRecord], mode: str, hz: flo
         stalled_steps=sum(len(stalled(r)) for r in records),
         stall_misses=sum(stall_misses(r, witness_stalls) for r in records),
         evaluations_per_step=(sum(r.evaluations for r in records) / steps) if steps else 0.0,
-        mode=mode, hz=hz)
+        mode=mode, hz=hz, extra_latency_ms=delays.pop())
 
 
 def load_records(paths: Iterable[Path]) -> list[EpisodeRecord]:
@@ -190,13 +200,17 @@ def load_records(paths: Iterable[Path]) -> list[EpisodeRecord]:
 
 
 def markdown_table(summaries: Sequence[SamplerSummary]) -> str:
-    lines = ["| sampler | resolved | success | 95% CI | episodes | mean steps | step latency p50 / p99 (ms) "
+    """One row per summary; an extra-latency column when any summary has one."""
+    delays = any(s.extra_latency_ms for s in summaries)
+    lines = ["| sampler | resolved |" + (" extra latency (ms) |" if delays else "") + " success | 95% CI | episodes "
+             "| mean steps | step latency p50 / p99 (ms) "
              "| chunk latency p50 / p99 (ms) | evals/step | deadline misses (held / late) | look-ahead steps "
              "| sim overruns | stalled steps (misses there) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|" + ("---|" if delays else "") + "---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         lo, hi = s.success_ci95
-        lines.append(f"| {s.sampler} | {s.sampler_resolved} | {s.success_rate:.2f} | [{lo:.2f}, {hi:.2f}] | {s.episodes} | "
+        delay = f" {s.extra_latency_ms:g} |" if delays else ""
+        lines.append(f"| {s.sampler} | {s.sampler_resolved} |{delay} {s.success_rate:.2f} | [{lo:.2f}, {hi:.2f}] | {s.episodes} | "
                      f"{s.mean_episode_steps:.1f} | {format_ms(s.step_latency['p50_ms'])} / {format_ms(s.step_latency['p99_ms'])} | "
                      f"{format_ms(s.chunk_latency['p50_ms'])} / {format_ms(s.chunk_latency['p99_ms'])} | "
                      f"{s.evaluations_per_step:.2f} | {s.deadline_misses} ({s.held_steps} / {s.late_steps}) | {s.lookahead_steps} "
@@ -226,6 +240,59 @@ def latency_plot(panels: Mapping[str, Mapping[str, Sequence[float]]], path: Path
         ax.set_title(label)
         ax.grid(True, axis="y", which="both", alpha=0.3)
     fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def delay_curves(summaries: Sequence[SamplerSummary]) -> dict[str, list[SamplerSummary]]:
+    """Per sampler (in first-seen order), its summaries in order of extra latency."""
+    curves: dict[str, list[SamplerSummary]] = {}
+    for s in summaries:
+        curves.setdefault(s.sampler, []).append(s)
+    return {name: sorted(points, key=lambda s: s.extra_latency_ms) for name, points in curves.items()}
+
+
+def delay_table(summaries: Sequence[SamplerSummary]) -> str:
+    """Success rate [95% CI] per sampler (rows) and extra latency (columns), with held steps per episode."""
+    delays = sorted({s.extra_latency_ms for s in summaries})
+    lines = ["| sampler | " + " | ".join(f"+{d:g} ms" for d in delays) + " |", "|---|" + "---|" * len(delays)]
+    for name, points in delay_curves(summaries).items():
+        at = {s.extra_latency_ms: s for s in points}
+        cells = []
+        for d in delays:
+            s = at.get(d)
+            cells.append("" if s is None else f"{s.success_rate:.2f} [{s.success_ci95[0]:.2f}, {s.success_ci95[1]:.2f}], "
+                         f"held {s.held_steps / max(1, s.episodes):.1f}/ep")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def delay_plot(summaries: Sequence[SamplerSummary], path: Path, title: str = "success against extra latency") -> Path:
+    """Success rate against extra latency, one line per sampler, 95% Wilson intervals as error bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    curves = delay_curves(summaries)
+    span = max((s.extra_latency_ms for s in summaries), default=0.0) or 1.0
+    for i, (name, points) in enumerate(curves.items()):
+        # a small sideways offset per sampler keeps overlapping intervals readable
+        x = np.array([s.extra_latency_ms for s in points]) + (i - (len(curves) - 1) / 2) * 0.01 * span
+        y = np.array([s.success_rate for s in points])
+        err = np.array([[s.success_rate - s.success_ci95[0] for s in points],
+                        [s.success_ci95[1] - s.success_rate for s in points]])
+        ax.errorbar(x, y, yerr=np.maximum(err, 0.0), marker="o", capsize=3, label=name)
+    ax.set_xlabel("extra latency (ms, robot time)")
+    ax.set_ylabel("success rate (95% CI)")
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,9 @@ most `workers` at a time, one sampler's jobs together so that its server batches
 their denoiser calls (docs/runtime.md, Serving many robots). Every sampler sees the same episode seeds (a paired
 comparison), chosen from seeds the training data never used. The per-episode
 records are merged into DIR/results.json, DIR/results.md and a latency plot.
+The arms render the cameras the package's spec reads, at its image size. In
+realtime mode `extra_latency_ms` repeats every sampler's episodes at each added
+delay (same seeds again), for a success-against-delay plot.
 """
 from __future__ import annotations
 
@@ -23,8 +26,8 @@ from dpstack.core.process import ChildFailed, ChildProcess, dpstack_command
 from dpstack.core.stats import format_ms
 from dpstack.runtime.realtime import RealtimeConfig, available_cpus, format_cpus
 from dpstack.runtime.samplers import SamplerConfig
-from dpstack.sim.eval_report import (EpisodeRecord, SamplerSummary, latency_plot, load_records, markdown_table, summarize,
-                             write_json_atomic)
+from dpstack.sim.eval_report import (EpisodeRecord, SamplerSummary, delay_plot, delay_table, latency_plot, load_records,
+                                     markdown_table, summarize, write_json_atomic)
 from dpstack.sim.tasks import get_task
 
 DEFAULT_SAMPLERS = ("ddpm", "ddim", "rti", "streaming")
@@ -34,6 +37,7 @@ OVERRUN_WARNING = 0.01  # realtime: above this share of simulator overruns, say 
 RESULTS_FILE = "results.json"
 RESULTS_TABLE_FILE = "results.md"
 LATENCY_PLOT_FILE = "latency.png"
+DELAY_PLOT_FILE = "success_vs_delay.png"
 RAW_DIR = "raw"
 RUN_KEY_FILE = "run.json"  # in RAW_DIR: the package and settings the raw records belong to
 
@@ -86,6 +90,8 @@ class EvalConfig:
     pin: bool = True
     rt_priority: int = 0   # realtime: SCHED_FIFO priority (and locked memory) for arms and servers
     witness: bool = False  # realtime: a jitter witness on every core, to tell platform stalls from our misses
+    # realtime: every sampler is evaluated at each of these delays added to the answers' arrival (ms)
+    extra_latency_ms: tuple[float, ...] = (0.0,)
     startup_timeout_s: float = 120.0
     env: dict[str, str] = field(default_factory=dict)
 
@@ -107,6 +113,25 @@ class EvalConfig:
             raise ValueError(f"server_threads must be >= 0 (0: automatic), got {self.server_threads}")
         if len(set(self.samplers)) != len(self.samplers):
             raise ValueError(f"samplers listed twice: {list(self.samplers)}")
+        self.extra_latency_ms = tuple(float(d) for d in self.extra_latency_ms)
+        if not self.extra_latency_ms or min(self.extra_latency_ms) < 0:
+            raise ValueError(f"extra latencies must be >= 0 ms, got {list(self.extra_latency_ms)}")
+        if len(set(self.extra_latency_ms)) != len(self.extra_latency_ms):
+            raise ValueError(f"extra latencies listed twice: {list(self.extra_latency_ms)}")
+        if any(self.extra_latency_ms) and self.mode != "realtime":
+            raise ValueError("--extra-latency-ms needs --mode realtime: lockstep waits for every answer, "
+                             "so a delay would change nothing")
+
+
+def parse_delays(text: str) -> tuple[float, ...]:
+    """'0,50,100' -> (0.0, 50.0, 100.0); ValueError naming a bad entry."""
+    out = []
+    for part in text.split(","):
+        try:
+            out.append(float(part))
+        except ValueError:
+            raise ValueError(f"extra latency {part.strip()!r} is not a number of milliseconds") from None
+    return tuple(out)
 
 
 @dataclass
@@ -116,20 +141,32 @@ class _Job:
     count: int
     video: int
     out: Path
+    delay_ms: float = 0.0  # extra latency of this job's arm
 
 
-def split_jobs(samplers: Sequence[str], episodes: int, workers: int, video: int, raw_dir: Path) -> list[_Job]:
-    """Episodes of every sampler cut into about `workers` jobs each, one sampler's jobs
-    after another: the arms running at once share their sampler's server, which batches
-    them. The first job of a sampler records its videos."""
+def split_jobs(samplers: Sequence[str], episodes: int, workers: int, video: int, raw_dir: Path,
+               delays_ms: Sequence[float] = (0.0,)) -> list[_Job]:
+    """Episodes of every sampler (at every delay) cut into about `workers` jobs each, one
+    sampler's jobs after another: the arms running at once share their sampler's server,
+    which batches them. The first job of a sampler (at the first delay) records its videos."""
     per = max(1, -(-episodes // workers))
     jobs = []
     for s in samplers:
-        for first in range(0, episodes, per):
-            count = min(per, episodes - first)
-            jobs.append(_Job(s, first, count, min(video, count) if first == 0 else 0,
-                             raw_dir / _safe(s) / f"episodes_{first:04d}.json"))
+        for i, delay in enumerate(delays_ms):
+            for first in range(0, episodes, per):
+                count = min(per, episodes - first)
+                jobs.append(_Job(s, first, count, min(video, count) if first == 0 and i == 0 else 0,
+                                 raw_dir / _safe(s) / _delay_dir(delay) / f"episodes_{first:04d}.json", delay))
     return jobs
+
+
+def _delay_dir(delay_ms: float) -> str:
+    """Raw records' subfolder for a delay: none for 0, so runs without delays keep their layout."""
+    return f"delay_{delay_ms:g}ms" if delay_ms else ""
+
+
+def _label(sampler: str, delay_ms: float) -> str:
+    return f"{sampler} +{delay_ms:g} ms" if delay_ms else sampler
 
 
 def _safe(name: str) -> str:
@@ -187,9 +224,12 @@ def start_server(cfg: EvalConfig, sampler: str, env: dict[str, str], log_dir: Pa
 
 def arm_argv(cfg: EvalConfig, job: _Job, endpoint: str, video_dir: Path, scheduling: RealtimeConfig = RealtimeConfig()) -> list[str]:
     argv = dpstack_command("sim", "--task", cfg.task, "--connect", endpoint, "--mode", cfg.mode,
+                           "--policy", str(cfg.policy_dir),  # the arm renders the cameras the package reads
                            "--episodes", str(job.count), "--seed", str(cfg.seed_base + job.first),
                            "--robot-id", f"arm-{_safe(job.sampler)}-{job.first}", "--out", str(job.out), "--quiet",
                            *scheduling.argv())
+    if job.delay_ms:
+        argv += ["--extra-latency-ms", f"{job.delay_ms:g}"]
     if cfg.hz:
         argv += ["--hz", str(cfg.hz)]
     if cfg.max_steps:
@@ -208,7 +248,8 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[Sample
     env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "PYTHONUNBUFFERED": "1", **cfg.env}
     # Each process gets one intra-op thread's worth of CPU: several share the cores.
     env.setdefault("OMP_NUM_THREADS", "1")
-    jobs = split_jobs(cfg.samplers, cfg.episodes, cfg.workers, cfg.video, raw_dir)
+    check_package_cameras(cfg.policy_dir, cfg.task)
+    jobs = split_jobs(cfg.samplers, cfg.episodes, cfg.workers, cfg.video, raw_dir, cfg.extra_latency_ms)
     todo = _jobs_to_run(cfg, jobs, raw_dir)
     if len(todo) < len(jobs):
         log(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} episode jobs already done for this package")
@@ -236,16 +277,19 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[Sample
     latencies: dict[str, dict[str, list[float]]] = {"per control step (obs -> action)": {},
                                                      "per chunk request (obs sent -> chunk back)": {}}
     for s in cfg.samplers:
-        records = load_records(j.out for j in jobs if j.sampler == s)
-        for r in records:
-            r.episode = r.seed - cfg.seed_base
-            r.sampler = s
-        records.sort(key=lambda r: r.episode)
-        summaries.append(summarize(s, records, cfg.mode, records[0].hz, witness_stalls(witness)))
-        step_panel, chunk_panel = latencies.values()
-        step_panel[s] = [x for r in records for x in r.step_latency_ms]
-        chunk_panel[s] = [x for r in records for x in r.chunk_latency_ms]
-        write_json_atomic(raw_dir / f"{_safe(s)}.json", {"sampler": s, "episodes": [r.to_dict() for r in records]})
+        for delay in cfg.extra_latency_ms:
+            records = load_records(j.out for j in jobs if j.sampler == s and j.delay_ms == delay)
+            for r in records:
+                r.episode = r.seed - cfg.seed_base
+                r.sampler = s
+            records.sort(key=lambda r: r.episode)
+            summaries.append(summarize(s, records, cfg.mode, records[0].hz, witness_stalls(witness)))
+            step_panel, chunk_panel = latencies.values()
+            step_panel[_label(s, delay)] = [x for r in records for x in r.step_latency_ms]
+            chunk_panel[_label(s, delay)] = [x for r in records for x in r.chunk_latency_ms]
+            name = _safe(s) + (f"_{_delay_dir(delay)}" if delay else "")
+            write_json_atomic(raw_dir / f"{name}.json", {"sampler": s, "extra_latency_ms": delay,
+                                                         "episodes": [r.to_dict() for r in records]})
     write_results(out, cfg, summaries, latencies, witness)
     for s in summaries:
         steps = s.mean_episode_steps * s.episodes
@@ -254,6 +298,19 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[Sample
                 "the simulated world paused meanwhile, so the robot ran slower than real time there "
                 "(a slow or busy machine: fewer --workers, or --hz below the task's rate)")
     return summaries
+
+
+def check_package_cameras(policy_dir: Path, task: str) -> None:
+    """EvalError in one sentence when the package reads a camera the task cannot render."""
+    from dpstack.sim.arm import package_cameras
+    from dpstack.sim.env import check_cameras
+
+    try:
+        cameras, _ = package_cameras(policy_dir)
+        if cameras:
+            check_cameras(task, cameras)
+    except (ValueError, KeyError) as e:
+        raise EvalError(f"{policy_dir}: {e}") from None
 
 
 def start_witnesses(cfg: EvalConfig, witness_dir: Path, env: dict[str, str], log_dir: Path) -> list[ChildProcess]:
@@ -353,7 +410,7 @@ def _run_jobs(cfg: EvalConfig, jobs: list[_Job], endpoints: dict[str, str], serv
                         raise EvalError(_failure(p))
                     bar.update(job.count)
                     done = json.loads(job.out.read_text())["summary"]
-                    bar.write(f"{job.sampler}: episodes {job.first}-{job.first + job.count - 1}: "
+                    bar.write(f"{_label(job.sampler, job.delay_ms)}: episodes {job.first}-{job.first + job.count - 1}: "
                               f"success {done['success_rate']:.2f}, chunk latency p50 {format_ms(done['chunk_latency']['p50_ms'], '.1f')} ms")
                 for server in servers:
                     if server.proc.poll() is not None:
@@ -369,12 +426,16 @@ def write_results(out: Path, cfg: EvalConfig, summaries: Sequence[SamplerSummary
         "policy": str(cfg.policy_dir), "package_sha256": _package_sha256(cfg.policy_dir),
         "task": cfg.task, "mode": cfg.mode, "hz": summaries[0].hz if summaries else cfg.hz,
         "seed_base": cfg.seed_base, "episodes_per_sampler": cfg.episodes,
+        "extra_latency_ms": list(cfg.extra_latency_ms),
         "scheduling": scheduling_summary(cfg, available_cpus()),
         "witness": [{k: w[k] for k in ("cpu", "hz", "seconds", "wakeups", "late")}
                     | {"stalls": len(w["stalls"]), "slowdowns": len(w.get("slowdowns", ()))} for w in witness],
         "results": [s.to_dict() for s in summaries]})
-    table = markdown_table(summaries)
-    (out / RESULTS_TABLE_FILE).write_text(f"# Closed-loop evaluation: {cfg.task}, {cfg.mode}\n\n{table}")
+    text = f"# Closed-loop evaluation: {cfg.task}, {cfg.mode}\n\n{markdown_table(summaries)}"
+    if len(cfg.extra_latency_ms) > 1:
+        text += f"\n## Success against extra latency\n\n{delay_table(summaries)}\n![success against delay]({DELAY_PLOT_FILE})\n"
+        delay_plot(summaries, out / DELAY_PLOT_FILE, title=f"{cfg.task}: success against extra latency ({cfg.mode})")
+    (out / RESULTS_TABLE_FILE).write_text(text)
     latency_plot(latencies, out / LATENCY_PLOT_FILE, title=f"{cfg.task} latency ({cfg.mode})")
 
 

@@ -1,0 +1,81 @@
+"""An image policy in closed loop with real processes: `dpstack eval` renders the cameras
+the package's spec reads, at its size, with nothing typed twice; a package that needs a
+camera the task lacks is refused in one sentence; and in realtime an extra latency delays
+every answer on the robot clock. The package has random weights (no collection or
+training): what ran is asserted, not success."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("robosuite")
+pytest.importorskip("torch")
+
+DELAY_MS = 200.0
+PERIOD_MS = 50.0  # Lift's 20 Hz
+
+
+def dpstack(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MUJOCO_GL": "egl", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "dpstack.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> Path:
+    from _image_package import write_image_package
+    return write_image_package(tmp_path_factory.mktemp("image") / "policy")
+
+
+def test_eval_renders_the_cameras_the_package_reads(package, tmp_path):
+    from _image_package import IMAGE_HW
+
+    out = tmp_path / "eval"
+    result = dpstack("eval", str(package), "--task", "lift", "--episodes", "1", "--samplers", "ddim-2",
+                     "--max-steps", "8", "--workers", "1", "--out", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (episode,) = json.loads((out / "raw" / "ddim-2.json").read_text())["episodes"]
+    assert episode["steps"] == 8 and episode["render_ms"] > 0
+    assert len(episode["chunk_latency_ms"]) >= 1
+    # the arm's spec carried the camera at the package's size (the server checked it at Hello)
+    assert IMAGE_HW != (84, 84)
+
+
+def test_a_package_needing_a_camera_the_task_lacks_is_refused_in_one_sentence(package, tmp_path):
+    broken = tmp_path / "policy"
+    shutil.copytree(package, broken)
+    manifest = broken / "manifest.json"
+    manifest.write_text(manifest.read_text().replace("agentview_image", "wristcam_image"))
+    result = dpstack("eval", str(broken), "--task", "lift", "--episodes", "1", "--samplers", "ddim-2",
+                     "--out", str(tmp_path / "eval"), timeout=300)
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "camera 'wristcam'" in line and "cannot render" in line and "Traceback" not in result.stderr
+    assert not (tmp_path / "eval" / "logs").exists() or not list((tmp_path / "eval" / "logs").iterdir())  # no server
+
+
+def test_an_extra_latency_delays_every_answer_and_the_arm_holds_meanwhile(package, tmp_path):
+    out = tmp_path / "delay"
+    result = dpstack("eval", str(package), "--task", "lift", "--episodes", "1", "--samplers", "ddim-2",
+                     "--max-steps", "30", "--workers", "1", "--mode", "realtime",
+                     "--extra-latency-ms", f"0,{DELAY_MS:g}", "--out", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["extra_latency_ms"] == [0.0, DELAY_MS]
+    assert [(r["sampler"], r["extra_latency_ms"]) for r in results["results"]] == [("ddim-2", 0.0), ("ddim-2", DELAY_MS)]
+    (delayed,) = json.loads((out / "raw" / "ddim-2_delay_200ms.json").read_text())["episodes"]
+    assert delayed["extra_latency_ms"] == DELAY_MS and delayed["chunk_latency_ms"]
+    # Robot time never runs ahead of the wall clock, so every answer took at least the delay.
+    assert min(delayed["chunk_latency_ms"]) >= DELAY_MS
+    # DDIM's chunk has no look-ahead: at its first replan (the lead has no latency to go on
+    # yet) the arm holds until the delayed answer comes, at least delay / period ticks less one.
+    assert delayed["held_steps"] >= DELAY_MS // PERIOD_MS - 1
+    assert (out / "success_vs_delay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Success against extra latency" in (out / "results.md").read_text()
