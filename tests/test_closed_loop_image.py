@@ -48,11 +48,18 @@ def test_eval_renders_the_cameras_the_package_reads(package, tmp_path):
     assert IMAGE_HW != (84, 84)
 
 
-def test_a_package_needing_a_camera_the_task_lacks_is_refused_in_one_sentence(package, tmp_path):
+@pytest.fixture()
+def wristcam_package(package, tmp_path) -> Path:
+    """The same package reading a camera Lift's scene does not have."""
     broken = tmp_path / "policy"
     shutil.copytree(package, broken)
     manifest = broken / "manifest.json"
     manifest.write_text(manifest.read_text().replace("agentview_image", "wristcam_image"))
+    return broken
+
+
+def test_a_package_needing_a_camera_the_task_lacks_is_refused_in_one_sentence(wristcam_package, tmp_path):
+    broken = wristcam_package
     result = dpstack("eval", str(broken), "--task", "lift", "--episodes", "1", "--samplers", "ddim-2",
                      "--out", str(tmp_path / "eval"), timeout=300)
     assert result.returncode == 1
@@ -77,5 +84,19 @@ def test_an_extra_latency_delays_every_answer_and_the_arm_holds_meanwhile(packag
     # DDIM's chunk has no look-ahead: at its first replan (the lead has no latency to go on
     # yet) the arm holds until the delayed answer comes, at least delay / period ticks less one.
     assert delayed["held_steps"] >= DELAY_MS // PERIOD_MS - 1
+    # Rendering the camera pauses the world: were it counted as physics, a render slower
+    # than the period (software rendering on a busy CPU) would make every step overrun.
+    (undelayed,) = json.loads((out / "raw" / "ddim-2.json").read_text())["episodes"]
+    assert undelayed["render_ms"] > 0 and undelayed["overruns"] < undelayed["steps"]
     assert (out / "success_vs_delay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Success against extra latency" in (out / "results.md").read_text()
+
+
+def test_sim_takes_its_cameras_from_the_package_and_names_one_the_task_lacks(package, wristcam_package, tmp_path):
+    result = dpstack("sim", "--task", "lift", "--policy", str(wristcam_package), "--connect", "tcp://127.0.0.1:9",
+                     "--out", str(tmp_path / "x.json"), timeout=300)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "camera 'wristcam'" in line and "agentview" in line  # the ones it has
+    both = dpstack("sim", "--task", "lift", "--policy", str(package), "--cameras", "agentview", timeout=120)
+    assert both.returncode == 2 and "not both" in both.stderr
