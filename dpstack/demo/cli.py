@@ -1,11 +1,14 @@
-"""`dpstack demo`: the whole stack end to end on the default task (Lift, state observations).
+"""`dpstack demo`: the whole stack end to end on one task (default Lift, state observations).
 
-    dpstack demo [--out out/demo] [--episodes 100] [--train-steps N] [--eval-episodes 20] [--quick]
+    dpstack demo [--task lift|can|stack|...] [--out out/demo] [--episodes 100] [--train-steps N]
+                 [--eval-episodes 20] [--quick]
 
-Stages (each skipped on a rerun when its output is already there and complete,
-so an interrupted demo resumes):
-  1. collect  scripted-expert demonstrations       -> OUT/data/lift.zarr
-  2. train    the small 1-D U-Net                   -> OUT/train/last.pt (+ loss plot)
+The task's row in dpstack/demo/tasks.py names its shipped config, demonstrations,
+evaluation episodes and seeds. Stages (each skipped on a rerun when its output is
+already there and complete, so an interrupted demo resumes):
+  1. collect  scripted-expert demonstrations       -> OUT/data/TASK.zarr
+     (with the cameras the config's image keys name, for an image config)
+  2. train    with the task's shipped config        -> OUT/train/last.pt (+ loss plot)
   3. export   to an ONNX policy package              -> OUT/policy/
   4. serve + evaluate every sampler in closed loop   -> OUT/eval/results.json
      (a `dpstack serve` process per sampler, simulated arms as `dpstack sim` processes)
@@ -20,42 +23,58 @@ import json
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from dpstack.demo.tasks import DEMO_TASKS, DemoTask
+from dpstack.sim.evaluate import DEFAULT_SEED_BASE
 
 DEFAULT_OUT = Path("out/demo")
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of one demo run. The defaults aim at ~15 minutes on 2 CPU cores."""
+    """Sizes of one demo run: the task's row (dpstack/demo/tasks.py) with its config's
+    network and optimiser settings filled in. Lift's aim at ~15 minutes on 2 CPU cores:
+    the small U-Net (~5 M parameters) at 5x DP's learning rate trains ~750 samples/s on 2
+    idle cores, so 1000 batch-256 steps take ~6 minutes (DDIM 18/20 after only 500). The
+    0.3 M "test" U-Net trains 2-3x faster per sample but plateaus far higher (DDPM 2/20
+    after 5000 batch-128 steps)."""
 
-    episodes: int = 200
-    # The small U-Net (64-128-256 channels, ~5 M parameters) at 5x DP's learning rate:
-    # ~750 samples/s on 2 idle cores, so 1000 batch-256 steps take ~6 minutes. Measured on
-    # Lift: DDIM 18/20 after only 500 such steps. The 0.3 M "test" U-Net trains 2-3x faster
-    # per sample but plateaus far higher (DDPM 2/20 after 5000 batch-128 steps).
-    train_steps: int = 1000
-    batch_size: int = 256
-    preset: str = "small"
-    lr: float = 5e-4
-    train_config: str = "lift_state_small"   # shipped policy/configs/*.yaml
+    train_config: str                        # shipped policy/configs/*.yaml
+    episodes: int
+    train_steps: int
+    batch_size: int
+    preset: str
+    lr: float
+    eval_episodes: int
+    seed_base: int = DEFAULT_SEED_BASE
+    cameras: tuple[str, ...] = ()            # to collect: the config's image keys' cameras
     train_eval_every: int = 0                # offline action-error checks during training (0 = off)
-    eval_episodes: int = 20
     samplers: tuple[str, ...] = ("ddpm", "ddim", "rti", "streaming")
     workers: int = 2
     max_steps: int | None = None
     video: int = 1
 
     @classmethod
-    def quick(cls) -> "DemoSettings":
-        # A smoke run of every stage: a tiny dataset, a few dozen steps of a tiny net.
-        return cls(episodes=3, train_steps=30, batch_size=16, preset="test", lr=1e-3, eval_episodes=2, max_steps=30)
+    def for_task(cls, row: DemoTask, quick: bool = False) -> "DemoSettings":
+        from dpstack.policy.config import load_config
+        from dpstack.sim.env import IMAGE_SUFFIX
+
+        config = load_config(row.train_config)
+        s = cls(train_config=row.train_config, episodes=row.episodes,
+                train_steps=row.train_steps or config.train.steps, batch_size=config.train.batch_size,
+                preset=config.policy.preset, lr=config.train.lr, eval_episodes=row.eval_episodes,
+                seed_base=row.seed_base, cameras=tuple(k.removesuffix(IMAGE_SUFFIX) for k in config.policy.image_keys))
+        if quick:  # a smoke run of every stage: a tiny dataset, a few dozen steps of a tiny net
+            s = replace(s, episodes=3, train_steps=30, batch_size=16, preset="test", lr=1e-3, eval_episodes=2,
+                        max_steps=30)
+        return s
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"working folder (default {DEFAULT_OUT})")
-    parser.add_argument("--task", default="lift", help="task (default: lift)")
+    parser.add_argument("--task", default="lift", help=f"task, one of {', '.join(DEMO_TASKS)} (default: lift)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run of every stage (a minute or two; the "
                         "policy will not succeed)")
     parser.add_argument("--episodes", type=int, default=None, help="demonstrations to collect (default 200)")
@@ -68,11 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> DemoSettings:
-    from dataclasses import replace
-
+    from dpstack.demo.tasks import demo_task
     from dpstack.runtime.samplers import SamplerConfig, split_sampler_names
 
-    s = DemoSettings.quick() if args.quick else DemoSettings()
+    s = DemoSettings.for_task(demo_task(args.task), quick=args.quick)
     over = {}
     if args.episodes is not None:
         over["episodes"] = args.episodes
@@ -97,15 +115,14 @@ def run(args: argparse.Namespace) -> int:
     from dpstack.demo.pipeline import Demo
     from dpstack.demo.stages import StageFailed
 
-    from dpstack.sim.tasks import get_task
+    from dpstack.demo.tasks import DEMO_TASKS
 
     try:
         settings = settings_from(args)
-        get_task(args.task)
     except ValueError as e:
         print(f"dpstack demo: {e}", file=sys.stderr)
         return 2
-    demo = Demo(args.out, settings, task=args.task, mode=args.mode)
+    demo = Demo(args.out, settings, task=DEMO_TASKS[args.task].task, mode=args.mode)
     try:
         demo.run(force=args.force)
     except (StageFailed, subprocess.CalledProcessError, RuntimeError) as e:

@@ -23,7 +23,7 @@ from dpstack.demo.stages import Stage, run_stages
 from dpstack.policy.train_outputs import CHECKPOINT_FILE
 from dpstack.runtime.package import MANIFEST, sha256_file
 from dpstack.sim.eval_report import SamplerSummary
-from dpstack.sim.evaluate import DEFAULT_SEED_BASE, RESULTS_FILE, EvalConfig, dpstack_command, run_eval, unseen_seed_base
+from dpstack.sim.evaluate import RESULTS_FILE, EvalConfig, dpstack_command, run_eval, unseen_seed_base
 
 
 class Demo:
@@ -47,7 +47,7 @@ class Demo:
         return [
             Stage("collect", f"{s.episodes} scripted-expert {self.task} demonstrations -> {self.dataset}",
                   self.collect_done, self.collect),
-            Stage("train", f"{s.train_steps} steps of the {s.preset} U-Net -> {self.checkpoint}",
+            Stage("train", f"{s.train_steps} steps of {s.train_config} ({s.preset} net) -> {self.checkpoint}",
                   self.train_done, self.train),
             Stage("export", f"ONNX policy package -> {self.policy}", self.export_done, self.export),
             Stage("evaluate", f"serve + closed-loop {s.eval_episodes} episodes x {', '.join(s.samplers)} ({self.mode})",
@@ -101,8 +101,9 @@ class Demo:
             return False  # unreadable: let collect resume or fail with its own message
 
     def collect(self) -> None:
+        cameras = ("--cameras", ",".join(self.s.cameras)) if self.s.cameras else ()
         self._call("collect", "--task", self.task, "--episodes", str(self.s.episodes), "--out", str(self.dataset),
-                   "--workers", str(self.s.workers))
+                   "--workers", str(self.s.workers), *cameras)
 
     # ------------------------------------------------------------------ 2. train
     def checkpoint_step(self) -> int:
@@ -118,7 +119,7 @@ class Demo:
         return self.checkpoint_step() >= self.s.train_steps
 
     def train(self) -> None:
-        # The shipped Lift config (plain DP + streaming-ladder regimes, so one checkpoint
+        # The task's shipped config (plain DP + streaming-ladder regimes, so one checkpoint
         # serves every sampler), sized by the demo settings.
         overrides = [f"policy.preset={self.s.preset}", f"train.steps={self.s.train_steps}",
                      f"train.batch_size={self.s.batch_size}", f"train.lr={self.s.lr}",
@@ -172,7 +173,7 @@ class Demo:
     def evaluate(self) -> None:
         cfg = EvalConfig(policy_dir=self.policy, out=self.eval_dir, task=self.task, episodes=self.s.eval_episodes,
                          samplers=tuple(self.s.samplers), mode=self.mode, workers=self.s.workers, video=self.s.video,
-                         seed_base=unseen_seed_base(self.dataset, DEFAULT_SEED_BASE), max_steps=self.s.max_steps)
+                         seed_base=unseen_seed_base(self.dataset, self.s.seed_base), max_steps=self.s.max_steps)
         run_eval(cfg, log=self.log)
 
     # ------------------------------------------------------------------ 5. report
