@@ -36,8 +36,11 @@ def test_quick_and_explicit_sizes_apply_to_any_task():
 
 
 def test_an_image_config_collects_the_cameras_it_reads():
+    from dpstack.policy.config import load_config
+
     s = DemoSettings.for_task(DemoTask("lift", "lift_image_small"))
-    assert s.cameras == ("agentview",)
+    image_keys = load_config("lift_image_small").policy.image_keys
+    assert s.cameras and [f"{c}_image" for c in s.cameras] == list(image_keys)  # e.g. agentview, robot0_eye_in_hand
 
 
 def test_a_demo_that_cannot_run_is_refused_in_one_sentence(monkeypatch, capsys, tmp_path: Path):
