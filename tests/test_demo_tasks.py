@@ -57,7 +57,7 @@ def test_every_row_names_a_registered_task():
     from dpstack.sim.tasks import TASKS
 
     assert all(row.task in TASKS for row in tasks.DEMO_TASKS.values())
-    for name in ("lift", "can", "stack"):
+    for name in ("lift", "can", "stack", "square"):
         assert demo_task(name).task == name
 
 
