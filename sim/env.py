@@ -101,6 +101,10 @@ class SimEnv:
         if self.cameras:
             check_cameras(self.task.name, self.cameras)  # robosuite's own error names no camera
         robosuite = import_robosuite()
+        # robosuite reads its IMAGE_CONVENTION macro when it builds the camera sensors:
+        # "opengl" (its default) renders the bottom row first, "opencv" the top row first.
+        from robosuite import macros
+        self._flip_rows = macros.IMAGE_CONVENTION == "opengl"
         robot = self.task.robot
         controller = robosuite.load_composite_controller_config(controller=robot.controller, robot=robot.name)
         self.raw = robosuite.make(
@@ -186,8 +190,9 @@ class SimEnv:
         self._last_raw = raw_obs
         out = {key: np.array(raw_obs[key], dtype=np.float32).reshape(-1) for key in self.task.obs_keys}  # own copies: continued in place
         for cam in self.cameras:
-            # robosuite renders in OpenGL convention (bottom row first); store upright.
-            out[image_key(cam)] = np.ascontiguousarray(np.asarray(raw_obs[image_key(cam)], dtype=np.uint8)[::-1])
+            # Always upright (row 0 = top of the scene), whichever convention robosuite renders in.
+            img = np.asarray(raw_obs[image_key(cam)], dtype=np.uint8)
+            out[image_key(cam)] = np.ascontiguousarray(img[::-1] if self._flip_rows else img)
         return self._quaternions(out)
 
     def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
