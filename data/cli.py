@@ -70,6 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="delta: 'actions' as they are; absolute: 'actions_abs' (else 'actions') as position + "
                         "axis-angle + gripper, stored with the rotation as 6d (10 dims per arm); auto (default): "
                         "absolute when env_args declare an absolute controller or the file is *_abs.hdf5")
+    p.add_argument("--image-convention", choices=("auto", "opencv", "opengl"), default="auto",
+                   help="robomimic: which row of the file's frames is the top, in robosuite's names: opencv = row 0, "
+                        "opengl = the last row (flipped on import, frames are stored upright); auto (default): the "
+                        "file's macros_image_convention attribute (LIBERO writes it), else robomimic's (upright)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = sub.add_parser("export", help="write a zarr dataset as a LeRobotDataset v3.0",
@@ -163,6 +167,8 @@ def _convert(args: argparse.Namespace) -> int:
     lerobot = args.src.is_dir()
     if lerobot and args.actions != "auto":
         raise DatasetError("--actions is for robomimic files; a LeRobotDataset's action is imported as it is")
+    if lerobot and args.image_convention != "auto":
+        raise DatasetError("--image-convention is for robomimic files; a LeRobotDataset's video frames are upright")
     try:
         if lerobot:
             rb = convert_lerobot(args.src, args.out, obs_keys=args.obs_keys, task=args.task, control_hz=args.hz,
@@ -171,7 +177,7 @@ def _convert(args: argparse.Namespace) -> int:
         else:
             rb = convert_robomimic(args.src, args.out, obs_keys=args.obs_keys, task=args.task, control_hz=args.hz,
                                    gripper_dims=args.gripper_dims, overwrite=args.overwrite, robot=args.robot,
-                                   rename=rename, actions=args.actions)
+                                   rename=rename, actions=args.actions, image_convention=args.image_convention)
     except FileExistsError:
         raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it") from None
     space = rb.attrs.extra.get("actions", {}).get("space")

@@ -17,6 +17,12 @@ Diffusion Policy's `*_abs.hdf5` files, which keep them in `actions`) are, per ar
 position (3), axis-angle rotation (3) and gripper (1); they are stored the way Diffusion
 Policy trains on them: position, rotation 6d (the first two rows of the rotation
 matrix, the pytorch3d/robomimic convention) and gripper, 10 per arm.
+
+Images are stored upright (row 0 = top of the scene), as dpstack stores every frame.
+robomimic's own datasets already are: its EnvRobosuite flips robosuite's renders, which
+come bottom row first, before writing them. Files that declare robosuite's
+`macros_image_convention` (LIBERO and the pipelines built on it) hold frames as robosuite
+rendered them under that convention, and "opengl" ones are flipped on import.
 """
 from __future__ import annotations
 
@@ -36,6 +42,8 @@ from dpstack.core.spec import ActionSpec, ArraySpec, RobotSpec
 
 _DEMO = re.compile(r"^demo_(\d+)$")
 ACTION_SPACES = ("auto", "delta", "absolute")
+# robosuite's IMAGE_CONVENTION names: "opencv" = top row first (upright), "opengl" = bottom row first.
+IMAGE_CONVENTIONS = ("auto", "opencv", "opengl")
 ABS_KEY = "actions_abs"   # robomimic's key for absolute actions next to the delta `actions`
 ARM_IN, ARM_OUT = 7, 10  # per arm: pos + axis-angle + gripper in, pos + rotation 6d + gripper out
 _RESERVED = ("action", "reward", "done")
@@ -110,6 +118,22 @@ def choose_action_space(requested: str, src: Path, env_args: Mapping[str, Any], 
     return "delta", "actions", "env_args: delta controller"
 
 
+def choose_image_convention(requested: str, data_group: Any) -> tuple[str, str]:
+    """(the file's image convention, why) for `requested` in IMAGE_CONVENTIONS."""
+    if requested not in IMAGE_CONVENTIONS:
+        raise DatasetError(f"image convention must be one of {IMAGE_CONVENTIONS}, got {requested!r}")
+    if requested != "auto":
+        return requested, f"--image-convention {requested}"
+    declared = data_group.attrs.get("macros_image_convention")
+    if declared is None:
+        return "opencv", "robomimic writes frames upright"
+    declared = declared.decode() if isinstance(declared, bytes) else str(declared)
+    if declared not in ("opencv", "opengl"):
+        raise DatasetError(f"data.attrs['macros_image_convention'] is {declared!r}, expected 'opencv' or 'opengl'; "
+                           "pass --image-convention")
+    return declared, "data.attrs macros_image_convention"
+
+
 def axis_angle_to_rotation_6d(rotvec: np.ndarray) -> np.ndarray:
     """(..., 3) axis-angle -> (..., 6): the first two rows of the rotation matrix."""
     from scipy.spatial.transform import Rotation
@@ -166,11 +190,15 @@ def convert_robomimic(src: str | os.PathLike, dst: str | os.PathLike, obs_keys: 
                       task: str | None = None, control_hz: float | None = None,
                       gripper_dims: Sequence[int] | None = None, overwrite: bool = False,
                       progress: bool = True, robot: str | None = None,
-                      rename: Mapping[str, str] | None = None, actions: str = "auto") -> ReplayBuffer:
+                      rename: Mapping[str, str] | None = None, actions: str = "auto",
+                      image_convention: str = "auto") -> ReplayBuffer:
     """Convert robomimic HDF5 `src` into a new dataset at `dst`; returns it opened for appending.
     `obs_keys` may name a key as in the file or as renamed; `rename` maps file keys to stored ones.
     `actions` is "delta", "absolute" or "auto" (absolute when the env_args declare an absolute
-    controller or the file is named *_abs.hdf5, as Diffusion Policy names its converted files)."""
+    controller or the file is named *_abs.hdf5, as Diffusion Policy names its converted files).
+    `image_convention` says which row of the file's frames is the top ("opencv": row 0, "opengl":
+    the last row, flipped on import); "auto" reads the file's macros_image_convention attribute,
+    and without one takes robomimic's (upright)."""
     import h5py
     from tqdm import tqdm
 
@@ -192,6 +220,7 @@ def convert_robomimic(src: str | os.PathLike, dst: str | os.PathLike, obs_keys: 
         env_kwargs = env_args.get("env_kwargs", {}) or {}
 
         first = data[names[0]]
+        convention, convention_why = choose_image_convention(image_convention, data)
         space, action_key, why = choose_action_space(actions, src, env_args, ABS_KEY in first)
         for k in ("obs", action_key):
             if k not in first:
@@ -243,16 +272,20 @@ def convert_robomimic(src: str | os.PathLike, dst: str | os.PathLike, obs_keys: 
                          observations=tuple(_obs_spec(stored[k], first["obs"][k], dim_names.get(k, ())) for k in keys),
                          action=action)
         quaternions = quaternion_layout(spec.observations)
-        attrs = DatasetAttrs(task=task, control_hz=float(hz), spec=spec, source="import",
-                             extra={"imported_from": src.name, "format": "robomimic", "demos": names,
-                                    "renamed": {k: v for k, v in stored.items() if k != v}, "actions": action_info,
-                                    "env_args": env_args,
-                                    **({"quaternions": "sign-continuous"} if quaternions else {})})
+        flip = {k for k in keys if spec.obs(stored[k]).is_image and convention == "opengl"}
+        extra = {"imported_from": src.name, "format": "robomimic", "demos": names,
+                 "renamed": {k: v for k, v in stored.items() if k != v}, "actions": action_info,
+                 "env_args": env_args, **({"quaternions": "sign-continuous"} if quaternions else {})}
+        if any(spec.obs(stored[k]).is_image for k in keys):
+            extra["images"] = {"convention_in_file": convention, "from": convention_why, "flipped": bool(flip)}
+        attrs = DatasetAttrs(task=task, control_hz=float(hz), spec=spec, source="import", extra=extra)
         rb = ReplayBuffer.create(dst, attrs, overwrite=overwrite)
         for name in tqdm(names, desc=f"import {src.name}", unit="demo", disable=not progress):
             demo = data[name]
             episode = {stored[k]: np.asarray(demo["obs"][k][:]).astype(np.dtype(spec.obs(stored[k]).dtype), copy=False)
                        for k in keys}
+            for k in flip:  # bottom row first in the file -> upright
+                episode[stored[k]] = np.ascontiguousarray(episode[stored[k]][:, ::-1])
             raw = np.asarray(demo[action_key][:], dtype=np.float64)
             episode["action"] = (absolute_to_stored(raw) if space == "absolute" else raw).astype(np.float32)
             if "rewards" in demo:

@@ -173,3 +173,51 @@ def test_diffusion_policy_abs_file_is_detected_by_name(tmp_path, capsys):
     assert main(["data", "convert", str(plain), "--out", str(tmp_path / "b.zarr"), "--actions", "absolute"]) == 2
     err = capsys.readouterr().err
     assert "got 8 dims" in err and "--actions delta" in err and "Traceback" not in err
+
+
+def _upright_frames(T, h=8, w=6):
+    """Frames whose top row is red and bottom row blue, so the top is known."""
+    img = np.zeros((T, h, w, 3), dtype=np.uint8)
+    img[:, 0, :, 0] = 255
+    img[:, -1, :, 2] = 255
+    img[:, 1:-1] = np.arange(1, h - 1, dtype=np.uint8)[None, :, None, None] * 20
+    return img
+
+
+def _with_frames(path, frames, convention=None):
+    write_robomimic(path)
+    with h5py.File(path, "r+") as f:
+        if convention is not None:
+            f["data"].attrs["macros_image_convention"] = convention
+        for name in f["data"]:
+            T = f["data"][name]["actions"].shape[0]
+            del f["data"][name]["obs"]["agentview_image"]
+            f["data"][name]["obs"].create_dataset("agentview_image", data=frames(T))
+
+
+@pytest.mark.parametrize("declared, in_file, flag", [
+    (None, "upright", "auto"),        # robomimic's own files: its EnvRobosuite wrote them upright
+    ("opencv", "upright", "auto"),
+    ("opengl", "bottom-up", "auto"),  # LIBERO-style: as robosuite rendered them
+    (None, "bottom-up", "opengl"),    # undeclared, named on the command line
+    ("opengl", "upright", "opencv"),  # the flag overrides the attribute
+])
+def test_import_stores_frames_upright(tmp_path, declared, in_file, flag):
+    src = tmp_path / "img.hdf5"
+    frames = _upright_frames if in_file == "upright" else (lambda T: _upright_frames(T)[:, ::-1])
+    _with_frames(src, frames, declared)
+    rb = convert_robomimic(src, tmp_path / "out.zarr", progress=False, image_convention=flag)
+    for i in range(rb.n_episodes):
+        img = rb.get_episode(i)["agentview_image"]
+        np.testing.assert_array_equal(img, _upright_frames(img.shape[0]))
+    images = rb.attrs.extra["images"]
+    assert images["flipped"] == (in_file == "bottom-up")
+    assert images["convention_in_file"] == ("opencv" if in_file == "upright" else "opengl")
+
+
+def test_import_refuses_an_unknown_image_convention_attribute(tmp_path):
+    src = tmp_path / "img.hdf5"
+    _with_frames(src, _upright_frames, "directx")
+    with pytest.raises(DatasetError, match="macros_image_convention.*--image-convention"):
+        convert_robomimic(src, tmp_path / "out.zarr", progress=False)
+    assert not (tmp_path / "out.zarr").exists()
