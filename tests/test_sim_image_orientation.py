@@ -59,3 +59,29 @@ def test_frames_do_not_depend_on_robosuites_image_convention(lift_cams, monkeypa
     for key in ("agentview_image", "robot0_eye_in_hand_image"):
         assert not np.array_equal(default[key], default[key][::-1])
         np.testing.assert_array_equal(default[key], opencv_obs[key], err_msg=key)
+
+
+def test_robomimic_import_of_robosuite_renders_matches_the_simulators_frames(lift_cams, tmp_path):
+    """A file holding robosuite's raw (bottom row first) renders and declaring it, as LIBERO's
+    do, imports to exactly the frames `dpstack collect` stores."""
+    import json
+
+    import h5py
+
+    from dpstack.data.robomimic import convert_robomimic
+
+    env = lift_cams
+    upright, raw = [], []
+    for seed in (7, 8):
+        upright.append(env.reset(seed=seed)["agentview_image"])
+        raw.append(np.array(env.raw_observation("agentview_image"), dtype=np.uint8))
+    src = tmp_path / "rendered.hdf5"
+    with h5py.File(src, "w") as f:
+        data = f.create_group("data")
+        data.attrs["env_args"] = json.dumps({"env_name": "Lift", "env_kwargs": {"control_freq": 20}})
+        data.attrs["macros_image_convention"] = "opengl"
+        demo = data.create_group("demo_0")
+        demo.create_dataset("obs/agentview_image", data=np.stack(raw))
+        demo.create_dataset("actions", data=np.zeros((2, 7)))
+    rb = convert_robomimic(src, tmp_path / "out.zarr", progress=False)
+    np.testing.assert_array_equal(rb.get_episode(0)["agentview_image"], np.stack(upright))
