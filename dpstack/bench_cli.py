@@ -12,7 +12,7 @@ import sys
 
 BENCHES: dict[str, tuple[str, str]] = {
     "latency": ("dpstack.policy.bench_latency", "per-control-step latency of every sampler, onnxruntime vs torch eager"),
-    "train": ("dpstack.policy.bench_train", "training throughput in samples per second"),
+    "train": ("dpstack.policy.bench_train", "training throughput in samples per second; --image: the image loader next to the trainer"),
     "fleet": ("dpstack.policy.bench_fleet", "N simulated robots at their control rate against one policy server"),
     "transport": ("dpstack.runtime.bench_transport", "ZeroMQ round trip through a separate server process"),
     "jitter": ("dpstack.runtime.jitter", "how late this computer wakes a sleeping thread, per core (cyclictest)"),
