@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
 def run_image(args: argparse.Namespace, device: str) -> int:
     import torch
 
-    from dpstack.sim.collect import parse_cameras
+    from dpstack.core.spec import parse_cameras
 
     from .config import ConfigError, load_config
 

@@ -257,13 +257,3 @@ def summary(cfg: CollectConfig, r: CollectResult) -> str:
             f"dataset now holds {r.total_episodes} episodes at {cfg.out}; "
             f"{r.env_steps} env steps in {r.seconds:.1f} s = {r.steps_per_second:.0f} steps/s "
             f"with {cfg.workers} worker(s)")
-
-
-def parse_cameras(text: str | None) -> tuple[str, ...]:
-    if not text:
-        return ()
-    cams = tuple(c.strip() for c in text.split(",") if c.strip())
-    if len(set(cams)) != len(cams):
-        raise ValueError(f"--cameras lists a camera twice: {text!r}")
-    return cams
-

@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from dpstack.sim.collect import CollectConfig, collect, parse_cameras, summary
+    from dpstack.core.spec import parse_cameras
+    from dpstack.sim.collect import CollectConfig, collect, summary
 
     try:
         cameras = parse_cameras(args.cameras)

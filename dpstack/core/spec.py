@@ -160,3 +160,13 @@ class RobotSpec:
             problems.append(f"action: policy {a.shape} grippers {a.gripper_dims}, robot {b.shape} grippers {b.gripper_dims}")
         if problems:
             raise SpecMismatch("; ".join(problems))
+
+
+def parse_cameras(text: str | None) -> tuple[str, ...]:
+    """A `--cameras a,b` list as camera names (empty for none); a camera named twice is refused."""
+    if not text:
+        return ()
+    cams = tuple(c.strip() for c in text.split(",") if c.strip())
+    if len(set(cams)) != len(cams):
+        raise ValueError(f"--cameras lists a camera twice: {text!r}")
+    return cams
