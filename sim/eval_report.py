@@ -240,12 +240,7 @@ def latency_plot(panels: Mapping[str, Mapping[str, Sequence[float]]], path: Path
         ax.set_title(label)
         ax.grid(True, axis="y", which="both", alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def delay_curves(summaries: Sequence[SamplerSummary]) -> dict[str, list[SamplerSummary]]:
@@ -293,12 +288,7 @@ def delay_plot(summaries: Sequence[SamplerSummary], path: Path, title: str = "su
     ax.grid(True, alpha=0.3)
     ax.legend()
     ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -308,3 +298,15 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
     tmp.replace(path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Write a report figure as PNG (creating its folder) and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
