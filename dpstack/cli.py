@@ -22,10 +22,10 @@ import argparse
 import importlib
 import signal
 import sys
-import threading
 from dataclasses import dataclass
 
 from dpstack import __version__
+from dpstack.core import interrupt
 from dpstack.core.process import EXIT_INTERRUPTED
 
 
@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2
-    previous = _stop_on_sigterm()
+    # SIGTERM stops a batch command as Ctrl-C does (in order, children too); serve and
+    # bridge install their own SIGTERM handler.
+    previous = interrupt.install(signal.SIGINT, signal.SIGTERM)
     try:
         return int(args._module.run(args) or 0)
     except ModuleNotFoundError as e:
@@ -117,19 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpstack {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _stop_on_sigterm():
-    """SIGTERM stops a batch command as Ctrl-C does (in order, children too); serve and
-    bridge install their own handler. Returns the handler replaced (None: not the main thread)."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, interrupt)
+        interrupt.restore(previous)
 
 
 if __name__ == "__main__":

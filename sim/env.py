@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dpstack.core.interrupt import shielded
 from dpstack.core.quaternion import QuaternionContinuity, quaternion_layout
 from dpstack.core.spec import ArraySpec, RobotSpec
 from dpstack.sim.tasks import DEFAULT_IMAGE_SIZE, TaskDef, get_task
@@ -205,7 +206,9 @@ class SimEnv:
             self.raw.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
         self._steps = 0
         self._quaternions.reset()
-        return self._convert(self.raw.reset())
+        with shielded():  # Ctrl-C waits for robosuite's compiled controller to return
+            raw = self.raw.reset()
+        return self._convert(raw)
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, dict[str, Any]]:
         action = np.asarray(action, dtype=np.float64).reshape(-1)
@@ -215,7 +218,8 @@ class SimEnv:
         if not np.all(np.isfinite(action)):
             raise ValueError("action: contains NaN or Inf")
         action = np.clip(action, spec.low, spec.high)
-        raw_obs, reward, _, info = self.raw.step(action)
+        with shielded():
+            raw_obs, reward, _, info = self.raw.step(action)
         self._steps += 1
         success = self.success()
         info = dict(info, success=success, steps=self._steps)
