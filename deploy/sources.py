@@ -38,8 +38,9 @@ class ActionSource(Protocol):
         """Every servo cycle; True when fresh input arrived (it feeds the watchdog)."""
 
     def act(self, now: float, observation: Mapping[str, np.ndarray] | None,
-            state: ArmState | None) -> SourceAction | None:
-        """Every control step: the action to execute now (None: hold)."""
+            state: ArmState | None, observed_at: float | None = None) -> SourceAction | None:
+        """Every control step: the action to execute now (None: hold). `observed_at`: when
+        the observation was sampled (its frames' capture time); None: `now`."""
 
     def ended(self) -> str | None:
         """Why no action can ever come (the loop stops), or None."""
@@ -86,14 +87,17 @@ class PolicySource:
             logging.getLogger("dpstack.deploy.bridge").warning("refused a chunk: %s", e)
         return False
 
-    def act(self, now: float, observation, state) -> SourceAction | None:
+    def act(self, now: float, observation, state, observed_at: float | None = None) -> SourceAction | None:
         # Every control step: while a chunk is in flight the client sends it history-only,
         # so a policy with To > 1 keeps its history at the control rate.
         if observation is not None:
-            seq = self.client.send_observation(observation, now)
+            # Stamped with the capture time: the chunk's first action belongs to the moment the
+            # camera saw, so the schedule counts the frame's age as latency already spent.
+            t_obs = now if observed_at is None else observed_at
+            seq = self.client.send_observation(observation, t_obs)
             if seq is not None:
                 self.observations_sent += 1
-                self._obs_times[seq] = now
+                self._obs_times[seq] = t_obs
                 for k in [k for k in self._obs_times if k < seq - 64]:   # answers that never came
                     del self._obs_times[k]
         # Actions due before a command could take effect are stale.

@@ -323,7 +323,8 @@ class TeleopSource:
     def poll(self, now: float) -> bool:
         return self.device.alive()
 
-    def act(self, now: float, observation, state: ArmState | None) -> SourceAction | None:
+    def act(self, now: float, observation, state: ArmState | None,
+            observed_at: float | None = None) -> SourceAction | None:
         if state is None:
             return None
         if self.home_pose is None:

@@ -157,8 +157,8 @@ def test_bad_actions_from_an_image_policy_never_reach_the_arm(image_package, tmp
            np.array([-1.0, -1, -1, 1, 1, 1, -1])]
     n = {"actions": 0, "bad": 0}
 
-    def corrupting(now, observation, state):
-        action = act(now, observation, state)
+    def corrupting(now, observation, state, observed_at=None):
+        action = act(now, observation, state, observed_at)
         if action is None:
             return None
         n["actions"] += 1

@@ -117,6 +117,7 @@ class RecordingSource:
 
     def __init__(self):
         self.seen: list[tuple[float, dict, ArmState]] = []
+        self.observed_at: list[float | None] = []
 
     def reset(self) -> None:
         pass
@@ -124,10 +125,11 @@ class RecordingSource:
     def poll(self, now: float) -> bool:
         return True   # fresh input every cycle: the watchdog never holds in these tests
 
-    def act(self, now, observation, state):
+    def act(self, now, observation, state, observed_at=None):
         if observation is None:
             return None
         self.seen.append((now, observation, state))
+        self.observed_at.append(observed_at)
         return SourceAction(np.array([0.1, 0, 0, 0, 0, 0, -1.0]))
 
     def ended(self):
@@ -181,6 +183,8 @@ def test_the_observation_takes_the_newest_frame_and_the_state_nearest_its_captur
     newest = camera.frame
     np.testing.assert_array_equal(last_obs["agentview_image"], newest.image)
     assert abs(last_state.t - newest.t) <= 0.001 + 1e-9
+    # The observation is stamped with the frame's capture time, not the control step's.
+    assert source.observed_at[-1] == newest.t and last_now - newest.t >= 0.023 - 1e-9
     summary = bridge.summary()["cameras"]
     assert summary["frame_state_skew"]["n"] == len(source.seen)
     assert summary["frame_state_skew"]["max_ms"] <= 1.0 + 1e-6
