@@ -26,6 +26,38 @@ from typing import Any, Callable, Sequence
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
+def _load_prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_prctl = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent_preexec() -> Callable[[], None] | None:
+    """A `preexec_fn` that has the kernel send the child SIGTERM when this process dies,
+    even by SIGKILL, so a killed `dpstack demo` or `eval` leaves no server or training run
+    behind on the cores (the child's SIGTERM stop keeps what finished). Linux only; None
+    elsewhere. The signal follows the thread that starts the child, so start children
+    from a thread that lives as long as they should."""
+    if _prctl is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request took hold
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
 def dpstack_command(*args: str) -> list[str]:
     """Run a dpstack subcommand with this interpreter (works without the console script on PATH)."""
     return [sys.executable, "-m", "dpstack.cli", *args]
@@ -74,7 +106,8 @@ class ChildProcess:
         self._log = open(log_path, "w") if log_path else None
         env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     bufsize=1, env=env, cwd=cwd, start_new_session=new_session)
+                                     bufsize=1, env=env, cwd=cwd, start_new_session=new_session,
+                                     preexec_fn=die_with_parent_preexec())
         self._reader = threading.Thread(target=self._read, name=f"read-{self.name}", daemon=True)
         self._reader.start()
 

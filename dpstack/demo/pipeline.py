@@ -18,6 +18,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
+from dpstack.core.process import die_with_parent_preexec
 from dpstack.demo.report import REPORT_FILE, TABLE_FILE
 from dpstack.demo.stages import Stage, run_stages
 from dpstack.policy.train_outputs import CHECKPOINT_FILE
@@ -88,7 +89,7 @@ class Demo:
         env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "PYTHONUNBUFFERED": "1"}
         cmd = dpstack_command(*args)
         self.log("  $ dpstack " + " ".join(args))
-        subprocess.run(cmd, check=True, env=env)
+        subprocess.run(cmd, check=True, env=env, preexec_fn=die_with_parent_preexec())
 
     # ------------------------------------------------------------------ 1. collect
     def collect_done(self) -> bool:
