@@ -451,6 +451,7 @@ class SamplerConfig:
     """Which sampler and its knobs; `parse` reads the short names used on command lines.
 
     ddpm-100, ddim-10           full denoise with that many steps, Ta actions per chunk
+    ddim-10-ta2                 the same, executing 2 actions per chunk instead of the model's Ta
     rti-3,1,0                   RTI-DP warm start with that refinement list (the clean guess enters at 3)
     rti-renoise-20,8,0          the same, with the guess first re-noised to the list's first level
     rti                         = rti-renoise-20,8,0, the form that also solves multi-phase tasks (Can)
@@ -474,7 +475,12 @@ class SamplerConfig:
         kind, _, arg = text.strip().partition("-")
         try:
             if kind in ("ddpm", "ddim"):
-                cfg = cls(kind=kind, steps=int(arg) if arg else (100 if kind == "ddpm" else 10))
+                steps, ta_given, ta = arg.partition("ta")
+                steps = steps.removesuffix("-")
+                if ta_given and int(ta) < 1:
+                    raise ValueError
+                cfg = cls(kind=kind, steps=int(steps) if steps else (100 if kind == "ddpm" else 10),
+                          n_action_steps=int(ta) if ta_given else 0)
             elif kind == "rti":
                 renoise = arg.startswith("renoise") or not arg
                 arg = arg.removeprefix("renoise").removeprefix("-")
@@ -486,7 +492,8 @@ class SamplerConfig:
             else:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"cannot parse sampler {text!r}; use ddpm-N, ddim-N, rti[-renoise]-K1,K2,.. or streaming-E") from None
+            raise ValueError(f"cannot parse sampler {text!r}; use ddpm-N[-taA], ddim-N[-taA], rti[-renoise]-K1,K2,.. "
+                             "or streaming-E") from None
         for k, v in over.items():
             setattr(cfg, k, v)
         return cfg
@@ -525,7 +532,11 @@ def build_sampler(cfg: SamplerConfig, denoise: Denoise, schedule: NoiseSchedule,
                   trained: TrainedRegimes) -> Sampler:
     geometry = ChunkGeometry(trained.horizon, trained.n_obs_steps, action_dim)
     if cfg.kind in ("ddpm", "ddim"):
-        return FullSampler(denoise, schedule, geometry, cfg.n_action_steps or trained.n_action_steps, cfg.steps, cfg.kind, cfg.seed)
+        sampler = FullSampler(denoise, schedule, geometry, cfg.n_action_steps or trained.n_action_steps, cfg.steps,
+                              cfg.kind, cfg.seed)
+        if cfg.n_action_steps and cfg.n_action_steps != trained.n_action_steps:
+            sampler.name += f"-ta{cfg.n_action_steps}"
+        return sampler
     if cfg.kind == "rti":
         mode = cfg.gripper_mode if cfg.gripper_mode != "auto" else ("scale" if trained.gripper_scale != 1 else "clip")
         factor = cfg.gripper_factor or trained.gripper_scale or 1.0

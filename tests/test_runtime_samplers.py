@@ -269,6 +269,16 @@ def test_sampler_config_parse_and_build():
     trained = TrainedRegimes(horizon=16, n_obs_steps=2, n_action_steps=8, gripper_scale=10.0, gripper_dims=(6,))
     den = lambda x, t, c: np.zeros_like(x)  # noqa: E731
     assert build_sampler(SamplerConfig.parse("ddim-16"), den, schedule, 7, trained).actions_per_call == 8
+    short = build_sampler(SamplerConfig.parse("ddim-10-ta2"), den, schedule, 7, trained)
+    assert short.actions_per_call == 2 and short.name == "ddim-10-ta2"
+    chunk = short.step(np.zeros((1, 4), np.float32))
+    assert chunk.actions.shape == (2, 7)
+    assert build_sampler(SamplerConfig.parse("ddpm-ta8"), den, schedule, 7, trained).name == "ddpm-100"  # the model's Ta
+    for bad in ("ddim-10-ta0", "ddim-10-ta", "ddpm-tax"):
+        with pytest.raises(ValueError, match="cannot parse"):
+            SamplerConfig.parse(bad)
+    with pytest.raises(ValueError, match="does not fit"):
+        build_sampler(SamplerConfig.parse("ddim-10-ta16"), den, schedule, 7, trained)
     rti = build_sampler(SamplerConfig.parse("rti-5,2,0"), den, schedule, 7, trained)
     assert rti.refine_levels == [5, 2, 0] and rti.gripper_mode == "scale" and rti.actions_per_call == 1
     assert not rti.renoise and rti.name == "rti-5,2,0"
