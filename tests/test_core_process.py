@@ -48,3 +48,24 @@ def test_a_child_does_not_outlive_a_killed_parent():
             os.kill(child_pid, signal.SIGKILL)
         except (ProcessLookupError, NameError, UnboundLocalError):
             pass
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's prctl")
+def test_a_child_started_from_a_short_lived_thread_outlives_that_thread():
+    """The kernel's parent-death signal follows the starting thread: a server restarted from
+    a helper thread must not be stopped when that thread ends."""
+    import threading
+
+    from dpstack.core.process import ChildProcess
+
+    started = []
+    t = threading.Thread(target=lambda: started.append(
+        ChildProcess([sys.executable, "-c", "import time; time.sleep(120)"], "sleeper")))
+    t.start()
+    t.join()
+    child = started[0]
+    try:
+        time.sleep(1.0)
+        assert child.alive(), "the child died with the thread that started it"
+    finally:
+        child.kill()

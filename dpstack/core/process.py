@@ -44,9 +44,10 @@ def die_with_parent_preexec() -> Callable[[], None] | None:
     """A `preexec_fn` that has the kernel send the child SIGTERM when this process dies,
     even by SIGKILL, so a killed `dpstack demo` or `eval` leaves no server or training run
     behind on the cores (the child's SIGTERM stop keeps what finished). Linux only; None
-    elsewhere. The signal follows the thread that starts the child, so start children
-    from a thread that lives as long as they should."""
-    if _prctl is None:
+    elsewhere. The kernel sends it when the *thread* that started the child ends, so a
+    child started from any thread but the main one (which lives as long as the process)
+    gets no such request (None)."""
+    if _prctl is None or threading.current_thread() is not threading.main_thread():
         return None
     parent = os.getpid()
 
