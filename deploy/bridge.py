@@ -270,9 +270,8 @@ class Bridge:
             if self.camera_failure is not None:
                 self.stats.camera_holds += 1   # no observation, and no action from an older one: hold
             elif self.source is not None:
-                action = self.source.act(now, None if aligned is None else aligned.arrays,
-                                         None if aligned is None else aligned.state,
-                                         None if aligned is None else aligned.t)
+                action = (self.source.act(now, None, None) if aligned is None else
+                          self.source.act(now, aligned.arrays, aligned.state, aligned.t))
             self._plan(now, action)
             done = ControlStep(now, aligned, None if action is None else action.action)
         target = grip = None
