@@ -8,8 +8,12 @@ is current, stale-action dropping, hold).
 
 Two ways to run the clock:
 - lockstep: the sim waits for every reply before stepping. Robot time is sim
-  time (step * dt), so latency cannot change what is executed: an exact
-  evaluation of the policy.
+  time (step * dt), so compute time cannot change what is executed: an exact
+  evaluation of the policy. An extra latency D is then the only latency: each
+  answer reaches the arm D after its observation (rounded up to whole periods),
+  the arm executes what it has meanwhile, and asks ahead by the slowest delay
+  seen so far, as the realtime arm does. Deterministic, so success against
+  delay does not depend on how fast this computer is.
 - realtime: the sim steps on a wall-clock grid at the control rate. Each tick
   it sends the current observation (if the previous one was answered), waits at
   most until the tick's action deadline for a chunk, and executes whatever the
@@ -52,6 +56,7 @@ from dpstack.sim.tick_ledger import TickLedger
 log = logging.getLogger(__name__)
 
 MODES = ("lockstep", "realtime")
+TICK_EPS = 1e-9  # lockstep: an answer due at a tick's time arrives at that tick
 
 
 class ArmError(RuntimeError):
@@ -70,7 +75,7 @@ class ArmConfig:
     robot_id: str = "sim-arm"
     cameras: tuple[str, ...] = ()        # cameras the policy observes
     image_size: tuple[int, int] | None = None  # their (height, width); None: the task's default
-    extra_latency_s: float = 0.0         # realtime: robot seconds added to every answer's arrival
+    extra_latency_s: float = 0.0         # robot seconds added to every answer's arrival
     reply_timeout_s: float = 30.0        # lockstep: a reply slower than this fails the run
     action_deadline: float = 0.8         # realtime: wait for a chunk until this fraction of the period
     # realtime: when the current chunk still has a (look-ahead) action for this tick, wait
@@ -97,9 +102,6 @@ class ArmConfig:
             raise ValueError("video_episodes needs a video_dir")
         if self.extra_latency_s < 0:
             raise ValueError(f"extra latency must be >= 0, got {self.extra_latency_s * 1e3:g} ms")
-        if self.extra_latency_s and self.mode != "realtime":
-            raise ValueError("an extra latency needs realtime mode: lockstep waits for every answer, so a delay "
-                             "would change nothing")
 
 
 def package_cameras(policy_dir: Path) -> tuple[tuple[str, ...], tuple[int, int] | None]:
@@ -263,20 +265,29 @@ class SimArm:
         return obs, done
 
     def _lockstep(self, obs: dict, record: EpisodeRecord, recorder: FrameRecorder | None) -> None:
+        lead = 0  # ticks ahead to ask for the next chunk: the slowest delayed answer so far
         done = False
         while not done:
             now = record.steps * self.sim_dt  # robot clock = sim clock
             arrays = self._observation(obs)
             start, start_shared = time.perf_counter(), time.monotonic()
-            if self.schedule.remaining(now, before_replan=True) == 0:
-                # Chunk used up (or at its replan point): this observation asks for the next one.
+            for asked_at, reply in self.delayed.pop_due(now + TICK_EPS):
+                lead = max(lead, round((now - asked_at) / self.sim_dt))
+                self.schedule.offer(reply)
+            if not self.delayed and self.schedule.remaining(now, before_replan=True) <= lead:
+                # Chunk (nearly) used up, or at its replan point: this observation asks for the next one.
                 reply = self.client.request(arrays, now, self.config.reply_timeout_s)
                 if reply is None:
                     raise ArmError(self._link_problem("lockstep observation got no reply"))
                 record.chunk_latency_ms.append((time.perf_counter() - start) * 1e3)
                 record.chunk_compute_ms.append(reply.compute_ms)
                 record.evaluations += reply.nfe
-                self.schedule.offer(reply)
+                if record.steps == 0:
+                    self.schedule.offer(reply)  # the arm at rest waits for its first chunk, as in realtime
+                else:
+                    self.delayed.push((now, reply), now)
+                    for _, arrived in self.delayed.pop_due(now + TICK_EPS):  # no extra latency: here at once
+                        self.schedule.offer(arrived)
             elif not self.client.send_history(arrays, now):
                 # Keeps a To > 1 history at control rate between chunks.
                 raise ArmError(self._link_problem("policy link not ready for a history observation"))

@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cameras", default="",
                         help="comma-separated cameras to render at the task's image size, when there is no --policy")
     parser.add_argument("--extra-latency-ms", type=float, default=0.0, metavar="MS",
-                        help="realtime: hold every answer back this long (robot time) before the arm gets it")
+                        help="hold every answer back this long (robot time) before the arm gets it; lockstep: rounded up "
+                             "to whole control periods")
     parser.add_argument("--reply-timeout", type=float, default=30.0, help="seconds before a missing reply fails the run")
     parser.add_argument("--action-deadline", type=float, default=0.8,
                         help="realtime: fraction of the period to wait for a chunk before holding")

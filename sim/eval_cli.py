@@ -1,7 +1,7 @@
 """`dpstack eval POLICY_DIR`: closed-loop evaluation of an exported policy package.
 
     dpstack eval out/policy --task lift --episodes 50 --samplers ddpm,ddim,rti,streaming --out out/eval
-    dpstack eval out/policy --task can --mode realtime --extra-latency-ms 0,50,100,200 --episodes 30 --out out/delay
+    dpstack eval out/policy --task can --extra-latency-ms 0,50,100,200 --episodes 30 --out out/delay
 
 Starts one `dpstack serve` process per sampler and runs simulated arms
 (`dpstack sim` processes) against them, several in parallel, on episode seeds
@@ -10,7 +10,7 @@ success rate with its 95% Wilson interval, mean episode length, per-step latency
 p50/p99, deadline misses), OUT/results.md, OUT/latency.png and, with --video N,
 MP4s of the first N episodes of every sampler under OUT/videos/. The arms render the
 cameras an image package reads, at its size, from its spec. With
---extra-latency-ms (realtime) every sampler runs at every delay and OUT/success_vs_delay.png
+--extra-latency-ms every sampler runs at every delay and OUT/success_vs_delay.png
 plots success against delay.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="lockstep: the world waits for every reply (deterministic); realtime: a wall clock at --hz")
     parser.add_argument("--hz", type=float, default=None, help="realtime wall-clock rate (default: the task's)")
     parser.add_argument("--extra-latency-ms", default="0", metavar="MS[,MS...]",
-                        help="realtime: delays added between observation capture and the answer's arrival (robot "
+                        help="delays added between observation capture and the answer's arrival (robot "
                              "time); every sampler is evaluated at each, on the same seeds (default 0)")
     parser.add_argument("--workers", type=int, default=2, help="simulated arms running at once")
     parser.add_argument("--video", type=int, default=0, metavar="N", help="MP4s of the first N episodes per sampler")

@@ -1,7 +1,7 @@
 """An image policy in closed loop with real processes: `dpstack eval` renders the cameras
 the package's spec reads, at its size, with nothing typed twice; a package that needs a
-camera the task lacks is refused in one sentence; and in realtime an extra latency delays
-every answer on the robot clock. The package has random weights (no collection or
+camera the task lacks is refused in one sentence; and an extra latency delays every answer
+on the robot clock, in realtime and, exactly, in lockstep. The package has random weights (no collection or
 training): what ran is asserted, not success."""
 from __future__ import annotations
 
@@ -89,6 +89,25 @@ def test_an_extra_latency_delays_every_answer_and_the_arm_holds_meanwhile(packag
     (undelayed,) = json.loads((out / "raw" / "ddim-2.json").read_text())["episodes"]
     assert undelayed["render_ms"] > 0 and undelayed["overruns"] < undelayed["steps"]
     assert (out / "success_vs_delay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Success against extra latency" in (out / "results.md").read_text()
+
+
+def test_a_lockstep_delay_is_exact_ticks_of_holding_then_asking_ahead(package, tmp_path):
+    out = tmp_path / "lockstep_delay"
+    result = dpstack("eval", str(package), "--task", "lift", "--episodes", "1", "--samplers", "ddim-2",
+                     "--max-steps", "30", "--workers", "1", "--extra-latency-ms", f"0,{DELAY_MS:g}", "--out", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (plain,) = json.loads((out / "raw" / "ddim-2.json").read_text())["episodes"]
+    (delayed,) = json.loads((out / "raw" / "ddim-2_delay_200ms.json").read_text())["episodes"]
+    assert plain["steps"] == delayed["steps"] == 30
+    # Ta = 8 without a delay: chunks asked at ticks 0, 8, 16, 24 and never a hold.
+    assert (len(plain["chunk_latency_ms"]), plain["held_steps"]) == (4, 0)
+    # With 4 ticks of delay: the first chunk is waited for at rest; the one asked at tick 8
+    # arrives at 12 (4 holds); from then on the arm asks 4 ticks ahead, at 12, 16, 20, 24, 28,
+    # and executes the second half of each chunk without holding again.
+    d = int(DELAY_MS // PERIOD_MS)
+    assert delayed["held_steps"] == d
+    assert len(delayed["chunk_latency_ms"]) == 2 + len(range(8 + d, 30, d))
     assert "## Success against extra latency" in (out / "results.md").read_text()
 
 
