@@ -72,14 +72,21 @@ class DemoSettings:
         return s
 
 
+def _per_task(field: str) -> str:
+    """A default per task, from the task table alone (every dpstack command builds this help, so
+    no config is read here), e.g. 'lift 1000, can its config's'."""
+    unset = "its config's"
+    return ", ".join(f"{name} {getattr(row, field) or unset}" for name, row in DEMO_TASKS.items())
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"working folder (default {DEFAULT_OUT})")
     parser.add_argument("--task", default="lift", help=f"task, one of {', '.join(DEMO_TASKS)} (default: lift)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run of every stage (a minute or two; the "
                         "policy will not succeed)")
-    parser.add_argument("--episodes", type=int, default=None, help="demonstrations to collect (default 200)")
-    parser.add_argument("--train-steps", type=int, default=None, help="training steps (default 1000)")
-    parser.add_argument("--eval-episodes", type=int, default=None, help="evaluation episodes per sampler (default 20)")
+    parser.add_argument("--episodes", type=int, default=None, help=f"demonstrations to collect (default: {_per_task('episodes')})")
+    parser.add_argument("--train-steps", type=int, default=None, help=f"training steps (default: {_per_task('train_steps')})")
+    parser.add_argument("--eval-episodes", type=int, default=None, help=f"evaluation episodes per sampler (default: {_per_task('eval_episodes')})")
     parser.add_argument("--samplers", default=None, help="comma-separated samplers (default ddpm,ddim,rti,streaming)")
     parser.add_argument("--mode", choices=("lockstep", "realtime"), default="lockstep", help="evaluation clock")
     parser.add_argument("--workers", type=int, default=None, help="parallel collectors / simulated arms (default 2)")
