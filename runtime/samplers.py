@@ -395,10 +395,9 @@ class StreamingSampler(Sampler):
         return len(self.startup_levels)
 
     def step_gen(self, cond: np.ndarray, elapsed: int | None = None) -> DenoiseSteps[SamplerStep]:
-        if self.buffer is None:
-            nfe = yield from self.start_gen(cond)
-        else:
-            nfe = yield from self._catch_up(cond, (elapsed or self.chunk_len) - self.chunk_len)
+        # The ladder moves one chunk per call (`elapsed` is not used): a late call's
+        # buffer is a step behind, which the next observation corrects.
+        nfe = (yield from self.start_gen(cond)) if self.buffer is None else 0
         x = self.buffer[None]
         cond = _as_cond(cond)
         for e in range(self.evals_per_step - 1):
@@ -417,24 +416,6 @@ class StreamingSampler(Sampler):
         self.buffer, self.buffer_levels = advance_ladder(self.schedule, traj, self.eval_levels[-1], self.ladder,
                                                          self.chunk_len, fresh, renoise)
         return out
-
-    def _catch_up(self, cond: np.ndarray, behind: int) -> DenoiseSteps[int]:
-        """The robot moved on `behind` steps more than the last call advanced the ladder (its
-        answer was late or delayed): shift those too, append fresh noise, and bring every
-        position down to its ladder level in one evaluation, so that position i is again the
-        action for now + i. Without this the plan would lag the robot by `behind` steps.
-        Returns the evaluations spent."""
-        if behind <= 0:
-            return 0
-        if behind >= self.geometry.horizon - self.geometry.now:  # nothing of the plan is still ahead
-            return (yield from self.start_gen(cond))
-        top = self.schedule.num_train_steps - 1
-        fresh = self.rng.standard_normal((behind, self.buffer.shape[1])).astype(np.float32)
-        x = np.concatenate([self.buffer[behind:], fresh])[None]
-        levels = np.concatenate([self.buffer_levels[behind:], np.full(behind, top, dtype=np.int64)])
-        x = yield from denoise_step_gen(x, _as_cond(cond), self.schedule, levels, self.ladder, self.rng, "ddpm")
-        self.buffer, self.buffer_levels = x[0], self.ladder.copy()
-        return 1
 
     def _with_lookahead(self, traj: np.ndarray, estimate: np.ndarray, nfe: int) -> SamplerStep:
         """The clean chunk to execute, then the estimate for the rest of the horizon as

@@ -149,36 +149,6 @@ def test_streaming_with_exact_denoiser_keeps_every_position_at_its_level(rungs, 
     np.testing.assert_allclose(res.std(axis=(0, 2)), 1.0, atol=0.1)
 
 
-def test_a_streaming_call_after_a_delay_shifts_the_ladder_by_the_steps_the_robot_moved():
-    """An answer that arrives 4 steps after its observation: the next call comes 4 steps
-    later, so the buffer must move 4 positions, not 1. One extra evaluation brings the
-    positions that moved down the ladder to their levels; the buffer stays exact."""
-    schedule = NoiseSchedule()
-    tp, to, rungs, behind = 16, 2, 14, 3
-    calls = []
-    mu = np.tile(np.array([0.6, -0.4], np.float32), (1, tp, 1))
-    s = StreamingSampler(point_mass_denoiser(schedule, mu, calls), schedule, ChunkGeometry(tp, to, 2), rungs,
-                         startup_steps=10, seed=2)
-    ladder = s.ladder
-    s.step(np.zeros(1, np.float32))
-    calls.clear()
-    out = s.step(np.zeros(1, np.float32), elapsed=1 + behind)
-    assert out.nfe == 2 and len(calls) == 2
-    top = schedule.num_train_steps - 1
-    np.testing.assert_array_equal(calls[0][1][0], np.concatenate([ladder[behind:], [top] * behind]))
-    np.testing.assert_array_equal(calls[1][1][0], ladder)  # then the usual step, from the ladder
-    assert s.step(np.zeros(1, np.float32), elapsed=1).nfe == 1  # on time: no catch-up
-    assert s.step(np.zeros(1, np.float32), elapsed=tp).nfe == 10 + 1  # the whole plan is past: start over
-    res = []
-    for k in range(300):
-        s.step(np.zeros(1, np.float32), elapsed=1 + k % 5)
-        ab = schedule.alpha_bar(s.buffer_levels)[:, None]
-        res.append((s.buffer - np.sqrt(ab) * mu[0]) / np.sqrt(1 - ab))
-    res = np.stack(res)
-    np.testing.assert_allclose(res.mean(axis=(0, 2)), 0.0, atol=0.12)
-    np.testing.assert_allclose(res.std(axis=(0, 2)), 1.0, atol=0.1)
-
-
 def test_advance_ladder_shift_semantics():
     schedule = NoiseSchedule()
     tp, to, a = 8, 2, 2
