@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,8 +101,8 @@ class ArmConfig:
                 raise ValueError(f"{name} is a fraction of the period in (0, 1], got {getattr(self, name)}")
         if self.video_episodes and self.video_dir is None:
             raise ValueError("video_episodes needs a video_dir")
-        if self.extra_latency_s < 0:
-            raise ValueError(f"extra latency must be >= 0, got {self.extra_latency_s * 1e3:g} ms")
+        if not 0 <= self.extra_latency_s < math.inf:  # NaN too: it would never arrive
+            raise ValueError(f"extra latency must be a finite number >= 0, got {self.extra_latency_s * 1e3:g} ms")
 
 
 def package_cameras(policy_dir: Path) -> tuple[tuple[str, ...], tuple[int, int] | None]:

@@ -9,6 +9,7 @@ executes what it has, as it does while any answer is on its way.
 from __future__ import annotations
 
 import collections
+import math
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -18,8 +19,8 @@ class DelayLine(Generic[T]):
     """First in, first out; each item comes out `delay_s` robot seconds after it went in."""
 
     def __init__(self, delay_s: float) -> None:
-        if delay_s < 0:
-            raise ValueError(f"delay must be >= 0, got {delay_s}")
+        if not 0 <= delay_s < math.inf:  # NaN too
+            raise ValueError(f"delay must be a finite number >= 0, got {delay_s}")
         self.delay_s = float(delay_s)
         self._items: collections.deque[tuple[float, T]] = collections.deque()
 

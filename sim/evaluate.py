@@ -15,6 +15,7 @@ latency (sim/arm.py), so the curve is exact and the same on any computer.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -115,8 +116,8 @@ class EvalConfig:
         if len(set(self.samplers)) != len(self.samplers):
             raise ValueError(f"samplers listed twice: {list(self.samplers)}")
         self.extra_latency_ms = tuple(float(d) for d in self.extra_latency_ms)
-        if not self.extra_latency_ms or min(self.extra_latency_ms) < 0:
-            raise ValueError(f"extra latencies must be >= 0 ms, got {list(self.extra_latency_ms)}")
+        if not self.extra_latency_ms or not all(0 <= d < math.inf for d in self.extra_latency_ms):
+            raise ValueError(f"extra latencies must be finite numbers >= 0 ms, got {list(self.extra_latency_ms)}")
         if len(set(self.extra_latency_ms)) != len(self.extra_latency_ms):
             raise ValueError(f"extra latencies listed twice: {list(self.extra_latency_ms)}")
 

@@ -31,6 +31,8 @@ def test_no_delay_hands_an_item_straight_through_and_a_cleared_line_forgets():
     assert slow.pop_due(10.0) == []
     with pytest.raises(ValueError, match=">= 0"):
         DelayLine(-0.1)
+    with pytest.raises(ValueError, match="finite"):
+        DelayLine(float("nan"))
 
 
 def test_bad_delays_are_refused_in_one_sentence(tmp_path: Path):
@@ -39,6 +41,8 @@ def test_bad_delays_are_refused_in_one_sentence(tmp_path: Path):
     assert cfg(mode="lockstep", extra_latency_ms=(0, 50)).extra_latency_ms == (0.0, 50.0)
     with pytest.raises(ValueError, match=">= 0"):
         cfg(mode="realtime", extra_latency_ms=(-5,))
+    with pytest.raises(ValueError, match="finite"):  # a NaN delay would hold every answer forever
+        cfg(mode="lockstep", extra_latency_ms=(0, float("nan")))
     with pytest.raises(ValueError, match="twice"):
         cfg(mode="realtime", extra_latency_ms=(50, 50.0))
     assert parse_delays("0,50, 100,200") == (0.0, 50.0, 100.0, 200.0)
