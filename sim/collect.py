@@ -39,6 +39,7 @@ class CollectConfig:
     cameras: tuple[str, ...] = ()
     image_size: int = DEFAULT_IMAGE_SIZE
     seed: int = 0  # first seed of a new dataset
+    recovery: float = 0.0  # fraction of episodes that start at a missed grasp and show the retry
     progress: bool = True
 
 
@@ -47,6 +48,7 @@ class CollectResult:
     kept: int = 0
     attempted: int = 0
     succeeded: int = 0
+    recoveries: int = 0  # kept episodes that show a retry after a missed grasp
     env_steps: int = 0
     seconds: float = 0.0
     total_episodes: int = 0
@@ -67,19 +69,21 @@ class _Outcome:
     seed: int
     success: bool
     steps: dict[str, np.ndarray]
+    recovery: bool = False
 
 
 # ---- episode production -------------------------------------------------------
-def _episode(env: Any, seed: int) -> _Outcome:
+def _episode(env: Any, seed: int, recovery: float) -> _Outcome:
     from dpstack.sim.experts import run_expert_episode
 
-    ep = run_expert_episode(env, seed)
+    ep = run_expert_episode(env, seed, recovery=recovery)
     steps = dict(ep.steps)
     steps[SEED_KEY] = np.full(len(steps["action"]), seed, dtype=np.int64)
-    return _Outcome(seed=seed, success=ep.success, steps=steps)
+    return _Outcome(seed=seed, success=ep.success, steps=steps, recovery=ep.recovery)
 
 
-def _worker(task: str, cameras: tuple[str, ...], image_size: int, seeds: Any, results: Any) -> None:
+def _worker(task: str, cameras: tuple[str, ...], image_size: int, recovery: float, seeds: Any,
+            results: Any) -> None:
     from dpstack.sim.env import SimEnv
 
     try:
@@ -88,8 +92,8 @@ def _worker(task: str, cameras: tuple[str, ...], image_size: int, seeds: Any, re
             seed = seeds.get()
             if seed is None:
                 break
-            out = _episode(env, seed)
-            results.put(("episode", out.seed, out.success, out.steps))
+            out = _episode(env, seed, recovery)
+            results.put(("episode", out.seed, out.success, out.steps, out.recovery))
         env.close()
     except BaseException:  # report, so the parent can stop with the real cause
         results.put(("error", traceback.format_exc()))
@@ -101,7 +105,7 @@ def _run_inline(cfg: CollectConfig, seeds: Iterator[int]) -> Iterator[_Outcome]:
     env = SimEnv(cfg.task, seed=None, cameras=cfg.cameras, image_size=cfg.image_size)
     try:
         for seed in seeds:
-            yield _episode(env, seed)
+            yield _episode(env, seed, cfg.recovery)
     finally:
         env.close()
 
@@ -110,8 +114,8 @@ def _run_workers(cfg: CollectConfig, seeds: Iterator[int]) -> Iterator[_Outcome]
     """Episodes from `cfg.workers` spawned processes, yielded in seed order."""
     ctx = mp.get_context("spawn")
     seed_q, result_q = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(cfg.task, cfg.cameras, cfg.image_size, seed_q, result_q), daemon=True)
-             for _ in range(cfg.workers)]
+    args = (cfg.task, cfg.cameras, cfg.image_size, cfg.recovery, seed_q, result_q)
+    procs = [ctx.Process(target=_worker, args=args, daemon=True) for _ in range(cfg.workers)]
     for p in procs:
         p.start()
     order: list[int] = []  # dispatched seeds, in order
@@ -133,8 +137,8 @@ def _run_workers(cfg: CollectConfig, seeds: Iterator[int]) -> Iterator[_Outcome]
                     continue
                 if msg[0] == "error":
                     raise RuntimeError(f"collection worker failed:\n{msg[1]}")
-                _, seed, success, steps = msg
-                ready[seed] = _Outcome(seed, success, steps)
+                _, seed, success, steps, recovery = msg
+                ready[seed] = _Outcome(seed, success, steps, recovery)
             yield ready.pop(order.pop(0))
             s = next(seeds, None)
             if s is not None:
@@ -171,12 +175,16 @@ def _open_or_create(cfg: CollectConfig) -> tuple[Any, dict[str, Any]]:
                              f"this run asks for {sorted(have) or 'none'}; use the same --cameras")
         if attrs.extra.get("expert") not in (None, expert):
             raise ValueError(f"{cfg.out}: collected by expert {attrs.extra.get('expert')!r}, not {expert!r}")
+        stored = float(attrs.extra.get("recovery", 0.0))
+        if stored != cfg.recovery:
+            raise ValueError(f"{cfg.out}: was collected with --recovery {stored:g}, this run asks for "
+                             f"{cfg.recovery:g}; use the same --recovery")
         return rb, dict(attrs.extra)
     # A short-lived env only to read the spec this task publishes with these cameras.
     with SimEnv(task, seed=0, cameras=cfg.cameras, image_size=cfg.image_size) as env:
         spec = env.spec
     extra = {"expert": expert, "seed_start": int(cfg.seed), "next_seed": int(cfg.seed),
-             "failed_seeds": [], "keep_failed": bool(cfg.keep_failed)}
+             "failed_seeds": [], "keep_failed": bool(cfg.keep_failed), "recovery": float(cfg.recovery)}
     rb = ReplayBuffer.create(cfg.out, DatasetAttrs(task=task.name, control_hz=task.control_hz, spec=spec,
                                                    source=SOURCE, extra=extra))
     return rb, extra
@@ -204,6 +212,8 @@ def collect(cfg: CollectConfig) -> CollectResult:
         raise ValueError(f"episodes must be at least 1, got {cfg.episodes}")
     if cfg.workers < 1:
         raise ValueError(f"workers must be at least 1, got {cfg.workers}")
+    if not 0.0 <= cfg.recovery <= 1.0:  # also refuses NaN
+        raise ValueError(f"recovery must be a fraction in [0, 1], got {cfg.recovery}")
     rb, extra = _open_or_create(cfg)
     stored = _stored_seeds(rb)
     failed = set(int(s) for s in extra.get("failed_seeds", []))
@@ -226,6 +236,7 @@ def collect(cfg: CollectConfig) -> CollectResult:
             if out.success or cfg.keep_failed:
                 rb.add_episode(out.steps)
                 result.kept += 1
+                result.recoveries += int(out.recovery)
                 result.seeds_kept.append(out.seed)
             else:
                 failed.add(out.seed)
@@ -253,7 +264,8 @@ def _with_extra(attrs: Any, extra: dict[str, Any]) -> Any:
 
 def summary(cfg: CollectConfig, r: CollectResult) -> str:
     return (f"{cfg.task}: kept {r.kept} of {r.attempted} episodes attempted "
-            f"(expert success {r.succeeded}/{r.attempted} = {100 * r.success_rate:.1f}%), "
+            f"(expert success {r.succeeded}/{r.attempted} = {100 * r.success_rate:.1f}%"
+            f"{f'; {r.recoveries} kept show a retry after a missed grasp' if r.recoveries else ''}), "
             f"dataset now holds {r.total_episodes} episodes at {cfg.out}; "
             f"{r.env_steps} env steps in {r.seconds:.1f} s = {r.steps_per_second:.0f} steps/s "
             f"with {cfg.workers} worker(s)")

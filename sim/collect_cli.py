@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated cameras to record, e.g. agentview,robot0_eye_in_hand (default: state only)")
     parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="square image size in pixels")
     parser.add_argument("--seed", type=int, default=0, help="first seed of a new dataset (a resumed one continues)")
+    parser.add_argument("--recovery", type=float, default=0.0,
+                        help="fraction of episodes that start at a deliberately missed grasp (not recorded) and "
+                             "show the expert opening, rising and grasping again (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)  # the old spelling
 
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     cfg = CollectConfig(task=args.task, episodes=args.episodes, out=args.out, workers=args.workers,
                         keep_failed=args.keep_failed, cameras=cameras, image_size=args.image_size,
-                        seed=args.seed, progress=not args.quiet)
+                        seed=args.seed, recovery=args.recovery, progress=not args.quiet)
     try:
         result = collect(cfg)
     except ValueError as e:

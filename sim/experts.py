@@ -83,14 +83,22 @@ class Phase:
     fast: bool = False  # a transit through free space: allow the higher speed
     yaw: Callable[[], float] | None = None  # gripper yaw to hold; None: the expert's `yaw`
     turn_tol: float = np.inf  # ... and once the gripper's orientation is within this (rad) of its goal
+    record: bool = True  # False: steps taken in this phase are not part of the demonstration
 
 
 class WaypointExpert:
     """Base class: subclasses provide `plan()` and the yaw to hold."""
 
-    def __init__(self, env: SimEnv, seed: int) -> None:
+    def __init__(self, env: SimEnv, seed: int, recovery: float = 0.0) -> None:
+        if not 0.0 <= recovery <= 1.0:
+            raise ValueError(f"recovery must be a fraction in [0, 1], got {recovery}")
         self.env = env
         self.rng = np.random.default_rng(seed)
+        # Its own stream, so that adding recoveries leaves every other episode as it was.
+        self.recovery_rng = np.random.default_rng([seed, 1])
+        self.recovery_rate = recovery
+        self.recovers = False
+        self.recording = True
         self.phases: list[Phase] = []
         self.index = 0
         self.in_phase = 0
@@ -110,6 +118,7 @@ class WaypointExpert:
 
     def reset(self) -> None:
         self._draw_style()
+        self.recovers = bool(self.recovery_rng.random() < self.recovery_rate)
         self.yaw = 0.0
         self.phases = self.plan()
         self.index = 0
@@ -146,6 +155,7 @@ class WaypointExpert:
         else:
             phase = self.phases[self.index]
         self.in_phase += 1
+        self.recording = phase.record
 
         action = np.zeros(7)
         vmax = self.vmax_fast if phase.fast else self.vmax
@@ -170,11 +180,39 @@ class WaypointExpert:
             hold.setdefault("p", grasp_point())  # freeze where we grasp, the object will move
             return hold["p"]
 
-        return [
+        retry = self._missed_grasp(grasp_point, approach_turn_tol) if self.recovers else []
+        return retry + [
             Phase("approach", above, OPEN, tol=0.02, max_steps=80, fast=True, turn_tol=approach_turn_tol),
             Phase("descend", grasp_point, OPEN, tol=descend_tol, max_steps=40),
             Phase("grasp", grasp_target, CLOSE, tol=1.0, min_steps=self.grasp_steps),
             Phase("lift", lambda: hold["p"] * np.array([1, 1, 0]) + np.array([0, 0, lift_to]), CLOSE, tol=0.02, max_steps=60, fast=True),
+        ]
+
+    def _missed_grasp(self, grasp_point: Callable[[], np.ndarray], approach_turn_tol: float) -> list[Phase]:
+        """A recovery episode's start: come down 2.5-5 cm off the grasp point and
+        (mostly) close on nothing, unrecorded; then, recorded, open, rise straight
+        up and go on with the normal pick. Policies fail by landing that far off
+        and never retrying; demonstrations of the retry teach them to."""
+        r = self.recovery_rng
+        angle, dist = r.uniform(0.0, 2 * np.pi), r.uniform(0.025, 0.05)
+        off = np.array([dist * np.cos(angle), dist * np.sin(angle), 0.0])
+        miss: dict[str, np.ndarray] = {}
+
+        def miss_point() -> np.ndarray:
+            miss.setdefault("p", grasp_point() + off)
+            return miss["p"]
+
+        def straight_up() -> np.ndarray:
+            miss.setdefault("up", self._eef()[0])
+            return np.array([miss["up"][0], miss["up"][1], grasp_point()[2] + self.approach_height])
+
+        close = [Phase("miss_close", miss_point, CLOSE, tol=1.0, min_steps=self.grasp_steps, record=False)]
+        return [
+            Phase("miss_approach", lambda: miss_point() + np.array([0.0, 0.0, self.approach_height]), OPEN,
+                  tol=0.02, max_steps=80, fast=True, turn_tol=approach_turn_tol, record=False),
+            Phase("miss_descend", miss_point, OPEN, tol=0.01, max_steps=30, record=False),
+            *(close if r.random() < 0.5 else []),  # half the time the fingers stay open
+            Phase("retry_rise", straight_up, OPEN, tol=0.02, min_steps=self.release_steps, max_steps=40),
         ]
 
     def place(self, goal_point: Callable[[], np.ndarray], over: float, retreat: float) -> list[Phase]:
@@ -306,9 +344,9 @@ class SquareExpert(WaypointExpert):
         self.grasp_steps = int(self.rng.integers(10, 15))
 
 
-def make_expert(env: SimEnv, seed: int) -> WaypointExpert:
-    expert = env.task.expert_class()(env, seed)
-    return expert
+def make_expert(env: SimEnv, seed: int, recovery: float = 0.0) -> WaypointExpert:
+    """The task's expert; `recovery` is the fraction of its episodes that show a retry after a missed grasp."""
+    return env.task.expert_class()(env, seed, recovery)
 
 
 @dataclass
@@ -316,17 +354,21 @@ class ExpertEpisode:
     seed: int
     success: bool
     steps: dict[str, np.ndarray]  # per-step observations + "action" + "reward", all length T
+    recovery: bool = False  # started from a deliberately missed grasp
 
 
-def run_expert_episode(env: SimEnv, seed: int, extra_steps: int | None = None) -> ExpertEpisode:
+def run_expert_episode(env: SimEnv, seed: int, extra_steps: int | None = None,
+                       recovery: float = 0.0) -> ExpertEpisode:
     """Reset `env` with `seed`, let the task's expert act until success (plus
     `extra_steps`, by default the expert's own random linger) or the step limit,
     and return the recorded steps.
 
-    Each row pairs the observation with the action taken from it.
+    Each row pairs the observation with the action taken from it. In a recovery
+    episode (see `make_expert`) the deliberate miss is not recorded: the
+    demonstration starts at the missed grasp.
     """
     obs = env.reset(seed=seed)
-    expert = make_expert(env, seed)
+    expert = make_expert(env, seed, recovery)
     expert.reset()
     if extra_steps is None:
         extra_steps = expert.linger
@@ -336,10 +378,11 @@ def run_expert_episode(env: SimEnv, seed: int, extra_steps: int | None = None) -
     while not done:
         action = expert.act()
         next_obs, reward, done, info = env.step(action)
-        for k, v in obs.items():
-            rows[k].append(v)
-        rows["action"].append(action)
-        rows["reward"].append(np.float32(reward))
+        if expert.recording:
+            for k, v in obs.items():
+                rows[k].append(v)
+            rows["action"].append(action)
+            rows["reward"].append(np.float32(reward))
         obs = next_obs
         if info["success"]:
             success = True
@@ -348,4 +391,4 @@ def run_expert_episode(env: SimEnv, seed: int, extra_steps: int | None = None) -
             if after > extra_steps:
                 break
     steps = {k: np.stack(v) for k, v in rows.items()}
-    return ExpertEpisode(seed=seed, success=success, steps=steps)
+    return ExpertEpisode(seed=seed, success=success, steps=steps, recovery=expert.recovers)

@@ -27,6 +27,8 @@ def test_each_task_trains_with_its_shipped_config():
     lift = settings_from(_args())  # today's default demo, unchanged
     assert (lift.train_config, lift.episodes, lift.train_steps, lift.eval_episodes) == ("lift_state_small", 200, 1000, 20)
     assert lift.cameras == () and can.cameras == ()
+    # Can's and Stack's policies failed by never retrying a missed grasp: their demos show retries.
+    assert can.recovery == stack.recovery == 0.25 and lift.recovery == 0.0
 
 
 def test_quick_and_explicit_sizes_apply_to_any_task():

@@ -88,3 +88,19 @@ def test_collect_with_cameras_stores_upright_uint8_images(tmp_path):
     np.testing.assert_array_equal(ep["agentview_image"][0], first)
     gray = first.astype(np.float32).mean(-1)
     assert gray[:4].mean() + 40 < gray[-8:].mean()  # back wall on top, table below
+
+
+def test_collect_records_its_recovery_fraction_and_refuses_another(tmp_path, capsys):
+    out = tmp_path / "lift.zarr"
+    assert main(["collect", "--task", "lift", "--episodes", "1", "--out", str(out), "--recovery", "1",
+                 "--no-progress"]) == 0
+    assert "1 kept show a retry after a missed grasp" in capsys.readouterr().out
+    rb = ReplayBuffer.open(out)
+    assert rb.attrs.extra["recovery"] == 1.0
+    assert rb.get_episode(0)["action"][0, 6] == -1.0  # opens at once: the missed grasp before is not stored
+    assert main(["collect", "--task", "lift", "--episodes", "2", "--out", str(out), "--no-progress"]) == 2
+    assert "--recovery 1" in capsys.readouterr().err
+    assert main(["collect", "--task", "lift", "--episodes", "2", "--out", str(tmp_path / "x.zarr"), "--recovery", "nan",
+                 "--no-progress"]) == 2
+    assert "fraction" in capsys.readouterr().err
+    assert ReplayBuffer.open(out).n_episodes == 1

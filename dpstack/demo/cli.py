@@ -50,6 +50,7 @@ class DemoSettings:
     eval_episodes: int
     seed_base: int = DEFAULT_SEED_BASE
     cameras: tuple[str, ...] = ()            # to collect: the config's image keys' cameras
+    recovery: float = 0.0                    # to collect: fraction of retry-after-a-missed-grasp demos
     train_eval_every: int = 0                # offline action-error checks during training (0 = off)
     samplers: tuple[str, ...] = ("ddpm", "ddim", "rti", "streaming")
     workers: int = 2
@@ -65,7 +66,7 @@ class DemoSettings:
         s = cls(train_config=row.train_config, episodes=row.episodes,
                 train_steps=row.train_steps or config.train.steps, batch_size=config.train.batch_size,
                 preset=config.policy.preset, lr=config.train.lr, eval_episodes=row.eval_episodes,
-                seed_base=row.seed_base, cameras=tuple(k.removesuffix(IMAGE_SUFFIX) for k in config.policy.image_keys))
+                seed_base=row.seed_base, recovery=row.recovery, cameras=tuple(k.removesuffix(IMAGE_SUFFIX) for k in config.policy.image_keys))
         if quick:  # a smoke run of every stage: a tiny dataset, a few dozen steps of a tiny net
             s = replace(s, episodes=3, train_steps=30, batch_size=16, preset="test", lr=1e-3, eval_episodes=2,
                         max_steps=30)

@@ -104,7 +104,7 @@ class Demo:
     def collect(self) -> None:
         cameras = ("--cameras", ",".join(self.s.cameras)) if self.s.cameras else ()
         self._call("collect", "--task", self.task, "--episodes", str(self.s.episodes), "--out", str(self.dataset),
-                   "--workers", str(self.s.workers), *cameras)
+                   "--workers", str(self.s.workers), "--recovery", str(self.s.recovery), *cameras)
 
     # ------------------------------------------------------------------ 2. train
     def checkpoint_step(self) -> int:

@@ -70,7 +70,8 @@ def write_report(demo: Any) -> Path:
         "",
         "## Settings",
         "",
-        f"- demonstrations: {s.episodes} scripted-expert episodes ({demo.dataset})",
+        f"- demonstrations: {s.episodes} scripted-expert episodes"
+        f"{f', {s.recovery:.0%} of them retrying after a missed grasp' if s.recovery else ''} ({demo.dataset})",
         f"- policy: 1-D U-Net, preset `{s.preset}`, {s.train_steps} training steps, batch {s.batch_size}, "
         f"lr {s.lr} ({demo.checkpoint})",
         f"- package: {demo.policy}",
