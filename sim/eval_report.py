@@ -64,7 +64,7 @@ class EpisodeRecord:
     # for with the arm at rest before the clock starts (ms; 0 in lockstep).
     start_latency_ms: float = 0.0
     sampler: str = ""            # as typed for the server (e.g. "rti")
-    sampler_resolved: str = ""   # what the server resolved it to (e.g. "rti-renoise-20,8,0")
+    sampler_resolved: str = ""   # what the server resolved it to (e.g. "rti-renoise-40,15,0")
     mode: str = "lockstep"
     hz: float = 20.0
     # realtime: robot time added between each observation's capture and its answer's arrival (ms)
@@ -104,7 +104,7 @@ class SamplerSummary:
     evaluations_per_step: float
     mode: str
     hz: float
-    # what the server resolved `sampler` (the name as typed) to, e.g. rti -> rti-renoise-20,8,0
+    # what the server resolved `sampler` (the name as typed) to, e.g. rti -> rti-renoise-40,15,0
     sampler_resolved: str = ""
     # the two kinds of deadline miss: no action to run (held), action out after its deadline (late)
     held_steps: int = 0

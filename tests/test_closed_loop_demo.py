@@ -68,7 +68,7 @@ def test_results_cover_every_sampler_with_the_agreed_fields(demo):
         assert r["evaluations_per_step"] > 0
         assert r["deadline_misses"] == 0  # lockstep waits for every chunk
     # The names as typed, with what the server resolved them to beside them.
-    assert by_sampler["rti"]["sampler_resolved"] == "rti-renoise-20,8,0"
+    assert by_sampler["rti"]["sampler_resolved"] == "rti-renoise-40,15,0"
     assert by_sampler["ddim"]["sampler_resolved"] == "ddim-10"
     assert by_sampler["streaming"]["sampler_resolved"].startswith("streaming-")
     # Full samplers replan every Ta steps; DDPM spends 100 evaluations per chunk, DDIM 10.
@@ -87,7 +87,7 @@ def test_report_folder_has_table_plots_and_a_rollout(demo):
     out, result = demo
     report = out / "report"
     text = (report / "report.md").read_text()
-    assert re.search(r"^\| rti \| rti-renoise-20,8,0 \|", text, re.M)
+    assert re.search(r"^\| rti \| rti-renoise-40,15,0 \|", text, re.M)
     assert re.search(r"rollout\.mp4\): (ddpm|ddim|rti|streaming)_ep\d", text), text  # videos: the typed names too
     for name in SAMPLERS:
         assert re.search(rf"^\| {name} \|", text, re.M), name

@@ -234,7 +234,7 @@ def gaussian_denoiser(schedule: NoiseSchedule, spread: float):
     return denoise
 
 
-@pytest.mark.parametrize("levels,follows", [((3, 1, 0), False), ((20, 8, 0), True)])
+@pytest.mark.parametrize("levels,follows", [((3, 1, 0), False), ((20, 8, 0), True), ((40, 15, 0), True)])
 def test_rti_start_level_decides_whether_a_new_phase_overrules_the_warm_start(levels, follows):
     schedule = NoiseSchedule()
     s = RTISampler(gaussian_denoiser(schedule, 0.05), schedule, ChunkGeometry(16, 2, 3), levels, full_steps=10, seed=0)
@@ -282,9 +282,9 @@ def test_sampler_config_parse_and_build():
     rti = build_sampler(SamplerConfig.parse("rti-5,2,0"), den, schedule, 7, trained)
     assert rti.refine_levels == [5, 2, 0] and rti.gripper_mode == "scale" and rti.actions_per_call == 1
     assert not rti.renoise and rti.name == "rti-5,2,0"
-    for text in ("rti", "rti-renoise", "rti-renoise-20,8,0"):
+    for text in ("rti", "rti-renoise", "rti-renoise-40,15,0"):
         default = build_sampler(SamplerConfig.parse(text), den, schedule, 7, trained)
-        assert default.refine_levels == [20, 8, 0] and default.renoise, text
+        assert default.refine_levels == [40, 15, 0] and default.renoise, text
     assert build_sampler(SamplerConfig.parse("rti-renoise-30,5,0"), den, schedule, 7, trained).refine_levels == [30, 5, 0]
     st = build_sampler(SamplerConfig.parse("streaming-2"), den, schedule, 7, trained)
     assert st.n_rungs == 15 and st.evals_per_step == 2 and st.actions_per_call == 1

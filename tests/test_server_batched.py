@@ -29,7 +29,8 @@ def nonlinear_denoiser(x, t, cond):
 TRAINED = TrainedRegimes(horizon=16, n_obs_steps=2, n_action_steps=8, gripper_dims=(1,))
 # sha256[:16] of 4 calls' actions, trajectories, indices, nfe and replan_after per sampler, recorded
 # with main's code before samplers became resumable (commit 00b4c7c), seed 7, the denoiser above.
-RECORDED = {"ddpm-20": "9564c38ee65af784", "ddim-10": "cb25ee82e8708a68", "rti": "f603d1978bd73841",
+# ("rti-renoise-20,8,0" was then the default "rti".)
+RECORDED = {"ddpm-20": "9564c38ee65af784", "ddim-10": "cb25ee82e8708a68", "rti-renoise-20,8,0": "f603d1978bd73841",
             "rti-3,1,0": "08caf7b88725ced6", "streaming-1": "1fc67f68bd907059", "streaming-2": "93e0cb856fb7fa21"}
 
 

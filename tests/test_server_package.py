@@ -82,7 +82,7 @@ def test_serve_shows_the_sampler_as_typed_with_what_it_resolved_to(tmp_path, typ
         assert client.wait_ready(10.0), list(client.errors)
         assert (client.policy.sampler, client.policy.sampler_resolved) == (typed, resolved)
         client.close()
-    assert resolved == {"rti": "rti-renoise-20,8,0", "ddim": "ddim-10"}.get(typed, resolved)
+    assert resolved == {"rti": "rti-renoise-40,15,0", "ddim": "ddim-10"}.get(typed, resolved)
 
 
 def test_serve_refuses_a_package_that_is_not_one(tmp_path) -> None:
