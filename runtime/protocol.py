@@ -254,7 +254,7 @@ class PolicyInfo:
     n_action_steps: int     # Ta: actions executed per chunk
     control_hz: float
     action: ActionSpec
-    sampler_resolved: str = ""  # what that name resolved to (e.g. "rti-renoise-20,8,0"); optional on the wire
+    sampler_resolved: str = ""  # what that name resolved to (e.g. "rti-renoise-40,15,0"); optional on the wire
     # Seconds the server measured at load for a session's first chunk (streaming and RTI:
     # a full start-up denoise, far longer than a control step); None: not told.
     startup_s: float | None = None
