@@ -189,9 +189,9 @@ class WaypointExpert:
         ]
 
     def _missed_grasp(self, grasp_point: Callable[[], np.ndarray], approach_turn_tol: float) -> list[Phase]:
-        """A recovery episode's start: come down 2.5-5 cm off the grasp point and
-        (mostly) close on nothing, unrecorded; then, recorded, open, rise straight
-        up and go on with the normal pick. Policies fail by landing that far off
+        """A recovery episode's start: come down 2.5-5 cm off the grasp point and,
+        half the time, close on nothing, unrecorded; then, recorded, open, rise
+        straight up and go on with the normal pick. Policies fail by landing that far off
         and never retrying; demonstrations of the retry teach them to."""
         r = self.recovery_rng
         angle, dist = r.uniform(0.0, 2 * np.pi), r.uniform(0.025, 0.05)
