@@ -48,11 +48,16 @@ def curve_server(keys):
 def hello_roundtrip(ctx, endpoint, configure=None, timeout_ms=1500):
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
+    # A refused handshake can leave the DEALER with no peer, and a send without a peer blocks.
+    s.setsockopt(zmq.SNDTIMEO, timeout_ms)
     if configure is not None:
         configure(s)
     s.connect(endpoint)
     try:
-        s.send_multipart(encode(Hello("arm1", ECHO_SPEC)))
+        try:
+            s.send_multipart(encode(Hello("arm1", ECHO_SPEC)))
+        except zmq.Again:
+            return None
         if not s.poll(timeout_ms):
             return None
         return decode(s.recv_multipart())
