@@ -45,10 +45,13 @@ def test_an_image_config_collects_the_cameras_it_reads():
     assert s.cameras and [f"{c}_image" for c in s.cameras] == list(image_keys)  # e.g. agentview, robot0_eye_in_hand
 
 
-def test_the_image_demo_collects_its_configs_cameras_and_trains_it_in_full():
-    s = settings_from(_args("--task", "lift_image"))
-    assert s.train_config == "lift_image_small" and s.cameras == ("agentview", "robot0_eye_in_hand")
+@pytest.mark.parametrize("name, config, recovery", [("lift_image", "lift_image_small", 0.0),
+                                                     ("can_image", "can_image_small", 0.25)])
+def test_the_image_demos_collect_their_configs_cameras_and_train_in_full(name: str, config: str, recovery: float):
+    s = settings_from(_args("--task", name))
+    assert s.train_config == config and s.cameras == ("agentview", "robot0_eye_in_hand")
     assert (s.episodes, s.train_steps, s.batch_size, s.eval_episodes) == (200, 20000, 64, 50)
+    assert s.recovery == recovery
 
 
 def test_a_demo_that_cannot_run_is_refused_in_one_sentence(monkeypatch, capsys, tmp_path: Path):

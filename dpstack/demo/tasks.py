@@ -32,6 +32,8 @@ DEMO_TASKS: dict[str, DemoTask] = {
     "square": DemoTask("square", "square_state_small"),
     # Lift from the agentview and wrist cameras: the config's 20,000 steps (docs/evaluation.md).
     "lift_image": DemoTask("lift", "lift_image_small"),
+    # Can from the same two cameras, with the state rows' retry demonstrations.
+    "can_image": DemoTask("can", "can_image_small", recovery=0.25),
 }
 
 
