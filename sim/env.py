@@ -85,6 +85,14 @@ def check_cameras(task: str, cameras: Sequence[str]) -> None:
                              f"(its cameras: {', '.join(have)})")
 
 
+def _skip_reflections(sim: Any) -> None:
+    """Render the cameras without the table's mirror pass. Software GL draws the whole
+    scene a second time for it: the cameras render 2.2x faster without it, and at 84x84
+    frames differ by about one grey level (docs/datasets.md)."""
+    import mujoco
+    sim._render_context_offscreen.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+
+
 class SimEnv:
     """One robosuite environment for a registered task.
 
@@ -126,6 +134,8 @@ class SimEnv:
             seed=self.task.model_seed,
             **dict(self.task.env_kwargs),
         )
+        if self.cameras:
+            _skip_reflections(self.raw.sim)
         self._steps = 0
         self._last_raw: dict[str, Any] = {}
         self._render_s = 0.0

@@ -23,8 +23,9 @@ def _render_now(env: SimEnv) -> dict[str, np.ndarray]:
     return env._convert(env.raw._get_observations(force_update=True))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def lift_cams():
+    # One per test: closing another env's EGL context leaves this one rendering garbage.
     env = SimEnv("lift", seed=3, cameras=CAMERAS, image_size=SIZE)
     yield env
     env.close()
@@ -85,3 +86,23 @@ def test_robomimic_import_of_robosuite_renders_matches_the_simulators_frames(lif
         demo.create_dataset("actions", data=np.zeros((2, 7)))
     rb = convert_robomimic(src, tmp_path / "out.zarr", progress=False)
     np.testing.assert_array_equal(rb.get_episode(0)["agentview_image"], np.stack(upright))
+
+
+def test_cameras_render_without_the_mirror_pass(lift_cams):
+    """The table's reflection doubles software rendering time for about one grey level:
+    stored frames are the scene drawn once, not with its mirror image."""
+    import mujoco
+
+    env = lift_cams
+    env.reset(seed=3)
+    stored = _render_now(env)["agentview_image"]  # the path every step's observation takes
+    flags = env.raw.sim._render_context_offscreen.scn.flags
+    flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 1
+    try:
+        mirrored = _render_now(env)["agentview_image"]
+    finally:
+        flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+    plain = _render_now(env)["agentview_image"]
+    np.testing.assert_array_equal(stored, plain)
+    assert not np.array_equal(stored, mirrored), "the reflection pass changes no pixel: the test sees nothing"
+    assert np.abs(stored.astype(np.int16) - mirrored).mean() < 4.0, "skipping the mirror changes the frame a lot"
