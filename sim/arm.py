@@ -72,6 +72,7 @@ class ArmConfig:
     hz: float | None = None              # None: the task's control rate
     episodes: int = 1
     seed: int = 10_000                   # episode i uses seed + i
+    first_episode: int = 0               # start at this episode (a resumed run: the earlier ones are done)
     max_steps: int | None = None         # None: the task's episode length
     robot_id: str = "sim-arm"
     cameras: tuple[str, ...] = ()        # cameras the policy observes
@@ -96,6 +97,8 @@ class ArmConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.episodes < 1:
             raise ValueError(f"episodes must be >= 1, got {self.episodes}")
+        if not 0 <= self.first_episode <= self.episodes:
+            raise ValueError(f"first_episode must be in 0..{self.episodes}, got {self.first_episode}")
         for name in ("action_deadline", "fresh_deadline"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a fraction of the period in (0, 1], got {getattr(self, name)}")
@@ -196,9 +199,9 @@ class SimArm:
         self.connect()
         records = []
         try:
-            if self.config.mode == "realtime":
-                self._warm_up(self.config.seed)
-            for i in range(self.config.episodes):
+            if self.config.mode == "realtime" and self.config.first_episode < self.config.episodes:
+                self._warm_up(self.config.seed + self.config.first_episode)
+            for i in range(self.config.first_episode, self.config.episodes):
                 record = self.run_episode(i, self.config.seed + i)
                 records.append(record)
                 if self.progress is not None:

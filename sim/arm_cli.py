@@ -46,7 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video", type=int, default=0, metavar="N", help="record the first N episodes to MP4")
     parser.add_argument("--video-dir", type=Path, default=None,
                         help="where the MP4s go (default: videos/ next to --out, else ./videos)")
-    parser.add_argument("--out", type=Path, default=None, help="write the episode records here (JSON)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the episode records here (JSON), rewritten after every episode")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the episodes --out already holds from the same run (task, mode, rate, seeds, "
+                             "delay, sampler) and run only the rest")
     parser.add_argument("--quiet", action="store_true", help="no per-episode lines")
     realtime.add_arguments(parser)
 
@@ -57,10 +61,21 @@ def run(args: argparse.Namespace) -> int:
     from dpstack.sim.arm import ArmConfig, ArmError, SimArm, package_cameras
     from dpstack.sim.eval_report import summarize, write_json_atomic
 
-    finished = []  # every episode that ran to its end, kept whatever stops the run
+    finished = []  # every finished episode, written to --out as soon as it ends
+
+    def write() -> None:
+        if args.out is not None and finished:
+            write_json_atomic(args.out, {"config": run_key(args) | {"connect": args.connect, "hz": arm.hz,
+                                                                     "scheduling": realtime.current_scheduling()},
+                                         "summary": summary().to_dict(),
+                                         "episodes": [r.to_dict() for r in finished]})
+
+    def summary():
+        return summarize(config.sampler_label or finished[0].sampler or "policy", finished, config.mode, arm.hz)
 
     def on_episode(r) -> None:
         finished.append(r)
+        write()
         if not args.quiet:
             lat = summarize_ms(r.chunk_latency_ms)
             print(f"episode {r.episode} seed {r.seed}: {'success' if r.success else 'failure'} in {r.steps} steps, "
@@ -74,8 +89,12 @@ def run(args: argparse.Namespace) -> int:
             if cameras:
                 raise ValueError("give --policy (its cameras are taken from its spec) or --cameras, not both")
             cameras, image_size = package_cameras(args.policy)
+        if args.resume:
+            if args.out is None:
+                raise ValueError("--resume needs --out: the file that holds the finished episodes")
+            finished.extend(kept_episodes(args.out, run_key(args)))
         config = ArmConfig(task=args.task, connect=args.connect, mode=args.mode, hz=args.hz, episodes=args.episodes,
-                           seed=args.seed, max_steps=args.max_steps, robot_id=args.robot_id,
+                           seed=args.seed, first_episode=len(finished), max_steps=args.max_steps, robot_id=args.robot_id,
                            cameras=cameras, image_size=image_size, extra_latency_s=args.extra_latency_ms / 1e3,
                            reply_timeout_s=args.reply_timeout, action_deadline=args.action_deadline,
                            fresh_deadline=args.fresh_deadline,
@@ -86,24 +105,60 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     try:
-        arm.run()
+        if finished and len(finished) < args.episodes:
+            check_same_sampler(arm, finished)
+            print(f"dpstack sim: resuming after the {len(finished)} finished episodes in {args.out}", file=sys.stderr)
+        if len(finished) < args.episodes:
+            arm.run()
     except ArmError as e:
         print(f"dpstack sim: {e}", file=sys.stderr)
         return 1
-    finally:  # also on Ctrl-C: what finished is written, as `dpstack eval` keeps its finished jobs
+    finally:  # also on Ctrl-C: what finished is already in --out
         arm.close()
-        summary = summarize(config.sampler_label or "policy", finished, config.mode, arm.hz) if finished else None
-        if args.out is not None and summary is not None:
-            write_json_atomic(args.out, {"config": {"task": args.task, "connect": args.connect, "mode": args.mode,
-                                                    "hz": arm.hz, "seed": args.seed, "episodes": args.episodes,
-                                                    "extra_latency_ms": args.extra_latency_ms,
-                                                    "scheduling": realtime.current_scheduling()},
-                                         "summary": summary.to_dict(),
-                                         "episodes": [r.to_dict() for r in finished]})
-            if len(finished) < args.episodes:
-                print(f"dpstack sim: kept the {len(finished)} finished episodes of {args.episodes} in {args.out}",
-                      file=sys.stderr)
-    print(json.dumps({k: summary.to_dict()[k] for k in ("sampler", "sampler_resolved", "episodes", "success_rate",
+        if args.out is not None and finished and len(finished) < args.episodes:
+            print(f"dpstack sim: kept the {len(finished)} finished episodes of {args.episodes} in {args.out}",
+                  file=sys.stderr)
+    write()  # a resumed run with nothing left still gets its file rewritten, with this run's config
+    result = summary().to_dict()
+    print(json.dumps({k: result[k] for k in ("sampler", "sampler_resolved", "episodes", "success_rate",
                                                          "step_latency", "chunk_latency", "deadline_misses")}),
           flush=True)
     return 0
+
+
+def run_key(args: argparse.Namespace) -> dict:
+    """What makes two runs' episodes interchangeable: --resume keeps episodes only from the same key."""
+    return {"task": args.task, "mode": args.mode, "hz_requested": args.hz, "seed": args.seed, "episodes": args.episodes,
+            "max_steps": args.max_steps, "extra_latency_ms": args.extra_latency_ms}
+
+
+def kept_episodes(out: Path, key: dict) -> list:
+    """The finished episodes in `out` when it is a record of the same run, else none.
+    They must be the run's first episodes, in order, as an interrupted run leaves them."""
+    from dpstack.sim.eval_report import EpisodeRecord
+
+    try:
+        data = json.loads(out.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{out}: cannot resume from it ({e}); remove it to start over") from None
+    config = data.get("config", {}) if isinstance(data, dict) else {}
+    differ = sorted(k for k, v in key.items() if config.get(k) != v)
+    if differ:
+        raise ValueError(f"{out}: holds a different run ({', '.join(differ)} differ); remove it or choose another --out")
+    records = [EpisodeRecord.from_dict(d) for d in data.get("episodes", [])]
+    if [(r.episode, r.seed) for r in records] != [(i, key["seed"] + i) for i in range(len(records))]:
+        raise ValueError(f"{out}: its episodes are not this run's first ones in order; remove it to start over")
+    return records[: key["episodes"]]
+
+
+def check_same_sampler(arm, finished: list) -> None:
+    """A resumed run must talk to the sampler that produced its kept episodes."""
+    from dpstack.sim.arm import ArmError
+
+    arm.connect()
+    kept = {r.sampler for r in finished}
+    if kept != {arm.config.sampler_label}:
+        raise ArmError(f"the kept episodes came from sampler {sorted(kept)}, this server runs "
+                       f"{arm.config.sampler_label!r}; remove --out to start over")

@@ -141,6 +141,7 @@ class _Job:
     video: int
     out: Path
     delay_ms: float = 0.0  # extra latency of this job's arm
+    done: int = 0          # episodes already in `out` from an interrupted run of the same evaluation
 
 
 def split_jobs(samplers: Sequence[str], episodes: int, workers: int, video: int, raw_dir: Path,
@@ -225,8 +226,8 @@ def arm_argv(cfg: EvalConfig, job: _Job, endpoint: str, video_dir: Path, schedul
     argv = dpstack_command("sim", "--task", cfg.task, "--connect", endpoint, "--mode", cfg.mode,
                            "--policy", str(cfg.policy_dir),  # the arm renders the cameras the package reads
                            "--episodes", str(job.count), "--seed", str(cfg.seed_base + job.first),
-                           "--robot-id", f"arm-{_safe(job.sampler)}-{job.first}", "--out", str(job.out), "--quiet",
-                           *scheduling.argv())
+                           "--robot-id", f"arm-{_safe(job.sampler)}-{job.first}", "--out", str(job.out), "--resume",
+                           "--quiet", *scheduling.argv())
     if job.delay_ms:
         argv += ["--extra-latency-ms", f"{job.delay_ms:g}"]
     if cfg.hz:
@@ -250,8 +251,9 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[Sample
     check_package_cameras(cfg.policy_dir, cfg.task)
     jobs = split_jobs(cfg.samplers, cfg.episodes, cfg.workers, cfg.video, raw_dir, cfg.extra_latency_ms)
     todo = _jobs_to_run(cfg, jobs, raw_dir)
-    if len(todo) < len(jobs):
-        log(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} episode jobs already done for this package")
+    kept = sum(j.count for j in jobs) - sum(j.count - j.done for j in todo)
+    if kept:
+        log(f"resuming: {kept} of {sum(j.count for j in jobs)} episodes already done for this package and settings")
 
     servers: dict[str, ChildProcess] = {}
     witnesses = start_witnesses(cfg, out / "witness", env, log_dir) if cfg.witness and todo else []
@@ -349,9 +351,9 @@ def _package_sha256(policy_dir: Path) -> str | None:
 
 
 def _jobs_to_run(cfg: EvalConfig, jobs: list[_Job], raw_dir: Path) -> list[_Job]:
-    """Jobs without a finished output. Finished ones are kept only when they come from
-    the same package and settings (raw/run.json says which), so an interrupted
-    evaluation resumes and a changed one starts over."""
+    """Jobs with episodes left to run. Finished episodes are kept only when they come from
+    the same package and settings (raw/run.json says which): an interrupted evaluation
+    resumes at the episode it was running, and a changed one starts over."""
     run_key = {"package_sha256": _package_sha256(cfg.policy_dir), "task": cfg.task, "mode": cfg.mode,
                "hz": cfg.hz, "max_steps": cfg.max_steps, "seed_base": cfg.seed_base, "episodes": cfg.episodes,
                "workers": cfg.workers, "video": cfg.video}
@@ -363,19 +365,21 @@ def _jobs_to_run(cfg: EvalConfig, jobs: list[_Job], raw_dir: Path) -> list[_Job]
     todo = []
     for job in jobs:
         job.out.parent.mkdir(parents=True, exist_ok=True)
-        if same and _finished(job):
+        job.done = _episodes_done(job) if same else 0
+        if job.done == job.count:
             continue
-        job.out.unlink(missing_ok=True)
+        if not job.done:
+            job.out.unlink(missing_ok=True)
         todo.append(job)
     write_json_atomic(key_path, run_key)
     return todo
 
 
-def _finished(job: _Job) -> bool:
+def _episodes_done(job: _Job) -> int:
     try:
-        return len(json.loads(job.out.read_text())["episodes"]) == job.count
-    except (OSError, ValueError, KeyError):
-        return False
+        return min(len(json.loads(job.out.read_text())["episodes"]), job.count)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _run_jobs(cfg: EvalConfig, jobs: list[_Job], endpoints: dict[str, str], servers: Sequence[ChildProcess],
@@ -387,7 +391,8 @@ def _run_jobs(cfg: EvalConfig, jobs: list[_Job], endpoints: dict[str, str], serv
     slots = plan_cpus(cfg, available_cpus()).arms  # scheduling of each arm slot
     busy: dict[int, int] = {}  # id(running arm process) -> its slot
     total = sum(j.count for j in jobs)
-    with tqdm(total=total, desc="episodes", unit="ep", dynamic_ncols=True, file=sys.stdout) as bar:
+    with tqdm(total=total, initial=sum(j.done for j in jobs), desc="episodes", unit="ep", dynamic_ncols=True,
+              file=sys.stdout) as bar:
         try:
             while pending or running:
                 while pending and len(running) < cfg.workers:
@@ -407,7 +412,7 @@ def _run_jobs(cfg: EvalConfig, jobs: list[_Job], endpoints: dict[str, str], serv
                     busy.pop(id(p))
                     if p.proc.returncode != 0 or not job.out.exists():
                         raise EvalError(_failure(p))
-                    bar.update(job.count)
+                    bar.update(job.count - job.done)
                     done = json.loads(job.out.read_text())["summary"]
                     bar.write(f"{_label(job.sampler, job.delay_ms)}: episodes {job.first}-{job.first + job.count - 1}: "
                               f"success {done['success_rate']:.2f}, chunk latency p50 {format_ms(done['chunk_latency']['p50_ms'], '.1f')} ms")

@@ -76,3 +76,31 @@ def test_sim_keeps_the_episodes_that_finished(tmp_path, signum):
     assert [e["episode"] for e in data["episodes"]] == list(range(n))
     assert data["summary"]["episodes"] == n and data["config"]["episodes"] == 1000
     assert not Path(str(out) + ".tmp").exists()
+
+
+@pytest.mark.slow  # robosuite's Lift and a policy server (~15 s)
+def test_sim_resume_runs_only_the_episodes_an_interrupted_run_left(tmp_path):
+    out = tmp_path / "sim.json"
+    goal_server = [sys.executable, str(REPO / "tests" / "deploy_goal_server.py"), "--goal", "0.5", "0.0", "1.0"]
+    run = ("sim", "--task", "lift", "--episodes", "40", "--max-steps", "4", "--seed", "500", "--out", str(out))
+    with ServerProcess(command=goal_server) as server:
+        with dpstack(*run, "--connect", server.endpoint) as child:
+            wait_for_line(child, "episode 1 ")
+            assert stopped_by(child, signal.SIGINT) == 130, child.output
+        kept = json.loads(out.read_text())["episodes"]
+        assert 2 <= len(kept) < 40
+        # Another run's file is refused, and left as it was.
+        with dpstack(*run[:-4], "--seed", "501", "--out", str(out), "--resume", "--connect", server.endpoint) as child:
+            assert child.proc.wait(120) == 2
+            child.stop()
+            assert "seed differ" in child.output, child.output
+        assert json.loads(out.read_text())["episodes"] == kept
+        with dpstack(*run, "--resume", "--connect", server.endpoint) as child:
+            assert child.proc.wait(300) == 0, child.output
+            child.stop()
+            assert f"resuming after the {len(kept)} finished episodes" in child.output, child.output
+            assert f"episode {len(kept) - 1} " not in child.output and f"episode {len(kept)} " in child.output
+    data = json.loads(out.read_text())
+    assert [(e["episode"], e["seed"]) for e in data["episodes"]] == [(i, 500 + i) for i in range(40)]
+    assert data["episodes"][: len(kept)] == kept
+    assert data["summary"]["episodes"] == 40

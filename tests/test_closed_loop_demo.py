@@ -202,13 +202,34 @@ def test_an_interrupted_evaluation_reruns_only_its_missing_episodes(demo):
     missing.unlink()
     again = dpstack("demo", "--quick", "--out", str(out), timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "resuming: 7 of 8 episode jobs already done" in again.stdout
+    assert "resuming: 7 of 8 episodes already done" in again.stdout
     assert "servers up: ddim at" in again.stdout and "ddpm at" not in again.stdout
     for stage in ("collect", "train", "export"):
         assert f"{stage}: already done, skipping" in again.stdout
     results = json.loads((out / "eval" / "results.json").read_text())
     assert {r["sampler"]: r["episodes"] for r in results["results"]} == {s: 2 for s in SAMPLERS}
     assert missing.exists()
+
+
+def test_an_evaluation_stopped_mid_job_resumes_at_the_episode_it_was_running(demo, tmp_path):
+    out, _ = demo
+    args = ("eval", str(out / "policy"), "--task", "lift", "--episodes", "3", "--samplers", "ddim", "--workers", "1",
+            "--max-steps", "12", "--out", str(tmp_path / "ev"))
+    assert dpstack(*args, timeout=300).returncode == 0
+    job = tmp_path / "ev" / "raw" / "ddim" / "episodes_0000.json"
+    full = json.loads(job.read_text())
+    assert [e["episode"] for e in full["episodes"]] == [0, 1, 2]
+    # What the arm leaves when it is stopped during episode 1: episode 0, rewritten as it ended.
+    job.write_text(json.dumps({**full, "episodes": full["episodes"][:1]}))
+    (tmp_path / "ev" / "results.json").unlink()
+    again = dpstack(*args, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "resuming: 1 of 3 episodes already done" in again.stdout
+    resumed = json.loads(job.read_text())["episodes"]
+    assert [(e["episode"], e["seed"]) for e in resumed] == [(e["episode"], e["seed"]) for e in full["episodes"]]
+    assert resumed[0] == full["episodes"][0]  # kept, not run again: its latencies are the first run's
+    assert resumed[1]["chunk_latency_ms"] != full["episodes"][1]["chunk_latency_ms"]  # run again
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["results"][0]["episodes"] == 3
 
 
 def test_realtime_eval_pins_arm_and_server_and_checks_misses_against_a_witness(demo, tmp_path):
