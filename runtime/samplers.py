@@ -12,6 +12,8 @@ streaming ladder (a level per position). Randomness comes only from the
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from typing import Callable, Generator, Sequence, TypeVar
 
@@ -295,6 +297,9 @@ class RTISampler(Sampler):
             raise ValueError(f"gripper_mode must be 'clip' or 'scale', got {gripper_mode!r}")
         if gripper_factor < 1:
             raise ValueError(f"gripper_factor must be >= 1, got {gripper_factor}")
+        if not 1 <= n_action_steps <= geometry.horizon - geometry.now:
+            raise ValueError(f"RTI's Ta={n_action_steps} does not fit a horizon of {geometry.horizon} with "
+                             f"{geometry.n_obs_steps} observation steps")
         self.refine_levels = refine
         self.full_levels = schedule.inference_levels(full_steps)
         self.gripper_dims = tuple(gripper_dims)
@@ -303,6 +308,8 @@ class RTISampler(Sampler):
         self.actions_per_call = n_action_steps
         self.renoise = renoise
         self.name = ("rti-renoise-" if renoise else "rti-") + ",".join(map(str, refine))
+        if n_action_steps != 1:
+            self.name += f"-ta{n_action_steps}"
         self.guess: np.ndarray | None = None
 
     def reset(self, seed: int | None = None) -> None:
@@ -456,6 +463,7 @@ class SamplerConfig:
     rti-3,1,0                   RTI-DP warm start with that refinement list (the clean guess enters at 3)
     rti-renoise-40,15,0         the same, with the guess first re-noised to the list's first level
     rti                         = rti-renoise-40,15,0, the form that also solves multi-phase tasks (Can)
+    rti-ta4, rti-3,1,0-ta4      RTI executing 4 actions of each refined chunk before the next call
     streaming-1 / streaming-2   streaming ladder with that many evaluations per control step
     """
 
@@ -484,9 +492,13 @@ class SamplerConfig:
                 cfg = cls(kind=kind, steps=int(steps) if steps else (100 if kind == "ddpm" else 10),
                           n_action_steps=int(ta) if ta_given else 0)
             elif kind == "rti":
+                arg, ta_given, ta = arg.partition("ta")
+                arg = arg.removesuffix("-")
+                if ta_given and int(ta) < 1:
+                    raise ValueError
                 renoise = arg.startswith("renoise") or not arg
                 arg = arg.removeprefix("renoise").removeprefix("-")
-                cfg = cls(kind=kind, steps=100, renoise=renoise)
+                cfg = cls(kind=kind, steps=100, renoise=renoise, n_action_steps=int(ta) if ta_given else 0)
                 if arg:
                     cfg.refine = tuple(int(k) for k in arg.split(","))
             elif kind == "streaming":
@@ -510,7 +522,7 @@ def split_sampler_names(text: str) -> tuple[str, ...]:
     for part in (p.strip() for p in text.replace(";", ",").split(",")):
         if not part:
             continue
-        if part.isdigit() and out and out[-1].startswith("rti"):
+        if re.fullmatch(r"\d+(-ta\d+)?", part) and out and out[-1].startswith("rti"):
             out[-1] += "," + part
         else:
             out.append(part)

@@ -286,6 +286,17 @@ def test_sampler_config_parse_and_build():
         default = build_sampler(SamplerConfig.parse(text), den, schedule, 7, trained)
         assert default.refine_levels == [40, 15, 0] and default.renoise, text
     assert build_sampler(SamplerConfig.parse("rti-renoise-30,5,0"), den, schedule, 7, trained).refine_levels == [30, 5, 0]
+    for text, name in (("rti-ta4", "rti-renoise-40,15,0-ta4"), ("rti-3,1,0-ta2", "rti-3,1,0-ta2"),
+                       ("rti-renoise-30,5,0-ta4", "rti-renoise-30,5,0-ta4")):
+        ta = build_sampler(SamplerConfig.parse(text), den, schedule, 7, trained)
+        assert ta.name == name and ta.actions_per_call == int(name[-1]), text
+        first, later = ta.step(np.zeros((1, 4), np.float32)), ta.step(np.zeros((1, 4), np.float32))
+        assert first.replan_after == later.replan_after == ta.actions_per_call
+    for bad in ("rti-ta0", "rti-ta", "rti-3,1,0-tax"):
+        with pytest.raises(ValueError, match="cannot parse"):
+            SamplerConfig.parse(bad)
+    with pytest.raises(ValueError, match="does not fit"):
+        build_sampler(SamplerConfig.parse("rti-ta16"), den, schedule, 7, trained)
     st = build_sampler(SamplerConfig.parse("streaming-2"), den, schedule, 7, trained)
     assert st.n_rungs == 15 and st.evals_per_step == 2 and st.actions_per_call == 1
     with pytest.raises(ValueError, match="cannot parse"):
@@ -298,6 +309,7 @@ def test_sampler_lists_split_one_way_for_every_command():
 
     assert split_sampler_names("ddpm,ddim,rti,streaming") == ("ddpm", "ddim", "rti", "streaming")
     assert split_sampler_names("ddim-10, rti-3,1,0 ,streaming-2") == ("ddim-10", "rti-3,1,0", "streaming-2")
+    assert split_sampler_names("rti-3,1,0-ta4,rti-ta2") == ("rti-3,1,0-ta4", "rti-ta2")
     assert split_sampler_names("ddim-2;rti-3,1,0;streaming-1") == ("ddim-2", "rti-3,1,0", "streaming-1")
     assert split_sampler_names("rti-renoise-20,8,0,ddim-10") == ("rti-renoise-20,8,0", "ddim-10")
     assert split_sampler_names("ddim,10") == ("ddim", "10")  # only rti takes a list; '10' is refused where it is parsed
