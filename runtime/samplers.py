@@ -485,20 +485,13 @@ class SamplerConfig:
         kind, _, arg = text.strip().partition("-")
         try:
             if kind in ("ddpm", "ddim"):
-                steps, ta_given, ta = arg.partition("ta")
-                steps = steps.removesuffix("-")
-                if ta_given and int(ta) < 1:
-                    raise ValueError
-                cfg = cls(kind=kind, steps=int(steps) if steps else (100 if kind == "ddpm" else 10),
-                          n_action_steps=int(ta) if ta_given else 0)
+                steps, ta = _split_ta(arg)
+                cfg = cls(kind=kind, steps=int(steps) if steps else (100 if kind == "ddpm" else 10), n_action_steps=ta)
             elif kind == "rti":
-                arg, ta_given, ta = arg.partition("ta")
-                arg = arg.removesuffix("-")
-                if ta_given and int(ta) < 1:
-                    raise ValueError
+                arg, ta = _split_ta(arg)
                 renoise = arg.startswith("renoise") or not arg
                 arg = arg.removeprefix("renoise").removeprefix("-")
-                cfg = cls(kind=kind, steps=100, renoise=renoise, n_action_steps=int(ta) if ta_given else 0)
+                cfg = cls(kind=kind, steps=100, renoise=renoise, n_action_steps=ta)
                 if arg:
                     cfg.refine = tuple(int(k) for k in arg.split(","))
             elif kind == "streaming":
@@ -511,6 +504,14 @@ class SamplerConfig:
         for k, v in over.items():
             setattr(cfg, k, v)
         return cfg
+
+
+def _split_ta(arg: str) -> tuple[str, int]:
+    """'10-ta2' -> ('10', 2); '3,1,0' -> ('3,1,0', 0): 0 = the sampler's own Ta. ValueError on a bad Ta."""
+    rest, ta_given, ta = arg.partition("ta")
+    if ta_given and int(ta) < 1:
+        raise ValueError
+    return rest.removesuffix("-"), int(ta) if ta_given else 0
 
 
 def split_sampler_names(text: str) -> tuple[str, ...]:
