@@ -30,7 +30,7 @@ from torch import nn
 from dpstack.runtime.package import (DENOISER_FILE, DENOISER_INPUTS, ENCODER_FILE, FORMAT, FORMAT_VERSION, MANIFEST, STEP_FORM,
                                      WINDOW_FORM, PackageError, PolicyPackage, SessionOptions, load_package, read_manifest,
                                      sha256_file, verify_files)
-
+from dpstack.runtime.samplers import DEFAULT_RTI, rti_list
 from dpstack.runtime.verify import VerifyError, random_denoiser_inputs, random_observations, verify_onnx_only
 
 from .model import DiffusionPolicyModel
@@ -138,7 +138,7 @@ def export_graphs(model: DiffusionPolicyModel, out_dir: Path, opset: int | None 
 
 def build_manifest(model: DiffusionPolicyModel, info: Mapping[str, Any], out_dir: Path,
                    encoder_inputs: list[str], parity: Mapping[str, float], tolerance: float = PARITY_TOLERANCE,
-                   weights: str = "fp32") -> dict[str, Any]:
+                   weights: str = "fp32", rti_default: str = DEFAULT_RTI) -> dict[str, Any]:
     cfg = model.config
     spec = model.spec
     dataset = dict(info.get("dataset") or {})
@@ -167,6 +167,8 @@ def build_manifest(model: DiffusionPolicyModel, info: Mapping[str, Any], out_dir
             "prefix_prob": cfg.prefix_prob, "prefix_max": cfg.prefix_max,
             "gripper_scale": cfg.gripper_scale,
         },
+        # RTI-DP picks the refinement list per task, by evaluation after training.
+        "sampler_defaults": {"rti": rti_list(rti_default, model.schedule.num_train_steps)},
         "model": {"type": cfg.model, "preset": cfg.preset, "parameters": model.num_parameters(),
                   "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()}},
         "dataset": {"fingerprint": dataset.get("fingerprint"), **{k: v for k, v in dataset.items() if k != "fingerprint"}},
@@ -225,15 +227,20 @@ def default_tolerance(weights: str) -> float:
 
 def export_model(model: DiffusionPolicyModel, out: str | Path, info: Mapping[str, Any] | None = None,
                  tolerance: float | None = None, force: bool = False, opset: int | None = None,
-                 weights: str = "fp32") -> Path:
+                 weights: str = "fp32", rti_default: str = DEFAULT_RTI) -> Path:
     """Export `model` to the package directory `out` (atomic; parity-checked).
 
     weights="int8" quantizes the denoiser's MatMul weights (policy/quantize.py) and checks
-    parity against QUANT_TOLERANCE unless `tolerance` is given.
+    parity against QUANT_TOLERANCE unless `tolerance` is given. `rti_default` is the RTI
+    refinement list that bare `rti` runs with this package.
     """
     if weights not in WEIGHTS:
         raise ExportError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     tolerance = default_tolerance(weights) if tolerance is None else tolerance
+    try:
+        rti_default = rti_list(rti_default, model.schedule.num_train_steps)
+    except ValueError as e:
+        raise ExportError(f"--rti-default: {e}") from None
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"{out} exists; pass --force to replace it")
@@ -253,7 +260,8 @@ def export_model(model: DiffusionPolicyModel, out: str | Path, info: Mapping[str
         if max(parity.encoder, parity.denoiser) >= tolerance:
             raise ExportError(f"onnxruntime differs from torch: max abs error encoder {parity.encoder:.2e}, "
                               f"denoiser {parity.denoiser:.2e} (tolerance {tolerance:.0e}); package not written")
-        manifest = build_manifest(model, info or {}, tmp, names["encoder_inputs"], parity.as_dict(), tolerance, weights)
+        manifest = build_manifest(model, info or {}, tmp, names["encoder_inputs"], parity.as_dict(), tolerance, weights,
+                                  rti_default)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _replace_dir(tmp, out, force)
     finally:
@@ -262,11 +270,11 @@ def export_model(model: DiffusionPolicyModel, out: str | Path, info: Mapping[str
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, tolerance: float | None = None,
-                      force: bool = False, weights: str = "fp32") -> Path:
+                      force: bool = False, weights: str = "fp32", rti_default: str = DEFAULT_RTI) -> Path:
     from .checkpoint import load_checkpoint
 
     model, info = load_checkpoint(checkpoint)
-    return export_model(model, out, info, tolerance, force, weights=weights)
+    return export_model(model, out, info, tolerance, force, weights=weights, rti_default=rti_default)
 
 
 def verify_package(policy_dir: str | Path, checkpoint: str | Path | None = None,

@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from dpstack.runtime.samplers import DEFAULT_RTI
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", nargs="?", help="checkpoint to export (or, with --verify, to compare against)")
@@ -14,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", choices=("fp32", "int8"), default="fp32",
                         help="int8: quantize the denoiser's MatMul weights (faster on CPU for the dp U-Net; "
                              "held to a looser parity tolerance, so check it in closed loop)")
+    parser.add_argument("--rti-default", default=DEFAULT_RTI, metavar="LIST",
+                        help="the RTI refinement list that bare `rti` runs with this package, e.g. renoise-20,10,0 "
+                             "(RTI-DP picks it per task; default %(default)s, which serves every shipped task)")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="max abs error allowed between torch and onnxruntime (default 1e-4; 0.1 for --weights int8; "
                              "with --verify, what the package was exported under)")
@@ -48,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.checkpoint or not args.out:
             print("dpstack export: need CHECKPOINT and --out POLICY_DIR (or --verify POLICY_DIR)", file=sys.stderr)
             return 2
-        out = export_checkpoint(args.checkpoint, args.out, args.tolerance, args.force, args.weights)
+        out = export_checkpoint(args.checkpoint, args.out, args.tolerance, args.force, args.weights, args.rti_default)
         manifest = json.loads((out / MANIFEST).read_text())
         print(f"wrote {out}: parity max abs error {manifest['export']['parity_max_abs_error']}")
         return 0

@@ -11,7 +11,8 @@ The encoder comes in one of two forms (manifest "encoder_form"):
 
 The manifest carries everything the runtime needs besides the two networks:
 the RobotSpec, normaliser statistics, noise schedule, horizons, the regimes the
-model was trained with, and the sha256 of each ONNX file. Loading refuses a
+model was trained with, what bare `rti` means for it ("sampler_defaults", optional),
+and the sha256 of each ONNX file. Loading refuses a
 package whose files were changed, whose format is unknown, or whose spec does
 not fit the robot it is asked to serve; the error says what differs.
 """
@@ -27,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from dpstack.core.normalizer import Normalizer
-from dpstack.runtime.samplers import Denoise, TrainedRegimes
+from dpstack.runtime.samplers import DEFAULT_RTI, Denoise, TrainedRegimes, rti_list
 from dpstack.core.schedule import NoiseSchedule
 from dpstack.core.spec import RobotSpec
 
@@ -304,13 +305,19 @@ def describe(manifest: Mapping[str, Any], serves: RobotSpec | None = None) -> tu
     for key in (*manifest["obs_keys"], spec.action.key):
         normalizer[key]  # raises KeyError naming a missing key
     regimes = manifest.get("regimes", {})
+    schedule = NoiseSchedule.from_dict(manifest["schedule"])
+    rti = (manifest.get("sampler_defaults") or {}).get("rti") or DEFAULT_RTI
+    try:
+        rti = rti_list(rti, schedule.num_train_steps)
+    except ValueError as e:
+        raise PackageError(f"manifest sampler_defaults.rti: {e}") from None
     trained = TrainedRegimes(horizon=int(manifest["horizon"]), n_obs_steps=int(manifest["n_obs_steps"]),
                              n_action_steps=int(manifest["n_action_steps"]),
                              ladder_rungs=int(regimes.get("ladder_rungs", 0) or 0),
                              ladder_chunk_len=int(regimes.get("ladder_chunk_len", 0) or 0),
                              gripper_scale=float(regimes.get("gripper_scale", 1.0)),
-                             gripper_dims=spec.action.gripper_dims)
-    return spec, normalizer, NoiseSchedule.from_dict(manifest["schedule"]), trained
+                             gripper_dims=spec.action.gripper_dims, rti_default=rti)
+    return spec, normalizer, schedule, trained
 
 
 def load_package(policy_dir: str | Path, serves: RobotSpec | None = None,

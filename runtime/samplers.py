@@ -462,15 +462,15 @@ class SamplerConfig:
     ddim-10-ta2                 the same, executing 2 actions per chunk instead of the model's Ta
     rti-3,1,0                   RTI-DP warm start with that refinement list (the clean guess enters at 3)
     rti-renoise-40,15,0         the same, with the guess first re-noised to the list's first level
-    rti                         = rti-renoise-40,15,0, the form that also solves multi-phase tasks (Can)
+    rti                         the package's own list (`dpstack export --rti-default`), else
+                                rti-renoise-40,15,0, the form that also solves multi-phase tasks (Can)
     rti-ta4, rti-3,1,0-ta4      RTI executing 4 actions of each refined chunk before the next call
     streaming-1 / streaming-2   streaming ladder with that many evaluations per control step
     """
 
     kind: str = "ddim"
     steps: int = 10                   # ddpm/ddim steps; full steps of RTI's and streaming's start-up
-    # Level 20 kept an open gripper open at the can on 7-9 of 50 Can episodes; 40 lets the observation flip it.
-    refine: tuple[int, ...] = (40, 15, 0)
+    refine: tuple[int, ...] = ()      # rti: () = the package's default list, else DEFAULT_RTI
     renoise: bool = True              # rti: re-noise the warm start to refine[0] first
     evals_per_step: int = 1
     n_rungs: int = 0                  # streaming: 0 = what the model was trained with (else one per position)
@@ -504,6 +504,28 @@ class SamplerConfig:
         for k, v in over.items():
             setattr(cfg, k, v)
         return cfg
+
+
+# Level 20 kept an open gripper open at the can on 7-9 of 50 Can episodes; 40 lets the observation flip it.
+DEFAULT_RTI = "rti-renoise-40,15,0"
+
+
+def rti_list(text: str, num_train_steps: int) -> str:
+    """Check an RTI refinement list for a package's default: 'renoise-20,10,0' or 'rti-3,1,0' ->
+    its canonical sampler name. ValueError when it is not an RTI list, carries -taN, or its
+    levels do not fall strictly inside [0, num_train_steps)."""
+    name = text.strip() if text.strip().startswith("rti") else f"rti-{text.strip()}"
+    try:
+        cfg = SamplerConfig.parse(name)
+    except ValueError:
+        cfg = None
+    if cfg is None or not cfg.refine or cfg.n_action_steps:
+        raise ValueError(f"{text!r} is not an RTI refinement list such as renoise-20,10,0 or 3,1,0 "
+                         "(actions per call are the caller's choice: rti-ta4)")
+    k = cfg.refine
+    if any(a <= b for a, b in zip(k, k[1:])) or k[-1] < 0 or k[0] >= num_train_steps:
+        raise ValueError(f"{text!r}: the levels must fall strictly within [0, {num_train_steps}), e.g. renoise-20,10,0")
+    return f"rti-{'renoise-' if cfg.renoise else ''}{','.join(map(str, k))}"
 
 
 def _split_ta(arg: str) -> tuple[str, int]:
@@ -541,6 +563,7 @@ class TrainedRegimes:
     ladder_chunk_len: int = 0    # 0 = ladder default
     gripper_scale: float = 1.0
     gripper_dims: tuple[int, ...] = field(default_factory=tuple)
+    rti_default: str = DEFAULT_RTI  # what bare `rti` means for this package (manifest "sampler_defaults")
 
 
 def build_sampler(cfg: SamplerConfig, denoise: Denoise, schedule: NoiseSchedule, action_dim: int,
@@ -555,8 +578,12 @@ def build_sampler(cfg: SamplerConfig, denoise: Denoise, schedule: NoiseSchedule,
     if cfg.kind == "rti":
         mode = cfg.gripper_mode if cfg.gripper_mode != "auto" else ("scale" if trained.gripper_scale != 1 else "clip")
         factor = cfg.gripper_factor or trained.gripper_scale or 1.0
-        return RTISampler(denoise, schedule, geometry, cfg.refine, cfg.steps, cfg.n_action_steps or 1,
-                          trained.gripper_dims, mode, max(factor, 1.0), cfg.renoise, cfg.seed)
+        refine, renoise = cfg.refine, cfg.renoise
+        if not refine:
+            default = SamplerConfig.parse(trained.rti_default or DEFAULT_RTI)
+            refine, renoise = default.refine, default.renoise
+        return RTISampler(denoise, schedule, geometry, refine, cfg.steps, cfg.n_action_steps or 1,
+                          trained.gripper_dims, mode, max(factor, 1.0), renoise, cfg.seed)
     if cfg.kind == "streaming":
         from dpstack.core.ladder import ladder_span
 

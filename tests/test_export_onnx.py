@@ -81,6 +81,29 @@ def test_onnxruntime_and_torch_give_the_same_actions(exported, sampler, calls):
         np.testing.assert_allclose(a.actions, b.actions, atol=1e-4, err_msg=f"{sampler} step {step}")
 
 
+def test_a_package_carries_what_bare_rti_means_for_it(exported, tmp_path, capsys):
+    model, ckpt, out = exported
+    assert json.loads((out / "manifest.json").read_text())["sampler_defaults"] == {"rti": "rti-renoise-40,15,0"}
+    assert dpstack(["export", str(ckpt), "--out", str(tmp_path / "lift"), "--rti-default", "renoise-20,10,0"]) == 0
+    package = load_package(tmp_path / "lift", serves=SPEC, options=SessionOptions(intra_op_threads=1))
+    assert package.trained.rti_default == "rti-renoise-20,10,0"
+    names = {t: PolicyRunner(package, t).sampler.name for t in ("rti", "rti-ta4", "rti-3,1,0", "rti-renoise-40,15,0")}
+    assert names == {"rti": "rti-renoise-20,10,0", "rti-ta4": "rti-renoise-20,10,0-ta4",
+                     "rti-3,1,0": "rti-3,1,0", "rti-renoise-40,15,0": "rti-renoise-40,15,0"}  # a typed list wins
+    capsys.readouterr()
+    for bad, why in (("3,3,0", "fall strictly within"), ("renoise-120,0", "fall strictly within"),
+                     ("rti-ta4", "not an RTI refinement list"), ("ddim-10", "not an RTI refinement list")):
+        assert dpstack(["export", str(ckpt), "--out", str(tmp_path / "bad"), "--rti-default", bad]) == 1
+        err = capsys.readouterr().err
+        assert "--rti-default" in err and why in err, bad
+        assert not (tmp_path / "bad").exists()
+    m = json.loads((tmp_path / "lift" / "manifest.json").read_text())
+    m["sampler_defaults"]["rti"] = "rti-5,9,0"  # a hand-edited manifest is refused on load, by name
+    (tmp_path / "lift" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(PackageError, match="sampler_defaults.rti"):
+        load_package(tmp_path / "lift")
+
+
 def test_verify_checks_hashes_and_parity_against_the_checkpoint(exported, capsys):
     _, ckpt, out = exported
     report = verify_package(out)

@@ -1,4 +1,6 @@
 """Sampler math checked against denoisers whose exact answer is known in closed form."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -87,7 +89,7 @@ def test_same_seed_same_sample_and_bad_levels_refused():
 
 from dpstack.core.ladder import ladder_levels, rung_gap  # noqa: E402
 from dpstack.runtime.samplers import (ChunkGeometry, RTISampler, SamplerConfig, StreamingSampler, TrainedRegimes,  # noqa: E402
-                              advance_ladder, build_sampler, shift_chunk)
+                              advance_ladder, build_sampler, rti_list, shift_chunk)
 
 
 def point_mass_denoiser(schedule: NoiseSchedule, mu: np.ndarray, calls: list | None = None):
@@ -286,6 +288,11 @@ def test_sampler_config_parse_and_build():
         default = build_sampler(SamplerConfig.parse(text), den, schedule, 7, trained)
         assert default.refine_levels == [40, 15, 0] and default.renoise, text
     assert build_sampler(SamplerConfig.parse("rti-renoise-30,5,0"), den, schedule, 7, trained).refine_levels == [30, 5, 0]
+    own = replace(trained, rti_default="rti-3,1,0")  # a package exported with --rti-default 3,1,0
+    for text, name in (("rti", "rti-3,1,0"), ("rti-renoise", "rti-3,1,0"), ("rti-ta4", "rti-3,1,0-ta4"),
+                       ("rti-renoise-40,15,0", "rti-renoise-40,15,0")):
+        assert build_sampler(SamplerConfig.parse(text), den, schedule, 7, own).name == name, text
+    assert rti_list("renoise-20,10,0", 100) == "rti-renoise-20,10,0" and rti_list("rti-3,1,0", 100) == "rti-3,1,0"
     for text, name in (("rti-ta4", "rti-renoise-40,15,0-ta4"), ("rti-3,1,0-ta2", "rti-3,1,0-ta2"),
                        ("rti-renoise-30,5,0-ta4", "rti-renoise-30,5,0-ta4")):
         ta = build_sampler(SamplerConfig.parse(text), den, schedule, 7, trained)
