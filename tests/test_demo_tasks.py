@@ -52,6 +52,14 @@ def test_the_image_demos_collect_their_configs_cameras_and_train_in_full(name: s
     assert s.train_config == config and s.cameras == ("agentview", "robot0_eye_in_hand")
     assert (s.episodes, s.train_steps, s.batch_size, s.eval_episodes) == (200, 20000, 64, 50)
     assert s.recovery == recovery
+    assert s.rti_default == {"lift_image": "rti-renoise-20,10,0"}.get(name, "rti-renoise-40,15,0")
+
+
+def test_every_rows_rti_list_is_one_export_accepts():
+    from dpstack.runtime.samplers import rti_list
+
+    for name, row in tasks.DEMO_TASKS.items():
+        assert rti_list(row.rti_default, 100) == row.rti_default, name  # canonical: export_done compares it
 
 
 def test_a_demo_that_cannot_run_is_refused_in_one_sentence(monkeypatch, capsys, tmp_path: Path):

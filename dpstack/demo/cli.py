@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dpstack.demo.tasks import DEMO_TASKS, DemoTask
+from dpstack.runtime.samplers import DEFAULT_RTI
 from dpstack.sim.evaluate import DEFAULT_SEED_BASE
 
 DEFAULT_OUT = Path("out/demo")
@@ -51,6 +52,7 @@ class DemoSettings:
     seed_base: int = DEFAULT_SEED_BASE
     cameras: tuple[str, ...] = ()            # to collect: the config's image keys' cameras
     recovery: float = 0.0                    # to collect: fraction of retry-after-a-missed-grasp demos
+    rti_default: str = DEFAULT_RTI           # to export: what bare `rti` runs with the package
     train_eval_every: int = 0                # offline action-error checks during training (0 = off)
     samplers: tuple[str, ...] = ("ddpm", "ddim", "rti", "streaming")
     workers: int = 2
@@ -66,7 +68,7 @@ class DemoSettings:
         s = cls(train_config=row.train_config, episodes=row.episodes,
                 train_steps=row.train_steps or config.train.steps, batch_size=config.train.batch_size,
                 preset=config.policy.preset, lr=config.train.lr, eval_episodes=row.eval_episodes,
-                seed_base=row.seed_base, recovery=row.recovery, cameras=tuple(k.removesuffix(IMAGE_SUFFIX) for k in config.policy.image_keys))
+                seed_base=row.seed_base, recovery=row.recovery, rti_default=row.rti_default, cameras=tuple(k.removesuffix(IMAGE_SUFFIX) for k in config.policy.image_keys))
         if quick:  # a smoke run of every stage: a tiny dataset, a few dozen steps of a tiny net
             s = replace(s, episodes=3, train_steps=30, batch_size=16, preset="test", lr=1e-3, eval_episodes=2,
                         max_steps=30)

@@ -147,11 +147,12 @@ class Demo:
             verify_files(self.policy, m)
         except (PackageError, ValueError, OSError):
             return False
-        # Exported from THIS checkpoint (a retrained one needs a new package).
-        return (m.get("checkpoint") or {}).get("sha256") == sha256_file(self.checkpoint)
+        # Exported from THIS checkpoint (a retrained one needs a new package), with this row's RTI list.
+        return ((m.get("checkpoint") or {}).get("sha256") == sha256_file(self.checkpoint)
+                and (m.get("sampler_defaults") or {}).get("rti") == self.s.rti_default)
 
     def export(self) -> None:
-        self._call("export", str(self.checkpoint), "--out", str(self.policy), "--force")
+        self._call("export", str(self.checkpoint), "--out", str(self.policy), "--force", "--rti-default", self.s.rti_default)
 
     # ------------------------------------------------------------------ 4. serve + evaluate
     def package_id(self) -> str:
