@@ -168,7 +168,7 @@ def build_manifest(model: DiffusionPolicyModel, info: Mapping[str, Any], out_dir
             "gripper_scale": cfg.gripper_scale,
         },
         # RTI-DP picks the refinement list per task, by evaluation after training.
-        "sampler_defaults": {"rti": rti_list(rti_default, model.schedule.num_train_steps)},
+        "sampler_defaults": {"rti": rti_default},  # checked by export_model
         "model": {"type": cfg.model, "preset": cfg.preset, "parameters": model.num_parameters(),
                   "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()}},
         "dataset": {"fingerprint": dataset.get("fingerprint"), **{k: v for k, v in dataset.items() if k != "fingerprint"}},

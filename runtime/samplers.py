@@ -265,6 +265,18 @@ def binarize_grippers(actions: np.ndarray, gripper_dims: Sequence[int], level: f
     return out
 
 
+def check_refine_levels(levels: Sequence[int], num_train_steps: int) -> list[int]:
+    """RTI refinement levels as ints; ValueError unless they fall strictly within [0, num_train_steps)."""
+    k = [int(x) for x in levels]
+    if not k or any(a <= b for a, b in zip(k, k[1:])) or k[-1] < 0 or k[0] >= num_train_steps:
+        raise ValueError(f"refine levels must fall strictly within [0, {num_train_steps}), descending; got {k}")
+    return k
+
+
+def rti_name(levels: Sequence[int], renoise: bool) -> str:
+    return ("rti-renoise-" if renoise else "rti-") + ",".join(map(str, levels))
+
+
 class RTISampler(Sampler):
     """RTI-DP warm start: full DDPM once, then shift the last clean chunk and refine it with a few DDPM steps.
 
@@ -290,9 +302,7 @@ class RTISampler(Sampler):
                  gripper_mode: str = "clip", gripper_factor: float = 1.0, renoise: bool = False,
                  seed: int = 0) -> None:
         super().__init__(denoise, schedule, geometry, seed)
-        refine = [int(k) for k in refine_levels]
-        if not refine or any(a <= b for a, b in zip(refine, refine[1:])) or refine[-1] < 0 or refine[0] >= schedule.num_train_steps:
-            raise ValueError(f"refine_levels must be strictly descending levels in [0, {schedule.num_train_steps}), got {refine}")
+        refine = check_refine_levels(refine_levels, schedule.num_train_steps)
         if gripper_mode not in ("clip", "scale"):
             raise ValueError(f"gripper_mode must be 'clip' or 'scale', got {gripper_mode!r}")
         if gripper_factor < 1:
@@ -307,7 +317,7 @@ class RTISampler(Sampler):
         self.gripper_factor = float(gripper_factor)
         self.actions_per_call = n_action_steps
         self.renoise = renoise
-        self.name = ("rti-renoise-" if renoise else "rti-") + ",".join(map(str, refine))
+        self.name = rti_name(refine, renoise)
         if n_action_steps != 1:
             self.name += f"-ta{n_action_steps}"
         self.guess: np.ndarray | None = None
@@ -522,10 +532,11 @@ def rti_list(text: str, num_train_steps: int) -> str:
     if cfg is None or not cfg.refine or cfg.n_action_steps:
         raise ValueError(f"{text!r} is not an RTI refinement list such as renoise-20,10,0 or 3,1,0 "
                          "(actions per call are the caller's choice: rti-ta4)")
-    k = cfg.refine
-    if any(a <= b for a, b in zip(k, k[1:])) or k[-1] < 0 or k[0] >= num_train_steps:
-        raise ValueError(f"{text!r}: the levels must fall strictly within [0, {num_train_steps}), e.g. renoise-20,10,0")
-    return f"rti-{'renoise-' if cfg.renoise else ''}{','.join(map(str, k))}"
+    try:
+        levels = check_refine_levels(cfg.refine, num_train_steps)
+    except ValueError as e:
+        raise ValueError(f"{text!r}: {e}") from None
+    return rti_name(levels, cfg.renoise)
 
 
 def _split_ta(arg: str) -> tuple[str, int]:

@@ -2,8 +2,9 @@
 
 A row says which shipped config trains the task's policy, how many scripted
 demonstrations to collect, how many held-out episodes each sampler gets and
-from which seed, and which RTI refinement list its package names. Everything else (network, steps, batch, learning rate,
-gripper scale, cameras) is the config's. Adding a task is adding a row.
+from which seed, and which RTI refinement list its package names. Everything
+else (network, steps, batch, learning rate, gripper scale, cameras) is the
+config's. Adding a task is adding a row.
 """
 from __future__ import annotations
 
