@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--package", action="append", default=[], help="time an exported package dir instead (onnx only); repeatable")
     lat.add_argument("--samplers", default=DEFAULT_SAMPLERS,
                      help="comma-separated samplers as `dpstack serve --sampler` takes them: ddpm-N, ddim-N, "
-                          "rti (= rti-renoise-40,15,0), rti[-renoise]-K1,K2,.., streaming-E; a bare number continues "
+                          "rti (the package's list, else rti-renoise-40,15,0), rti[-renoise]-K1,K2,.., streaming-E; a bare number continues "
                           "the rti list before it (default %(default)s)")
     lat.add_argument("--backends", default="onnx,torch",
                      help="onnx (onnxruntime CPU), torch (eager), cuda, tensorrt (onnxruntime's GPU providers, where "

@@ -16,7 +16,7 @@ from dpstack.runtime import realtime
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("policy_dir", metavar="POLICY_DIR", help="exported policy package (manifest.json + ONNX files)")
     p.add_argument("--sampler", default="streaming",
-                   help="ddpm-N, ddim-N, rti (= rti-renoise-40,15,0), rti[-renoise]-K1,K2,.. or streaming[-E] (default: streaming)")
+                   help="ddpm-N, ddim-N, rti (the package's list, else rti-renoise-40,15,0), rti[-renoise]-K1,K2,.. or streaming[-E] (default: streaming)")
     p.add_argument("--bind", default="tcp://127.0.0.1:5555",
                    help="ZeroMQ endpoint; loopback only unless --insecure (tcp://127.0.0.1:* picks a free port)")
     p.add_argument("--insecure", action="store_true",
