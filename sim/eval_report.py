@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -119,6 +119,10 @@ class SamplerSummary:
     stall_misses: int = 0
     # realtime: the delay added to every answer's arrival (dpstack eval --extra-latency-ms)
     extra_latency_ms: float = 0.0
+    # the episodes' seeds, and those that failed: what a trace starts from, and what pairs
+    # two samplers' outcomes on the same seeds
+    seeds: list[int] = field(default_factory=list)
+    failed_seeds: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -188,7 +192,8 @@ def summarize(sampler: str, records: Sequence[EpisodeRecord], mode: str, hz: flo
         stalled_steps=sum(len(stalled(r)) for r in records),
         stall_misses=sum(stall_misses(r, witness_stalls) for r in records),
         evaluations_per_step=(sum(r.evaluations for r in records) / steps) if steps else 0.0,
-        mode=mode, hz=hz, extra_latency_ms=delays.pop())
+        mode=mode, hz=hz, extra_latency_ms=delays.pop(),
+        seeds=sorted(int(r.seed) for r in records), failed_seeds=sorted(int(r.seed) for r in records if not r.success))
 
 
 def load_records(paths: Iterable[Path]) -> list[EpisodeRecord]:
@@ -216,6 +221,85 @@ def markdown_table(summaries: Sequence[SamplerSummary]) -> str:
                      f"{s.evaluations_per_step:.2f} | {s.deadline_misses} ({s.held_steps} / {s.late_steps}) | {s.lookahead_steps} "
                      f"| {s.overruns} | {s.stalled_steps} ({s.stall_misses}) |")
     return "\n".join(lines) + "\n"
+
+
+class SeedOutcomes(Protocol):
+    """What a paired comparison reads: a sampler's seeds and the ones it failed."""
+
+    sampler: str
+    extra_latency_ms: float
+    seeds: list[int]
+    failed_seeds: list[int]
+
+
+@dataclass
+class PairedComparison:
+    """Two samplers on the seeds both ran: where their outcomes differ, and whether that
+    difference could be chance (exact McNemar test: the discordant seeds as fair coin flips)."""
+
+    a: str
+    b: str
+    extra_latency_ms: float
+    seeds: int
+    both: int       # seeds both solved
+    only_a: int
+    only_b: int
+    neither: int
+    p_value: float  # two-sided
+
+
+def mcnemar_exact_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value: under 'no difference' each discordant seed is a fair coin."""
+    from scipy.stats import binomtest
+
+    n = only_a + only_b
+    return 1.0 if n == 0 else float(binomtest(min(only_a, only_b), n, 0.5).pvalue)
+
+
+def paired_comparisons(summaries: Sequence[SeedOutcomes]) -> list[PairedComparison]:
+    """Every pair of samplers at the same extra latency, compared seed by seed on the seeds
+    both ran (in lockstep the same seed is the same episode up to the policy's choices)."""
+    out = []
+    for a, b in itertools.combinations(summaries, 2):
+        shared = set(a.seeds) & set(b.seeds)
+        if a.extra_latency_ms != b.extra_latency_ms or not shared:
+            continue
+        fail_a, fail_b = set(a.failed_seeds) & shared, set(b.failed_seeds) & shared
+        only_a, only_b = len(fail_b - fail_a), len(fail_a - fail_b)
+        neither = len(fail_a & fail_b)
+        out.append(PairedComparison(a.sampler, b.sampler, a.extra_latency_ms, len(shared),
+                                    len(shared) - only_a - only_b - neither, only_a, only_b, neither,
+                                    mcnemar_exact_p(only_a, only_b)))
+    return out
+
+
+def paired_table(summaries: Sequence[SeedOutcomes]) -> str:
+    """Markdown: one row per pair of samplers on shared seeds, with the exact McNemar p."""
+    pairs = paired_comparisons(summaries)
+    if not pairs:
+        return ""
+    delays = any(p.extra_latency_ms for p in pairs)
+    lines = ["| A | B |" + (" extra latency (ms) |" if delays else "") + " seeds | both solve | only A | only B "
+             "| neither | p (exact McNemar) |",
+             "|---|---|" + ("---|" if delays else "") + "---|---|---|---|---|---|"]
+    for p in pairs:
+        delay = f" {p.extra_latency_ms:g} |" if delays else ""
+        lines.append(f"| {p.a} | {p.b} |{delay} {p.seeds} | {p.both} | {p.only_a} | {p.only_b} | {p.neither} | {p.p_value:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+def seed_sections(summaries: Sequence[SeedOutcomes], mode: str, level: int = 2) -> str:
+    """Markdown sections (headings of `level`) of the outcomes seed by seed: each sampler's
+    failing seeds (the seeds to trace) and, for two or more samplers, their paired comparison."""
+    h = "#" * level
+    again = " Each fails again when rerun in lockstep." if mode == "lockstep" else ""
+    failed = "".join(f"- {s.sampler}" + (f" +{s.extra_latency_ms:g} ms" if s.extra_latency_ms else "")
+                     + f": {', '.join(map(str, s.failed_seeds)) or 'none'}\n" for s in summaries)
+    text = f"{h} Failing seeds\n\nThe seeds to trace.{again}\n\n{failed}"
+    if pairs := paired_table(summaries):
+        text += (f"\n{h} Samplers compared on the same seeds\n\nOnly A: seeds A solved and B failed. "
+                 "A small p says the difference is unlikely to be chance on these seeds.\n\n" + pairs)
+    return text
 
 
 def latency_plot(panels: Mapping[str, Mapping[str, Sequence[float]]], path: Path, title: str = "latency") -> Path:

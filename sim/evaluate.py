@@ -29,7 +29,7 @@ from dpstack.core.stats import format_ms
 from dpstack.runtime.realtime import RealtimeConfig, available_cpus, format_cpus
 from dpstack.runtime.samplers import SamplerConfig
 from dpstack.sim.eval_report import (EpisodeRecord, SamplerSummary, delay_plot, delay_table, latency_plot, load_records,
-                                     markdown_table, summarize, write_json_atomic)
+                                     markdown_table, seed_sections, summarize, write_json_atomic)
 from dpstack.sim.tasks import get_task
 
 DEFAULT_SAMPLERS = ("ddpm", "ddim", "rti", "streaming")
@@ -142,6 +142,16 @@ class _Job:
     out: Path
     delay_ms: float = 0.0  # extra latency of this job's arm
     done: int = 0          # episodes already in `out` from an interrupted run of the same evaluation
+
+
+def raw_records_path(raw_dir: Path, sampler: str, delay_ms: float) -> Path:
+    """Where an evaluation keeps all of one sampler's episode records at one delay."""
+    return Path(raw_dir) / (_safe(sampler) + (f"_{_delay_dir(delay_ms)}" if delay_ms else "") + ".json")
+
+
+def write_raw_records(raw_dir: Path, sampler: str, delay_ms: float, records: Sequence[EpisodeRecord]) -> None:
+    write_json_atomic(raw_records_path(raw_dir, sampler, delay_ms),
+                      {"sampler": sampler, "extra_latency_ms": delay_ms, "episodes": [r.to_dict() for r in records]})
 
 
 def split_jobs(samplers: Sequence[str], episodes: int, workers: int, video: int, raw_dir: Path,
@@ -288,9 +298,7 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[Sample
             step_panel, chunk_panel = latencies.values()
             step_panel[_label(s, delay)] = [x for r in records for x in r.step_latency_ms]
             chunk_panel[_label(s, delay)] = [x for r in records for x in r.chunk_latency_ms]
-            name = _safe(s) + (f"_{_delay_dir(delay)}" if delay else "")
-            write_json_atomic(raw_dir / f"{name}.json", {"sampler": s, "extra_latency_ms": delay,
-                                                         "episodes": [r.to_dict() for r in records]})
+            write_raw_records(raw_dir, s, delay, records)
     write_results(out, cfg, summaries, latencies, witness)
     for s in summaries:
         steps = s.mean_episode_steps * s.episodes
@@ -435,7 +443,7 @@ def write_results(out: Path, cfg: EvalConfig, summaries: Sequence[SamplerSummary
         "witness": [{k: w[k] for k in ("cpu", "hz", "seconds", "wakeups", "late")}
                     | {"stalls": len(w["stalls"]), "slowdowns": len(w.get("slowdowns", ()))} for w in witness],
         "results": [s.to_dict() for s in summaries]})
-    text = f"# Closed-loop evaluation: {cfg.task}, {cfg.mode}\n\n{markdown_table(summaries)}"
+    text = f"# Closed-loop evaluation: {cfg.task}, {cfg.mode}\n\n{markdown_table(summaries)}\n{seed_sections(summaries, cfg.mode)}"
     if len(cfg.extra_latency_ms) > 1:
         text += f"\n## Success against extra latency\n\n{delay_table(summaries)}\n![success against delay]({DELAY_PLOT_FILE})\n"
         delay_plot(summaries, out / DELAY_PLOT_FILE, title=f"{cfg.task}: success against extra latency ({cfg.mode})")

@@ -92,6 +92,10 @@ def test_report_folder_has_table_plots_and_a_rollout(demo):
     for name in SAMPLERS:
         assert re.search(rf"^\| {name} \|", text, re.M), name
         assert re.search(rf"^\| {name} \|", result.stdout, re.M), name  # the table is printed too
+        assert re.search(rf"^- {name}: (none|\d+(, \d+)*)$", text, re.M), name  # its failing seeds, to trace
+    pairs = re.findall(r"^\| (\w+) \| (\w+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|", text, re.M)
+    assert len(pairs) == len(SAMPLERS) * (len(SAMPLERS) - 1) // 2  # every pair of samplers, seed by seed
+    assert all(int(seeds) == sum(map(int, counts)) for _, _, seeds, *counts in pairs)
     for png in ("loss.png", "latency.png"):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import imageio.v2 as imageio

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dpstack.policy.train_outputs import LOSS_PLOT_FILE
-from dpstack.sim.eval_report import SamplerSummary, markdown_table
+from dpstack.sim.eval_report import SamplerSummary, markdown_table, seed_sections
 from dpstack.sim.evaluate import LATENCY_PLOT_FILE, RAW_DIR, RESULTS_FILE
 
 REPORT_FILE = "report.md"
@@ -86,6 +86,7 @@ def write_report(demo: Any) -> Path:
         "evaluations per control step. Timings are from this machine, with every process sharing its cores.",
         "",
         table,
+        seed_sections(summaries, results['mode'], level=3),
         "## Plots",
         "",
         *figures,
