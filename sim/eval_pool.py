@@ -67,10 +67,14 @@ def pool_results(dirs: Sequence[Path]) -> PooledEval:
     results = [_read(d) for d in dirs]
     first = results[0]
     for d, r in zip(dirs[1:], results[1:]):
-        for key in ("package_sha256", "task", "mode"):
+        if r.get("package_sha256") != first.get("package_sha256"):
+            raise PoolError(f"{d} evaluated another package than {dirs[0]} (manifest sha256 "
+                            f"{str(r.get('package_sha256'))[:12]} against {str(first.get('package_sha256'))[:12]}): "
+                            "only evaluations of one package pool")
+        for key in ("task", "mode"):
             if r.get(key) != first.get(key):
                 raise PoolError(f"{d} has {key} {r.get(key)!r} but {dirs[0]} has {first.get(key)!r}: "
-                                "only evaluations of one package, task and mode pool")
+                                "only evaluations of one task and mode pool")
     pooled: dict[tuple[str, float], PooledSampler] = {}
     ranges = []
     for i, (d, r) in enumerate(zip(dirs, results)):

@@ -101,7 +101,7 @@ def test_the_pool_command_writes_the_table_and_refuses_what_cannot_pool(tmp_path
         pool_results([first, other_task])
     (package / "manifest.json").write_text('{"format": "another export"}')
     retrained = _evaluation(tmp_path / "e5", range(400, 410), {"rti": set()}, package)
-    with pytest.raises(PoolError, match="package_sha256"):
+    with pytest.raises(PoolError, match="another package"):
         pool_results([first, retrained])
 
     assert main(["pool", str(first), str(tmp_path / "nothing_here")]) == 2
