@@ -53,6 +53,7 @@ from dpstack.sim.eval_report import EpisodeRecord
 from dpstack.sim.robot_clock import RobotClock
 from dpstack.sim.tasks import get_task
 from dpstack.sim.tick_ledger import TickLedger
+from dpstack.sim.trace import EpisodeTrace
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class ArmConfig:
     video_dir: Path | None = None
     video_size: int = 160
     video_camera: str = "agentview"
+    trace_dir: Path | None = None        # a step-by-step trace of every episode goes here (sim/trace.py)
     sampler_label: str = ""              # filled from the server's HelloAck when empty: the name as typed there
     sampler_resolved: str = ""           # filled from the HelloAck: what that name resolved to
 
@@ -168,6 +170,8 @@ class SimArm:
         self.render_s = 0.0  # wall seconds the last step spent rendering cameras
         self.progress = progress
         self.probe = StallProbe()  # this (the loop's) thread's scheduling, for realtime records
+        self.trace: EpisodeTrace | None = None  # the running episode's, when tracing
+        self.asked_at_tick = -1.0  # realtime: the tick of the last chunk asked for
 
     # ------------------------------------------------------------------ session
     def connect(self, timeout_s: float = 30.0) -> None:
@@ -185,6 +189,7 @@ class SimArm:
         self.env.take_render_seconds()  # the reset's renders belong to no step
         self.schedule.reset()
         self.delayed.clear()
+        self.asked_at_tick = -1.0
         self.client.reset(seed)
         # Wait for the ResetAck so the server's history is empty before the first observation.
         before = self.client.episode
@@ -226,6 +231,9 @@ class SimArm:
                                extra_latency_ms=self.config.extra_latency_s * 1e3)
         if recorder is not None:
             recorder.capture()
+        if self.config.trace_dir is not None:
+            self.trace = EpisodeTrace(self.config.task, self.config.sampler_label, seed, self.spec.action.gripper_dims,
+                                      self.config.extra_latency_s * 1e3)
         if self.config.mode == "lockstep":
             self._lockstep(obs, record, recorder)
         else:
@@ -238,6 +246,10 @@ class SimArm:
         if recorder is not None:
             name = f"{self.config.sampler_label or 'policy'}_ep{episode:03d}_seed{seed}.mp4"
             record.video = str(recorder.write(Path(self.config.video_dir) / name, self.spec.control_hz))
+        if self.trace is not None:
+            self.trace.success = record.success
+            self.trace.write(self.config.trace_dir)
+            self.trace = None
         return record
 
     def _warm_up(self, seed: int) -> None:
@@ -255,6 +267,12 @@ class SimArm:
 
     def _observation(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _policy_obs(obs, self.spec.obs_keys)
+
+    def _traced(self, action: np.ndarray, asked: bool, held: bool) -> None:
+        """Add this step to the episode's trace: the state the action was chosen in, and the action."""
+        if self.trace is not None:
+            self.trace.add(self.env.raw_observation("robot0_eef_pos"), self.env.raw_observation("robot0_gripper_qpos"),
+                           self.env.object_observations(), action, asked, held)
 
     def _step_env(self, action: np.ndarray, record: EpisodeRecord) -> tuple[dict, bool]:
         start = time.perf_counter()
@@ -278,7 +296,8 @@ class SimArm:
             for asked_at, reply in self.delayed.pop_due(now + TICK_EPS):
                 lead = max(lead, round((now - asked_at) / self.sim_dt))
                 self.schedule.offer(reply)
-            if not self.delayed and self.schedule.remaining(now, before_replan=True) <= lead:
+            asked = not self.delayed and self.schedule.remaining(now, before_replan=True) <= lead
+            if asked:
                 # Chunk (nearly) used up, or at its replan point: this observation asks for the next one.
                 reply = self.client.request(arrays, now, self.config.reply_timeout_s)
                 if reply is None:
@@ -301,6 +320,7 @@ class SimArm:
                 record.held_steps += 1
                 record.deadline_misses += 1
                 record.misses.append([record.steps, start_shared, time.monotonic()])
+            self._traced(decision.action, asked, decision.hold)
             obs, done = self._step_env(decision.action, record)
             if recorder is not None:
                 recorder.capture()
@@ -324,6 +344,7 @@ class SimArm:
             lookahead = asked is not None and not self._adopted(asked) and self.schedule.remaining(tick) > 0
             decision = self.schedule.next(tick)
             ledger.commanded(k, tick, deadline, decision.hold, lookahead)
+            self._traced(decision.action, k == 0 or self.asked_at_tick == tick, decision.hold)
             obs, done = self._step_env(decision.action, record)
             clock.pause(self.render_s)  # the cameras rendered: the world stood still meanwhile
             if recorder is not None:
@@ -375,6 +396,7 @@ class SimArm:
         if seq is None:
             return None
         ledger.asked(seq, sent)
+        self.asked_at_tick = tick
         return seq if due == 0 else None
 
     def _wait_for_action(self, tick: float, deadline: float, asked: int | None, clock: RobotClock,

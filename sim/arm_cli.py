@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video", type=int, default=0, metavar="N", help="record the first N episodes to MP4")
     parser.add_argument("--video-dir", type=Path, default=None,
                         help="where the MP4s go (default: videos/ next to --out, else ./videos)")
+    parser.add_argument("--trace-dir", type=Path, default=None, metavar="DIR",
+                        help="write a step-by-step trace (JSON and plot) of every episode here, to see why a seed fails")
     parser.add_argument("--out", type=Path, default=None,
                         help="write the episode records here (JSON), rewritten after every episode")
     parser.add_argument("--resume", action="store_true",
@@ -98,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
                            cameras=cameras, image_size=image_size, extra_latency_s=args.extra_latency_ms / 1e3,
                            reply_timeout_s=args.reply_timeout, action_deadline=args.action_deadline,
                            fresh_deadline=args.fresh_deadline,
-                           video_episodes=args.video, video_dir=video_dir if args.video else None)
+                           video_episodes=args.video, video_dir=video_dir if args.video else None,
+                           trace_dir=args.trace_dir)
         arm = SimArm(config, progress=on_episode)  # refuses a camera the task cannot render
     except (ValueError, KeyError) as e:
         print(f"dpstack sim: {e}", file=sys.stderr)

@@ -169,13 +169,17 @@ class SimEnv:
         return seconds
 
     # ---- spec -----------------------------------------------------------
+    def _object_observables(self) -> list[tuple[str, Any]]:
+        """robosuite's enabled object observables, in the order object-state concatenates them."""
+        return [(name, o) for name, o in self.raw._observables.items()
+                if o.modality == "object" and o.is_enabled() and o.is_active()]
+
     def _object_state_names(self) -> tuple[str, ...]:
         """Per-dimension names for robosuite's concatenated object-state, in its order."""
         names: list[str] = []
-        for name, observable in self.raw._observables.items():
-            if observable.modality == "object" and observable.is_enabled() and observable.is_active():
-                n = int(np.asarray(observable.obs).size)
-                names.extend([name] if n == 1 else [f"{name}[{i}]" for i in range(n)])
+        for name, observable in self._object_observables():
+            n = int(np.asarray(observable.obs).size)
+            names.extend([name] if n == 1 else [f"{name}[{i}]" for i in range(n)])
         return tuple(names)
 
     def _build_spec(self, raw_obs: dict[str, Any]) -> RobotSpec:
@@ -246,6 +250,11 @@ class SimEnv:
     def raw_observation(self, key: str) -> np.ndarray:
         """A robosuite observation from the last step (privileged: for experts, not policies)."""
         return np.asarray(self._last_raw[key])
+
+    def object_observations(self) -> dict[str, np.ndarray]:
+        """Every object observation from the last step by name, e.g. Can_pos and
+        Can_to_robot0_eef_pos (privileged: for traces, not policies)."""
+        return {name: np.asarray(self._last_raw[name]) for name, _ in self._object_observables() if name in self._last_raw}
 
     def close(self) -> None:
         self.raw.close()

@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "time); every sampler is evaluated at each, on the same seeds (default 0)")
     parser.add_argument("--workers", type=int, default=2, help="simulated arms running at once")
     parser.add_argument("--video", type=int, default=0, metavar="N", help="MP4s of the first N episodes per sampler")
+    parser.add_argument("--trace", action="store_true",
+                        help="a step-by-step trace (JSON and plot) of every episode in OUT/traces: rerun a failing "
+                             "seed with --seed S --episodes 1 --trace to see why it fails")
     parser.add_argument("--seed", type=int, default=None,
                         help="first episode seed (default: 10000, or above the seeds --dataset's collection used)")
     parser.add_argument("--dataset", type=Path, default=None, help="training dataset, to keep evaluation seeds unseen (default: the one the package's manifest names)")
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         seed = args.seed if args.seed is not None else unseen_seed_base(dataset)
         cfg = EvalConfig(policy_dir=args.policy_dir, out=args.out, task=args.task, episodes=args.episodes,
                          samplers=split_sampler_names(args.samplers), mode=args.mode, hz=args.hz, workers=args.workers,
-                         video=args.video, seed_base=seed, max_steps=args.max_steps, server_threads=args.server_threads,
+                         video=args.video, trace=args.trace, seed_base=seed, max_steps=args.max_steps, server_threads=args.server_threads,
                          pin=args.pin, rt_priority=args.rt_priority, witness=args.witness,
                          serve_args=("--scheduling", args.scheduling),
                          extra_latency_ms=parse_delays(args.extra_latency_ms))

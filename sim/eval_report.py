@@ -324,7 +324,7 @@ def latency_plot(panels: Mapping[str, Mapping[str, Sequence[float]]], path: Path
         ax.set_title(label)
         ax.grid(True, axis="y", which="both", alpha=0.3)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def delay_curves(summaries: Sequence[SamplerSummary]) -> dict[str, list[SamplerSummary]]:
@@ -372,7 +372,7 @@ def delay_plot(summaries: Sequence[SamplerSummary], path: Path, title: str = "su
     ax.grid(True, alpha=0.3)
     ax.legend()
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -384,7 +384,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
     """Write a report figure as PNG (creating its folder) and free it."""
     import matplotlib.pyplot as plt
 

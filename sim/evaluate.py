@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from dpstack.core.files import safe_filename
 from dpstack.core.process import ChildFailed, ChildProcess, dpstack_command
 from dpstack.core.stats import format_ms
 from dpstack.runtime.realtime import RealtimeConfig, available_cpus, format_cpus
@@ -41,6 +41,7 @@ RESULTS_TABLE_FILE = "results.md"
 LATENCY_PLOT_FILE = "latency.png"
 DELAY_PLOT_FILE = "success_vs_delay.png"
 RAW_DIR = "raw"
+TRACE_DIR = "traces"
 RUN_KEY_FILE = "run.json"  # in RAW_DIR: the package and settings the raw records belong to
 
 
@@ -81,6 +82,7 @@ class EvalConfig:
     hz: float | None = None
     workers: int = 2
     video: int = 0
+    trace: bool = False   # a step-by-step trace of every episode in OUT/traces (sim/trace.py)
     seed_base: int = DEFAULT_SEED_BASE
     max_steps: int | None = None
     serve_args: tuple[str, ...] = ()   # extra `dpstack serve` options
@@ -146,7 +148,7 @@ class _Job:
 
 def raw_records_path(raw_dir: Path, sampler: str, delay_ms: float) -> Path:
     """Where an evaluation keeps all of one sampler's episode records at one delay."""
-    return Path(raw_dir) / (_safe(sampler) + (f"_{_delay_dir(delay_ms)}" if delay_ms else "") + ".json")
+    return Path(raw_dir) / (safe_filename(sampler) + (f"_{_delay_dir(delay_ms)}" if delay_ms else "") + ".json")
 
 
 def write_raw_records(raw_dir: Path, sampler: str, delay_ms: float, records: Sequence[EpisodeRecord]) -> None:
@@ -166,7 +168,7 @@ def split_jobs(samplers: Sequence[str], episodes: int, workers: int, video: int,
             for first in range(0, episodes, per):
                 count = min(per, episodes - first)
                 jobs.append(_Job(s, first, count, min(video, count) if first == 0 and i == 0 else 0,
-                                 raw_dir / _safe(s) / _delay_dir(delay) / f"episodes_{first:04d}.json", delay))
+                                 raw_dir / safe_filename(s) / _delay_dir(delay) / f"episodes_{first:04d}.json", delay))
     return jobs
 
 
@@ -177,10 +179,6 @@ def _delay_dir(delay_ms: float) -> str:
 
 def _label(sampler: str, delay_ms: float) -> str:
     return f"{sampler} +{delay_ms:g} ms" if delay_ms else sampler
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
 def _child(argv: list[str], name: str, env: dict[str, str], log_path: Path) -> ChildProcess:
@@ -229,14 +227,14 @@ def start_server(cfg: EvalConfig, sampler: str, env: dict[str, str], log_dir: Pa
     argv = dpstack_command("serve", str(cfg.policy_dir), "--sampler", sampler, "--bind", "tcp://127.0.0.1:*",
                            "--threads", str(server_threads(cfg, cpus)), *plan_cpus(cfg, cpus).server.argv(),
                            *cfg.serve_args)
-    return _child(argv, f"serve {sampler}", env, log_path=log_dir / f"serve_{_safe(sampler)}.log")
+    return _child(argv, f"serve {sampler}", env, log_path=log_dir / f"serve_{safe_filename(sampler)}.log")
 
 
 def arm_argv(cfg: EvalConfig, job: _Job, endpoint: str, video_dir: Path, scheduling: RealtimeConfig = RealtimeConfig()) -> list[str]:
     argv = dpstack_command("sim", "--task", cfg.task, "--connect", endpoint, "--mode", cfg.mode,
                            "--policy", str(cfg.policy_dir),  # the arm renders the cameras the package reads
                            "--episodes", str(job.count), "--seed", str(cfg.seed_base + job.first),
-                           "--robot-id", f"arm-{_safe(job.sampler)}-{job.first}", "--out", str(job.out), "--resume",
+                           "--robot-id", f"arm-{safe_filename(job.sampler)}-{job.first}", "--out", str(job.out), "--resume",
                            "--quiet", *scheduling.argv())
     if job.delay_ms:
         argv += ["--extra-latency-ms", f"{job.delay_ms:g}"]
@@ -246,6 +244,8 @@ def arm_argv(cfg: EvalConfig, job: _Job, endpoint: str, video_dir: Path, schedul
         argv += ["--max-steps", str(cfg.max_steps)]
     if job.video:
         argv += ["--video", str(job.video), "--video-dir", str(video_dir)]
+    if cfg.trace:
+        argv += ["--trace-dir", str(Path(cfg.out) / TRACE_DIR)]
     return argv
 
 
@@ -364,7 +364,7 @@ def _jobs_to_run(cfg: EvalConfig, jobs: list[_Job], raw_dir: Path) -> list[_Job]
     resumes at the episode it was running, and a changed one starts over."""
     run_key = {"package_sha256": _package_sha256(cfg.policy_dir), "task": cfg.task, "mode": cfg.mode,
                "hz": cfg.hz, "max_steps": cfg.max_steps, "seed_base": cfg.seed_base, "episodes": cfg.episodes,
-               "workers": cfg.workers, "video": cfg.video}
+               "workers": cfg.workers, "video": cfg.video} | ({"trace": True} if cfg.trace else {})
     key_path = raw_dir / RUN_KEY_FILE
     try:
         same = json.loads(key_path.read_text()) == run_key
@@ -408,7 +408,7 @@ def _run_jobs(cfg: EvalConfig, jobs: list[_Job], endpoints: dict[str, str], serv
                     name = f"sim {job.sampler} #{job.first}"
                     slot = min(set(range(cfg.workers)) - set(busy.values()))
                     argv = arm_argv(cfg, job, endpoints[job.sampler], video_dir, slots[slot])
-                    p = _child(argv, name, env, log_path=log_dir / f"sim_{_safe(job.sampler)}_{job.first:04d}.log")
+                    p = _child(argv, name, env, log_path=log_dir / f"sim_{safe_filename(job.sampler)}_{job.first:04d}.log")
                     running.append((job, p))
                     busy[id(p)] = slot
                 time.sleep(0.2)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -109,6 +110,31 @@ def test_a_lockstep_delay_is_exact_ticks_of_holding_then_asking_ahead(package, t
     assert delayed["held_steps"] == d
     assert len(delayed["chunk_latency_ms"]) == 2 + len(range(8 + d, 30, d))
     assert "## Success against extra latency" in (out / "results.md").read_text()
+
+
+def test_a_trace_follows_the_episode_step_by_step(package, tmp_path):
+    """`dpstack eval --trace`: the arm writes what it did at every step, and it agrees with
+    the episode record (steps, chunks asked, the delay's holds)."""
+    from dpstack.sim.trace import read_trace
+
+    out = tmp_path / "traced"
+    result = dpstack("eval", str(package), "--task", "lift", "--episodes", "1", "--samplers", "ddim-2", "--seed", "10007",
+                     "--max-steps", "30", "--workers", "1", "--extra-latency-ms", f"{DELAY_MS:g}", "--trace",
+                     "--out", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (episode,) = json.loads((out / "raw" / "ddim-2_delay_200ms.json").read_text())["episodes"]
+    trace = read_trace(out / "traces" / "ddim-2_delay200ms_seed10007.json")
+    assert (out / "traces" / "ddim-2_delay200ms_seed10007.png").stat().st_size > 0
+    assert len(trace.steps) == episode["steps"] == 30 and trace.success == episode["success"]
+    assert sum(s["asked"] for s in trace.steps) == len(episode["chunk_latency_ms"])
+    d = int(DELAY_MS // PERIOD_MS)
+    assert [i for i, s in enumerate(trace.steps) if s["held"]] == list(range(8, 8 + d))  # the chunk asked at 8 is late
+    assert all(len(s["action"]) == 7 and np.all(np.isfinite(s["action"])) for s in trace.steps)
+    cube = np.array([s["objects"]["cube_pos"] for s in trace.steps])
+    assert abs(cube[0, 2] - 0.82) < 0.05  # the cube on the table, where robosuite's Lift puts it
+    assert set(trace.summary()["closest_cm"]) == {"cube"}
+    eef = np.array([s["eef_pos"] for s in trace.steps])
+    assert np.linalg.norm(np.diff(eef, axis=0), axis=1).max() > 0  # the arm moved under the policy's actions
 
 
 def test_sim_takes_its_cameras_from_the_package_and_names_one_the_task_lacks(package, wristcam_package, tmp_path):

@@ -1,12 +1,19 @@
-"""Atomic file writes: readers (and a crash) see the old file or the new one, never a part."""
+"""Atomic file writes: readers (and a crash) see the old file or the new one, never a part;
+and file names made from user-typed names (samplers such as `rti-renoise-40,15,0`)."""
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
+
+
+def safe_filename(name: str) -> str:
+    """`name` with every run of characters outside [A-Za-z0-9_.-] made one underscore."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], object]) -> Path:
