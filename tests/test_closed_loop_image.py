@@ -73,7 +73,7 @@ def test_an_extra_latency_delays_every_answer_and_the_arm_holds_meanwhile(packag
     out = tmp_path / "delay"
     result = dpstack("eval", str(package), "--task", "lift", "--episodes", "1", "--samplers", "ddim-2",
                      "--max-steps", "30", "--workers", "1", "--mode", "realtime",
-                     "--extra-latency-ms", f"0,{DELAY_MS:g}", "--out", str(out))
+                     "--extra-latency-ms", f"0,{DELAY_MS:g}", "--trace", "--out", str(out))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["extra_latency_ms"] == [0.0, DELAY_MS]
@@ -91,6 +91,15 @@ def test_an_extra_latency_delays_every_answer_and_the_arm_holds_meanwhile(packag
     assert undelayed["render_ms"] > 0 and undelayed["overruns"] < undelayed["steps"]
     assert (out / "success_vs_delay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Success against extra latency" in (out / "results.md").read_text()
+    # a realtime trace: one row per step, its holds the record's, every answered ask marked
+    from dpstack.sim.trace import read_trace
+
+    trace = read_trace(out / "traces" / "ddim-2_delay200ms_seed10000.json")
+    assert len(trace.steps) == delayed["steps"] and sum(s["held"] for s in trace.steps) == delayed["held_steps"]
+    asked = sum(s["asked"] for s in trace.steps)
+    # the first chunk (waited for at rest: start latency, not a chunk latency), each answered
+    # chunk, and the last ask, which may still be on its way when the episode ends
+    assert len(delayed["chunk_latency_ms"]) + 1 <= asked <= len(delayed["chunk_latency_ms"]) + 2
 
 
 def test_a_lockstep_delay_is_exact_ticks_of_holding_then_asking_ahead(package, tmp_path):
