@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dpstack.sim.eval_report import load_records, seed_sections, wilson_interval
-from dpstack.sim.evaluate import RAW_DIR, RESULTS_FILE, raw_records_path
+from dpstack.sim.evaluate import RAW_DIR, RESULTS_FILE, RUN_KEY_FILE, raw_records_path
 
 
 class PoolError(ValueError):
@@ -53,12 +53,21 @@ class PooledEval:
 
 
 def _read(d: Path) -> dict:
+    """results.json, with the episode limit from raw/run.json (the settings the records belong to)."""
     try:
-        return json.loads((Path(d) / RESULTS_FILE).read_text())
+        data = json.loads((Path(d) / RESULTS_FILE).read_text())
     except FileNotFoundError:
         raise PoolError(f"{d}: no {RESULTS_FILE}; point at the --out folder of a finished `dpstack eval`") from None
     except ValueError as e:
         raise PoolError(f"{d}/{RESULTS_FILE} is not valid JSON ({e})") from None
+    rows = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "sampler" in r for r in rows):
+        raise PoolError(f"{d}/{RESULTS_FILE} has no list of sampler results: not written by `dpstack eval`")
+    try:
+        data["max_steps"] = json.loads((Path(d) / RAW_DIR / RUN_KEY_FILE).read_text()).get("max_steps")
+    except (OSError, ValueError, AttributeError):
+        data["max_steps"] = None
+    return data
 
 
 def pool_results(dirs: Sequence[Path]) -> PooledEval:
@@ -71,10 +80,10 @@ def pool_results(dirs: Sequence[Path]) -> PooledEval:
             raise PoolError(f"{d} evaluated another package than {dirs[0]} (manifest sha256 "
                             f"{str(r.get('package_sha256'))[:12]} against {str(first.get('package_sha256'))[:12]}): "
                             "only evaluations of one package pool")
-        for key in ("task", "mode"):
+        for key in ("task", "mode", "hz", "max_steps"):
             if r.get(key) != first.get(key):
                 raise PoolError(f"{d} has {key} {r.get(key)!r} but {dirs[0]} has {first.get(key)!r}: "
-                                "only evaluations of one task and mode pool")
+                                "only evaluations of one task, mode, rate and episode limit pool")
     pooled: dict[tuple[str, float], PooledSampler] = {}
     ranges = []
     for i, (d, r) in enumerate(zip(dirs, results)):

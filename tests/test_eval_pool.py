@@ -104,6 +104,14 @@ def test_the_pool_command_writes_the_table_and_refuses_what_cannot_pool(tmp_path
     with pytest.raises(PoolError, match="another package"):
         pool_results([first, retrained])
 
+    shorter = _evaluation(tmp_path / "e7", range(500, 510), {"rti": set()}, package)
+    (shorter / RAW_DIR / "run.json").write_text('{"max_steps": 100}')  # episodes cut at 100 steps
+    with pytest.raises(PoolError, match="max_steps 100"):
+        pool_results([first, shorter])
+    (tmp_path / "e6").mkdir()
+    (tmp_path / "e6" / "results.json").write_text('{"results": [{"successes": 3}]}')
+    with pytest.raises(PoolError, match="not written by `dpstack eval`"):
+        pool_results([first, tmp_path / "e6"])
     assert main(["pool", str(first), str(tmp_path / "nothing_here")]) == 2
     assert "no results.json" in capsys.readouterr().err
     (second / RAW_DIR / "rti.json").write_text("{not json")  # a damaged record file is named, not a traceback
