@@ -96,6 +96,10 @@ def test_the_pool_command_writes_the_table_and_refuses_what_cannot_pool(tmp_path
     overlapping = _evaluation(tmp_path / "e3", range(105, 115), {"rti": set()}, package)
     with pytest.raises(PoolError, match="ran seed 105 again .*disjoint seeds"):
         pool_results([first, overlapping])
+    shorter = _evaluation(tmp_path / "e7", range(500, 510), {"rti": set()}, package)
+    (shorter / RAW_DIR / "run.json").write_text('{"max_steps": 100}')  # episodes cut at 100 steps
+    with pytest.raises(PoolError, match="max_steps 100"):
+        pool_results([first, shorter])
     other_task = _evaluation(tmp_path / "e4", range(300, 310), {"rti": set()}, package, task="lift")
     with pytest.raises(PoolError, match="task 'lift'"):
         pool_results([first, other_task])
@@ -104,10 +108,6 @@ def test_the_pool_command_writes_the_table_and_refuses_what_cannot_pool(tmp_path
     with pytest.raises(PoolError, match="another package"):
         pool_results([first, retrained])
 
-    shorter = _evaluation(tmp_path / "e7", range(500, 510), {"rti": set()}, package)
-    (shorter / RAW_DIR / "run.json").write_text('{"max_steps": 100}')  # episodes cut at 100 steps
-    with pytest.raises(PoolError, match="max_steps 100"):
-        pool_results([first, shorter])
     (tmp_path / "e6").mkdir()
     (tmp_path / "e6" / "results.json").write_text('{"results": [{"successes": 3}]}')
     with pytest.raises(PoolError, match="not written by `dpstack eval`"):
