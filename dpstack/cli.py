@@ -44,7 +44,7 @@ COMMANDS: dict[str, Command] = {
     "serve": Command("dpstack.runtime.serve_cli", "serve a policy package over ZeroMQ", "runtime"),
     "sim": Command("dpstack.sim.arm_cli", "run a simulated arm against a policy server", "sim"),
     "eval": Command("dpstack.sim.eval_cli", "closed-loop evaluation of a policy package", "sim"),
-    "pool": Command("dpstack.sim.eval_pool_cli", "pool evaluations of one package on disjoint seed ranges", "sim"),
+    "pool": Command("dpstack.sim.eval_pool_cli", "pool evaluations of one package: seed ranges added up, samplers compared seed by seed", "sim"),
     "bench": Command("dpstack.bench_cli", "benchmarks: sampler latency, fleet serving, training throughput, transport, servo jitter", "train"),
     "bridge": Command("dpstack.deploy.bridge_cli", "run the real-robot bridge", "deploy"),
     "record": Command("dpstack.deploy.record_cli", "teleoperate the arm through the bridge and record demonstrations",

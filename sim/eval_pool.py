@@ -1,10 +1,12 @@
-"""Pool evaluations of one package on disjoint seed ranges into one table.
+"""Pool evaluations of one package into one table.
 
 One 50-seed range can be lucky; results on two disjoint ranges cannot both be. This reads
 the `dpstack eval` folders of such runs (their raw per-episode records, so runs of any age
-pool), refuses runs of different packages, tasks or modes and runs whose seeds overlap, and
-gives per sampler (and extra latency) each run's success, the pooled success with its 95%
-Wilson interval, the pooled failing seeds and the samplers' paired comparison on all seeds.
+pool): a sampler's runs on disjoint seeds add up to one row, and samplers evaluated in
+separate runs on the same seeds are compared seed by seed. It refuses runs of different
+packages, tasks, modes, rates or episode limits, and a sampler run twice on a seed. Per
+sampler (and extra latency): each run's success, the pooled success with its 95% Wilson
+interval, the pooled failing seeds, and the samplers' paired comparison on shared seeds.
 """
 from __future__ import annotations
 

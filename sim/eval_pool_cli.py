@@ -1,4 +1,5 @@
-"""`dpstack pool DIR [DIR ...]`: one table from evaluations of one package on disjoint seed ranges.
+"""`dpstack pool DIR [DIR ...]`: one table from evaluations of one package: a sampler's runs on
+disjoint seed ranges add up, and samplers run separately on the same seeds are paired.
 
     dpstack eval policy --task can --seed 10000 --out eval_10000
     dpstack eval policy --task can --seed 20000 --out eval_20000

@@ -87,6 +87,16 @@ def test_two_seed_ranges_pool_into_one_table_with_paired_comparisons(tmp_path: P
     assert "- streaming: 101, 103, 107" in per_run and "| ddpm | streaming | 10 | 7 | 2 | 0 | 1 | 0.5 |" in per_run
 
 
+def test_samplers_evaluated_in_separate_runs_on_the_same_seeds_are_paired(tmp_path: Path, package: Path):
+    ddim = _evaluation(tmp_path / "ddim", range(100, 110), {"ddim-10": {101, 102, 105}}, package)
+    streaming = _evaluation(tmp_path / "streaming", range(100, 110), {"streaming-1": {105}}, package)
+    pooled = pool_results([ddim, streaming])
+    assert [(s.sampler, s.runs) for s in pooled.samplers] == [("ddim-10", [(7, 10), None]), ("streaming-1", [None, (9, 10)])]
+    (pair,) = paired_comparisons(pooled.samplers)
+    assert (pair.seeds, pair.both, pair.only_a, pair.only_b, pair.neither) == (10, 7, 0, 2, 1)
+    assert "| ddim-10 | 7/10 = 0.70 | - | 7/10 = 0.70 |" in pooled_markdown(pooled)
+
+
 def test_the_pool_command_writes_the_table_and_refuses_what_cannot_pool(tmp_path: Path, package: Path, capsys):
     first = _evaluation(tmp_path / "e1", range(100, 110), {"rti": {104}}, package)
     second = _evaluation(tmp_path / "e2", range(200, 210), {"rti": set()}, package)
