@@ -118,7 +118,7 @@ def pool_results(dirs: Sequence[Path]) -> PooledEval:
 def pooled_table(p: PooledEval) -> str:
     delays = any(s.extra_latency_ms for s in p.samplers)
     lines = ["| sampler |" + (" extra latency (ms) |" if delays else "")
-             + "".join(f" seeds {r} |" for r in p.seed_ranges) + " pooled | 95% CI |",
+             + "".join(f" {d.name} (seeds {r}) |" for d, r in zip(p.dirs, p.seed_ranges)) + " pooled | 95% CI |",
              "|---|" + ("---|" if delays else "") + "---|" * len(p.seed_ranges) + "---|---|"]
     for s in p.samplers:
         runs = "".join(f" {run[0]}/{run[1]} = {run[0] / run[1]:.2f} |" if run else " - |" for run in s.runs)
