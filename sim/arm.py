@@ -53,7 +53,7 @@ from dpstack.sim.eval_report import EpisodeRecord
 from dpstack.sim.robot_clock import RobotClock
 from dpstack.sim.tasks import get_task
 from dpstack.sim.tick_ledger import TickLedger
-from dpstack.sim.trace import EpisodeTrace
+from dpstack.sim.trace import EEF_POS, GRIPPER_QPOS, EpisodeTrace
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ class SimArm:
     def _traced(self, action: np.ndarray, asked: bool, held: bool) -> None:
         """Add this step to the episode's trace: the state the action was chosen in, and the action."""
         if self.trace is not None:
-            self.trace.add(self.env.raw_observation("robot0_eef_pos"), self.env.raw_observation("robot0_gripper_qpos"),
+            self.trace.add(self.env.raw_observation(EEF_POS), self.env.raw_observation(GRIPPER_QPOS),
                            self.env.object_observations(), action, asked, held)
 
     def _step_env(self, action: np.ndarray, record: EpisodeRecord) -> tuple[dict, bool]:
